@@ -1,0 +1,1 @@
+"""Autotuning of kernel schedules (MetaSchedule, device farm)."""

@@ -1,0 +1,1 @@
+"""Code generation: TIR schedules, kernels and the deployable bundle format."""

@@ -1,0 +1,1 @@
+"""Model import (torch.export, ONNX), the built-in model zoo and datasets."""

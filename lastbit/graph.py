@@ -1,0 +1,64 @@
+"""The Graph every lastbit pass takes and returns: a Relax IRModule plus its named parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one model input or output."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass
+class Graph:
+    """A model in lastbit's IR.
+
+    ``mod["main"]`` takes the model inputs first (``num_input`` of them) and then one
+    Relax parameter per entry of ``params``, in the same order.  ``source_names`` maps a
+    Relax parameter name back to the name it has in the source model (``conv1.weight`` in
+    torch, the initializer name in ONNX): the data-dependent passes train the source
+    module and write weights back through it.
+    """
+
+    mod: "tvm.IRModule"  # noqa: F821 - tvm is imported lazily (3 s, 400 MB)
+    params: dict[str, np.ndarray]
+    inputs: list[TensorSpec]
+    source_names: dict[str, str] = field(default_factory=dict)
+    source: str = "relax"
+    name: str = "model"
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(p.size for p in self.params.values()))
+
+    @property
+    def param_bytes(self) -> int:
+        return int(sum(p.nbytes for p in self.params.values()))
+
+    def replace(self, **changes) -> "Graph":
+        """A copy with some fields replaced (passes return new graphs, never mutate)."""
+        return dataclasses.replace(self, **changes)
+
+    def bound_module(self) -> "tvm.IRModule":  # noqa: F821
+        """The module with every parameter bound as a constant (``main`` takes only inputs)."""
+        import tvm
+        from tvm import relax
+
+        main = self.mod["main"]
+        n_in = len(self.inputs)
+        bindings = {}
+        for var, name in zip(main.params[n_in:], self.params):
+            bindings[var] = tvm.runtime.tensor(np.ascontiguousarray(self.params[name]))
+        mod = relax.transform.BindParams("main", bindings)(self.mod)
+        return mod

@@ -1,0 +1,23 @@
+"""32-bit ARMv7-A Linux, hard-float ABI, with NEON; runs under qemu-user here."""
+
+from lastbit.targets.registry import Target, register
+
+ARMV7 = register(
+    Target(
+        triple="armv7a-linux-gnueabihf",
+        description="32-bit ARMv7-A Linux with NEON (e.g. Raspberry Pi 2, Cortex-A7/A9); qemu-arm here",
+        tvm_target={
+            "kind": "llvm",
+            "mtriple": "armv7a-linux-gnueabihf",
+            "mattr": ["+neon", "+vfp4", "+thumb2"],
+            "mfloat-abi": "hard",
+            "num-cores": 1,
+        },
+        features=frozenset({"neon", "popcount"}),
+        cross_cc="arm-linux-gnueabihf-gcc",
+        runner="qemu",
+        qemu="qemu-arm",
+        sysroot="/usr/arm-linux-gnueabihf",
+        apt_packages=("gcc-arm-linux-gnueabihf", "libc6-dev-armhf-cross", "qemu-user"),
+    )
+)
