@@ -1,1 +1,32 @@
-"""lastbit: squeeze a trained model and compile it to fast low-bit code for a target triple."""
+"""lastbit: squeeze a trained model and compile it to fast low-bit code for a target triple.
+
+    import lastbit
+    art = lastbit.compile(torch_module, target="aarch64-linux-gnu", example_inputs=(x,))
+    art.run(x); art.export("out/"); print(art.report().format_table())
+"""
+
+from lastbit.api import Artifact, compile
+from lastbit.errors import (
+    ArtifactError,
+    LastbitError,
+    ModelFormatError,
+    RunError,
+    TargetError,
+    UnsupportedOpError,
+)
+from lastbit.graph import Graph, TensorSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Artifact",
+    "ArtifactError",
+    "Graph",
+    "LastbitError",
+    "ModelFormatError",
+    "RunError",
+    "TargetError",
+    "TensorSpec",
+    "UnsupportedOpError",
+    "compile",
+]

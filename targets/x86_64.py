@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 from lastbit.targets.registry import Target, register
 
@@ -24,7 +25,7 @@ def host_features() -> frozenset[str]:
 
 
 def _tvm_target() -> dict:
-    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": host_cpu(), "num-cores": 0}
+    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": host_cpu(), "num-cores": os.cpu_count() or 1}
 
 
 def _features() -> frozenset[str]:

@@ -1,0 +1,146 @@
+"""The public API: ``lastbit.compile(model, target) -> Artifact`` that can run, export and report."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lastbit.errors import RunError
+from lastbit.graph import Graph
+from lastbit.pipeline import Compiled, build_bundle, build_vm, compile_graph, import_model
+from lastbit.report import Report, build_report
+from lastbit.targets import Target, get_target
+
+log = logging.getLogger(__name__)
+
+
+def compile(  # noqa: A001 - the verb users expect
+    model,
+    target: "str | Target" = "x86_64-linux-gnu",
+    example_inputs: Sequence | None = None,
+    *,
+    name: str | None = None,
+    dump_ir: "str | Path | None" = None,
+) -> "Artifact":
+    """Compile ``model`` (torch module, ONNX path/proto, .pt2 path or Graph) for ``target``.
+
+    ``example_inputs`` is needed for torch modules (they fix the input shapes).
+    ``dump_ir`` writes the IR after each phase of ``lastbit/pipeline.py`` into that folder.
+    """
+    target = get_target(target)
+    graph = import_model(model, example_inputs, name=name)
+    return Artifact(compile_graph(graph, target, dump_ir=dump_ir))
+
+
+class Artifact:
+    """A model compiled for one target: ``run`` it, ``export`` it, ``report`` its cost."""
+
+    def __init__(self, compiled: Compiled):
+        self._compiled = compiled
+        self._vm = None
+        self._bundle_dir: Path | None = None
+
+    @property
+    def target(self) -> Target:
+        return self._compiled.target
+
+    @property
+    def graph(self) -> Graph:
+        return self._compiled.graph
+
+    @property
+    def mod(self):
+        """The scheduled TensorIR module (Relax ``main`` calling PrimFuncs)."""
+        return self._compiled.mod
+
+    # -- running -------------------------------------------------------------------------
+    def run(self, *inputs) -> "np.ndarray | list[np.ndarray]":
+        """Run on the target (host: in-process VM; ARM: the bundle under qemu-user).
+
+        Returns one array for single-output models, else a list.
+        """
+        arrays = self._check_inputs(inputs)
+        if self.target.is_host:
+            outputs = self._run_vm(arrays)
+        else:
+            from lastbit.codegen.bundle import run_bundle
+
+            outputs = run_bundle(self._ensure_bundle(), arrays)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def latency_ms(self, *inputs, repeat: int = 30, warmup: int = 3) -> float:
+        """Median wall-clock latency of one call on the host target."""
+        if not self.target.is_host:
+            raise RunError(f"latency of '{self.target.triple}' cannot be measured on this host")
+        import tvm
+
+        arrays = self._check_inputs(inputs)
+        vm = self._ensure_vm()
+        args = [tvm.runtime.tensor(a) for a in arrays]
+        for _ in range(warmup):
+            vm["main"](*args)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            vm["main"](*args)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times) * 1e3)
+
+    def _check_inputs(self, inputs) -> list[np.ndarray]:
+        specs = self.graph.inputs
+        if len(inputs) != len(specs):
+            raise RunError(f"model '{self.graph.name}' takes {len(specs)} input(s), got {len(inputs)}")
+        arrays = []
+        for spec, value in zip(specs, inputs):
+            if hasattr(value, "detach"):
+                value = value.detach().cpu().numpy()
+            array = np.ascontiguousarray(value)
+            if tuple(array.shape) != spec.shape:
+                raise RunError(f"input '{spec.name}': expected shape {spec.shape}, got {tuple(array.shape)}")
+            if str(array.dtype) != spec.dtype:
+                raise RunError(f"input '{spec.name}': expected dtype {spec.dtype}, got {array.dtype}")
+            arrays.append(array)
+        return arrays
+
+    def _ensure_vm(self):
+        if self._vm is None:
+            import tvm
+            from tvm import relax
+
+            self._vm = relax.VirtualMachine(build_vm(self.mod, self.target), tvm.cpu())
+        return self._vm
+
+    def _run_vm(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import tvm
+
+        result = self._ensure_vm()["main"](*[tvm.runtime.tensor(a) for a in arrays])
+        return _flatten(result)
+
+    def _ensure_bundle(self) -> Path:
+        if self._bundle_dir is None:
+            workdir = Path(tempfile.mkdtemp(prefix="lastbit-bundle-"))
+            self._bundle_dir = build_bundle(self.mod, self.target, workdir / "bundle", name=self.graph.name)
+        return self._bundle_dir
+
+    # -- exporting and reporting ------------------------------------------------------------
+    def export(self, out_dir: "str | Path") -> Path:
+        """Write a deployable bundle (shared library, plan, params, runner, manifest.json) atomically."""
+        out_dir = Path(out_dir)
+        return build_bundle(self.mod, self.target, out_dir, name=self.graph.name)
+
+    def report(self) -> Report:
+        return build_report(self.graph, self.target.triple)
+
+
+def _flatten(result) -> list[np.ndarray]:
+    if hasattr(result, "numpy"):
+        return [result.numpy()]
+    out: list[np.ndarray] = []
+    for item in result:
+        out.extend(_flatten(item))
+    return out

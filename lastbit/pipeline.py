@@ -1,0 +1,119 @@
+"""lastbit's compiler, phase by phase.  This file is the table of contents: every stage a
+model goes through, in order, with an optional IR dump after each (``--dump-ir DIR``).
+
+    Phase 0. Import       torch.export / ONNX  -> Graph (Relax IRModule + named params)
+    Phase 1. Squeeze      graph rewrites that shrink the model (quantize, prune, low-rank)
+    Phase 2. Lower        bind weights, legalize operators to TensorIR, fuse
+    Phase 3. Schedule     TensorIR schedules per target (hand defaults or a tuning DB)
+    Phase 4. Build        host: TVM VM executable; any target: a runtime-free bundle
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from lastbit.errors import LastbitError, ModelFormatError
+from lastbit.graph import Graph
+from lastbit.targets import Target, get_target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Compiled:
+    """The result of the pipeline: the squeezed graph and its scheduled TensorIR module."""
+
+    graph: Graph
+    target: Target
+    mod: "tvm.IRModule"  # noqa: F821
+
+
+# Phase 0. Import ---------------------------------------------------------------------------
+def import_model(model, example_inputs: Sequence | None = None, name: str | None = None) -> Graph:
+    """Turn a torch module, an ONNX file/proto, a torch.export .pt2 file or a Graph into a Graph."""
+    from lastbit.frontend import from_exported_program, from_onnx, from_torch, load_exported_program
+
+    if isinstance(model, Graph):
+        return model
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        suffix = path.suffix.lower()
+        if suffix == ".onnx":
+            return from_onnx(path, name=name or path.stem)
+        if suffix in (".pt2", ".pt"):
+            return from_exported_program(load_exported_program(path), name=name or path.stem)
+        raise ModelFormatError(f"{path}: unknown model file type '{suffix}' (expected .onnx or .pt2)")
+    if type(model).__name__ == "ModelProto":
+        return from_onnx(model, name=name)
+    import torch
+
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise LastbitError(f"compiling a torch module ({type(model).__name__}) needs example_inputs")
+        return from_torch(model, example_inputs, name=name)
+    if isinstance(model, torch.export.ExportedProgram):
+        return from_exported_program(model, name=name or "exported")
+    raise ModelFormatError(f"cannot compile an object of type {type(model).__name__}")
+
+
+# Phase 1. Squeeze --------------------------------------------------------------------------
+def squeeze_passes() -> list:
+    """Graph -> Graph rewrites applied in this fixed order (prune -> low-rank -> sparsity -> quantize).
+
+    Empty for the fp32 path; the squeeze passes register here as they land.
+    """
+    return []
+
+
+# Phases 2-3. Lower and schedule -----------------------------------------------------------
+def lower_and_schedule(graph: Graph, target: Target, dump_ir: Path | None = None):
+    from lastbit.codegen.cpu_schedule import prepare_for_cpu, schedule_for_cpu
+    from lastbit.codegen.lowering import lower_to_tir
+
+    tvm_target = target.tvm()
+    graph = graph.replace(mod=prepare_for_cpu(graph.mod))
+    _dump(dump_ir, "1-prepared", graph.mod)
+    mod = lower_to_tir(graph)
+    _dump(dump_ir, "2-lowered", mod)
+    mod = schedule_for_cpu(mod, tvm_target)
+    _dump(dump_ir, "3-scheduled", mod)
+    return mod
+
+
+def compile_graph(graph: Graph, target: "str | Target", dump_ir: "str | Path | None" = None) -> Compiled:
+    """Run phases 1-3; phase 4 (build) happens lazily in the Artifact, per use."""
+    target = get_target(target)
+    dump_ir = Path(dump_ir) if dump_ir else None
+    _dump(dump_ir, "0-imported", graph.mod)
+    for squeeze_pass in squeeze_passes():
+        graph = squeeze_pass(graph)
+    mod = lower_and_schedule(graph, target, dump_ir)
+    return Compiled(graph=graph, target=target, mod=mod)
+
+
+# Phase 4. Build ----------------------------------------------------------------------------
+def build_vm(mod, target: Target):
+    """The host path: a TVM Relax VM executable, run in-process."""
+    import tvm
+
+    return tvm.compile(mod, target.tvm())
+
+
+def build_bundle(mod, target: Target, out_dir: Path, name: str, extra_manifest: dict | None = None) -> Path:
+    """Any target: kernels.so + plan + params + a tiny C runner, no TVM runtime needed."""
+    from lastbit.codegen.bundle import build_bundle as _build
+
+    target.check_tools()
+    return _build(mod, target, out_dir, name=name, extra_manifest=extra_manifest)
+
+
+def _dump(dump_dir: Path | None, phase: str, mod) -> None:
+    if dump_dir is None:
+        return
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    path = dump_dir / f"{phase}.py"
+    path.write_text(mod.script(show_meta=False))
+    log.info("IR after %s written to %s", phase, path)

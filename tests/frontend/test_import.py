@@ -1,0 +1,87 @@
+"""torch and ONNX import: names, shapes, and the errors bad models get."""
+
+import numpy as np
+import pytest
+import torch
+
+import lastbit
+from lastbit.errors import ModelFormatError, UnsupportedOpError
+from lastbit.frontend import from_onnx, from_torch
+
+
+def test_torch_import_keeps_parameter_names(small_cnn):
+    model, x = small_cnn
+    graph = from_torch(model, (x,))
+    assert graph.inputs[0].shape == (1, 3, 8, 8)
+    torch_names = set(graph.source_names.values())
+    assert {"conv1.weight", "conv1.bias", "bn1.weight", "conv2.weight", "fc.weight", "fc.bias"} <= torch_names
+    state = model.state_dict()
+    for relax_name, torch_name in graph.source_names.items():
+        np.testing.assert_array_equal(graph.params[relax_name], state[torch_name].numpy())
+    assert graph.num_params == sum(p.numel() for p in model.parameters())
+
+
+def test_onnx_import_maps_initializers(small_cnn, tmp_path):
+    model, x = small_cnn
+    path = tmp_path / "cnn.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"])
+    graph = from_onnx(path)
+    assert graph.name == "cnn" and graph.inputs[0].shape == (1, 3, 8, 8)
+    assert "fc.weight" in graph.source_names.values()
+
+
+class _Unsupported(torch.nn.Module):
+    def forward(self, x):
+        return torch.linalg.svd(x)[0]
+
+
+def test_unsupported_torch_op_names_op_and_node():
+    with pytest.raises(UnsupportedOpError) as info:
+        from_torch(_Unsupported(), (torch.randn(4, 4),))
+    assert "svd" in str(info.value).lower()
+
+
+def test_unsupported_onnx_op_names_op_and_node(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("NoSuchOp", ["x"], ["y"], name="weird_node", domain="")
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises((UnsupportedOpError, ModelFormatError)) as info:
+        from_onnx(proto)
+    assert "NoSuchOp" in str(info.value)
+
+
+def test_truncated_onnx_is_one_clear_error(small_mlp, tmp_path):
+    model, x = small_mlp
+    good = tmp_path / "mlp.onnx"
+    torch.onnx.export(model, (x,), str(good), dynamo=False)
+    bad = tmp_path / "truncated.onnx"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ModelFormatError) as info:
+        from_onnx(bad)
+    assert "truncated.onnx" in str(info.value)
+
+
+def test_missing_and_unknown_model_files(tmp_path):
+    with pytest.raises(ModelFormatError, match="no such"):
+        lastbit.compile(tmp_path / "absent.onnx")
+    other = tmp_path / "model.h5"
+    other.write_bytes(b"\0")
+    with pytest.raises(ModelFormatError, match="unknown model file type"):
+        lastbit.compile(other)
+
+
+def test_pt2_round_trip(small_mlp, tmp_path):
+    model, x = small_mlp
+    path = tmp_path / "mlp.pt2"
+    torch.export.save(torch.export.export(model, (x,)), str(path))
+    graph = lastbit.pipeline.import_model(path)
+    assert graph.inputs[0].shape == (1, 32)
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    with pytest.raises(ModelFormatError, match="junk.pt2"):
+        lastbit.pipeline.import_model(tmp_path / "junk.pt2")

@@ -1,0 +1,35 @@
+"""The target registry: known triples, TVM targets, and the error an unknown one gets."""
+
+import pytest
+
+import lastbit
+from lastbit.errors import TargetError
+from lastbit.targets import get_target, list_targets
+
+
+def test_required_targets_are_registered():
+    triples = {t.triple for t in list_targets()}
+    assert {"x86_64-linux-gnu", "aarch64-linux-gnu", "armv7a-linux-gnueabihf"} <= triples
+
+
+def test_host_target_records_cpu_and_vector_features():
+    host = get_target("x86_64-linux-gnu")
+    tvm_target = host.tvm()
+    assert str(tvm_target.attrs["mcpu"]) not in ("", "generic")
+    assert "avx2" in host.feature_set() or "avx512f" in host.feature_set()
+
+
+@pytest.mark.parametrize("triple,arch", [("aarch64-linux-gnu", "aarch64"), ("armv7a-linux-gnueabihf", "armv7")])
+def test_arm_targets_declare_cross_toolchain(triple, arch):
+    target = get_target(triple)
+    assert target.runner == "qemu" and target.cross_cc and target.qemu
+    assert arch in str(target.tvm().attrs["mtriple"])
+    assert "neon" in target.feature_set()
+
+
+def test_unknown_triple_lists_known_ones():
+    with pytest.raises(TargetError) as info:
+        get_target("riscv64-linux-gnu")
+    assert "riscv64-linux-gnu" in str(info.value) and "aarch64-linux-gnu" in str(info.value)
+    with pytest.raises(TargetError):
+        lastbit.compile("whatever.onnx", target="sparc-sun-solaris")
