@@ -1,0 +1,574 @@
+"""Fine-tune a torch model so its conv/linear weights land exactly on α·{power-of-two codes}.
+
+`admm_finetune` is the scaled ADMM of Leng et al. (AAAI 2018); `ste_finetune` is the
+straight-through (BinaryConnect/TWN-style) baseline and `project_module` the data-free
+projection. All three return an AdmmResult the graph pass turns into packed codes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lastbit.passes.pow2_projection import CodeSet, QuantizationError, code_set, project_pow2
+
+__all__ = [
+    "AdmmResult",
+    "EpochStats",
+    "admm_finetune",
+    "evaluate",
+    "project_module",
+    "quantizable_layers",
+    "recalibrate_bn",
+    "ste_finetune",
+]
+
+logger = logging.getLogger(__name__)
+
+# Layers whose weight becomes α·codes; everything else (bias, BN, embeddings) stays float.
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+# (X, y) arrays — numpy or torch, batched here — or any re-iterable of (x, y) batches (a DataLoader).
+TrainingData = tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor] | Iterable[tuple[torch.Tensor, torch.Tensor]]
+SkipSpec = str | Sequence[str] | None
+
+
+@dataclass
+class EpochStats:
+    """One epoch of fine-tuning."""
+
+    epoch: int
+    loss: float  # mean training objective over the epoch (task loss, with distillation if on)
+    accuracy: float  # training accuracy over the epoch of the weights being stepped
+    residual: float  # ‖W − G‖ / ‖W‖ over all quantized layers after the epoch's last G-step
+    rho: float  # ρ used during the epoch (ADMM only; 0 for STE)
+    eval_accuracy: float | None = None  # accuracy on eval_data of the model with W = G
+
+
+@dataclass
+class AdmmResult:
+    """A quantized copy of the model: every weight named in `alphas` equals alphas[n] * codes[n] exactly."""
+
+    module: nn.Module
+    code_set: CodeSet
+    alphas: dict[str, np.ndarray]  # parameter name ("fc1.weight") -> float32, shape () or (C, 1, …)
+    codes: dict[str, np.ndarray]  # parameter name -> int8 level values, the weight's shape
+    skipped: list[str]  # quantizable layers (module names) left in full precision
+    method: str  # "admm", "ste" or "projection"
+    history: list[EpochStats] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[str]:
+        return list(self.alphas)
+
+
+def quantizable_layers(module: nn.Module, skip: SkipSpec = ("first", "last")) -> tuple[list[str], list[str]]:
+    """(quantized, skipped) module names of the conv/linear layers, in registration order.
+
+    skip holds module names ("features.0" or "features.0.weight") and/or "first"/"last", the first and
+    last quantizable layer in registration order (the forward order for Sequential-style models).
+    """
+    names = [name for name, m in module.named_modules() if isinstance(m, QUANTIZABLE_TYPES)]
+    if skip is None:
+        skip = ()
+    elif isinstance(skip, str):
+        skip = (skip,)
+    skipped: set[str] = set()
+    for item in skip:
+        key = item.removesuffix(".weight")
+        if key == "first":
+            skipped.update(names[:1])
+        elif key == "last":
+            skipped.update(names[-1:])
+        elif key in names:
+            skipped.add(key)
+        else:
+            raise QuantizationError(f"skip names {item!r}, which is not a conv/linear layer; layers: {names}")
+    quantized = [n for n in names if n not in skipped]
+    if not quantized:
+        logger.warning("no layer left to quantize (layers %s, skip=%s); the model stays float", names, list(skip))
+    return quantized, [n for n in names if n in skipped]
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+def _is_array(x: object) -> bool:
+    return isinstance(x, (np.ndarray, torch.Tensor))
+
+
+def _epoch_source(data: TrainingData, batch_size: int, shuffle: bool, seed: int) -> Callable[[int], Iterator]:
+    """A function epoch -> batches, from a (X, y) pair of arrays, a DataLoader or any iterable of batches."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and _is_array(data[0]) and _is_array(data[1]):
+        x_all, y_all = torch.as_tensor(data[0]), torch.as_tensor(data[1])
+        if x_all.shape[0] != y_all.shape[0] or x_all.shape[0] == 0:
+            raise QuantizationError(f"data arrays disagree or are empty: X {tuple(x_all.shape)}, y {tuple(y_all.shape)}")
+        x_all = x_all.float() if x_all.dtype == torch.float64 else x_all
+        y_all = y_all.long() if not y_all.is_floating_point() else y_all
+
+        def arrays(epoch: int) -> Iterator:
+            order = np.random.default_rng([seed, epoch]).permutation(len(x_all)) if shuffle else np.arange(len(x_all))
+            for start in range(0, len(order), batch_size):
+                idx = torch.from_numpy(order[start : start + batch_size])
+                yield x_all[idx], y_all[idx]
+
+        return arrays
+    if not isinstance(data, Iterable):
+        raise QuantizationError(f"data must be (X, y) arrays or an iterable of (x, y) batches, got {type(data).__name__}")
+    if iter(data) is data:  # a one-shot iterator (generator): keep it for every epoch
+        data = list(data)
+    return lambda epoch: iter(data)
+
+
+def _num_batches(data: TrainingData, batch_size: int) -> int | None:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and _is_array(data[0]) and _is_array(data[1]):
+        return math.ceil(len(data[0]) / batch_size)
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _to_device(batch: object, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        x, y = batch  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise QuantizationError(f"a batch must be an (x, y) pair, got {type(batch).__name__}") from None
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if x.dtype == torch.float64:
+        x = x.float()
+    return x.to(device), y.to(device)
+
+
+# --- shared pieces --------------------------------------------------------------------------
+
+
+class _Objective:
+    """Task loss, optionally distilled: (1−β)·CE + β·T²·KL(softmax(teacher/T) ‖ softmax(student/T))."""
+
+    def __init__(self, teacher: nn.Module | None, temperature: float, weight: float):
+        if teacher is not None and not 0.0 <= weight <= 1.0:
+            raise QuantizationError(f"distill_weight must be in [0, 1], got {weight}")
+        if temperature <= 0:
+            raise QuantizationError(f"temperature must be positive, got {temperature}")
+        self.teacher, self.t, self.beta = teacher, temperature, weight
+
+    def __call__(self, logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits, y)
+        if self.teacher is None:
+            return loss
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        kl = F.kl_div(
+            F.log_softmax(logits / self.t, dim=1),
+            F.log_softmax(teacher_logits / self.t, dim=1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        return (1.0 - self.beta) * loss + self.beta * self.t**2 * kl
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> int:
+    return int((logits.argmax(dim=1) == y).sum()) if y.dim() == 1 else 0
+
+
+class _Quantizer:
+    """The quantized weights of one model and their projections G = α·q."""
+
+    def __init__(self, model: nn.Module, codes: CodeSet, per_channel: bool, skip: SkipSpec):
+        self.codes = codes
+        names, self.skipped = quantizable_layers(model, skip)
+        modules = dict(model.named_modules())
+        self.weights = {f"{n}.weight": modules[n].weight for n in names}
+        self.axis = 0 if per_channel else None
+
+    def project(self, v: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        q, alpha = project_pow2(v.detach().cpu().numpy(), self.codes, axis=self.axis)
+        # float32 α times float32 codes: bit-identical to the numpy product the graph pass will see.
+        g = torch.from_numpy(alpha).to(v.device) * torch.from_numpy(q.astype(np.float32)).to(v.device)
+        return g, q, alpha
+
+    def finish(self, model: nn.Module, targets: dict[str, torch.Tensor], method: str, history: list[EpochStats]) -> AdmmResult:
+        """Set every quantized weight to Π(targets[name]) exactly and package the result."""
+        alphas, codes = {}, {}
+        with torch.no_grad():
+            for name, w in self.weights.items():
+                g, codes[name], alphas[name] = self.project(targets[name])
+                w.copy_(g)
+        return AdmmResult(model, self.codes, alphas, codes, self.skipped, method, history)
+
+
+def _prepare(module: nn.Module, device: str | torch.device | None) -> tuple[nn.Module, torch.device]:
+    """A deep copy on device (None: where the module's parameters already are)."""
+    if not isinstance(module, nn.Module):
+        raise QuantizationError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    dev = torch.device(device) if device is not None else next((p.device for p in module.parameters()), torch.device("cpu"))
+    return copy.deepcopy(module).to(dev), dev
+
+
+def _teacher(distill_from: nn.Module | str | None, module: nn.Module, device: torch.device) -> nn.Module | None:
+    if distill_from is None:
+        return None
+    if isinstance(distill_from, str):
+        if distill_from != "self":
+            raise QuantizationError(f"distill_from must be a module or 'self', got {distill_from!r}")
+        distill_from = module
+    teacher = copy.deepcopy(distill_from).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def evaluate(
+    module: nn.Module, data: TrainingData, batch_size: int = 256, device: str | torch.device = "cpu"
+) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of module on data, in eval mode."""
+    dev = torch.device(device)
+    was_training = module.training
+    module.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for batch in _epoch_source(data, batch_size, shuffle=False, seed=0)(0):
+        x, y = _to_device(batch, dev)
+        logits = module(x)
+        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += _correct(logits, y)
+        seen += len(y)
+    module.train(was_training)
+    if seen == 0:
+        raise QuantizationError("evaluation data is empty")
+    return total_loss / seen, correct / seen
+
+
+def _batch_norms(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recalibrate_bn(
+    module: nn.Module,
+    data: TrainingData,
+    num_batches: int = 8,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Re-estimate BatchNorm running statistics of module (in place) from num_batches batches.
+
+    Quantizing the weights shifts every activation's mean and variance, so statistics gathered
+    on the float weights no longer match.
+    """
+    norms = _batch_norms(module)
+    if not norms or num_batches <= 0:
+        return module
+    batches = _epoch_source(data, batch_size, shuffle=True, seed=0)(0)
+    return _recalibrate(module, norms, batches, num_batches, torch.device(device))
+
+
+@torch.no_grad()
+def _recalibrate(module: nn.Module, norms: list[nn.Module], batches: Iterable, num_batches: int, dev: torch.device) -> nn.Module:
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    was_training = module.training
+    module.train()
+    for i, batch in enumerate(batches):
+        if i >= num_batches:
+            break
+        module(_to_device(batch, dev)[0])
+    for m, momentum in saved:
+        m.momentum = momentum
+    module.train(was_training)
+    return module
+
+
+def project_module(
+    module: nn.Module,
+    codes: str | int | CodeSet = "pow2-4",
+    per_channel: bool = False,
+    skip: SkipSpec = ("first", "last"),
+) -> AdmmResult:
+    """Data-free "one-click" quantization: project each weight onto α·codes, no training. The input is untouched."""
+    cs = code_set(codes)
+    model, _ = _prepare(module, None)
+    quant = _Quantizer(model, cs, per_channel, skip)
+    return quant.finish(model, {n: w.detach() for n, w in quant.weights.items()}, "projection", [])
+
+
+# --- ADMM -----------------------------------------------------------------------------------
+
+
+def admm_finetune(
+    module: nn.Module,
+    data: TrainingData,
+    codes: str | int | CodeSet = "pow2-4",
+    *,
+    epochs: int = 20,
+    rho: float = 1.0,
+    rho_growth: float = 1.2,
+    lr: float = 0.01,
+    per_channel: bool = False,
+    skip: SkipSpec = ("first", "last"),
+    distill_from: nn.Module | str | None = None,
+    temperature: float = 4.0,
+    distill_weight: float = 0.5,
+    update_every: int | str = "epoch",
+    batch_size: int = 64,
+    eval_data: TrainingData | None = None,
+    bn_batches: int = 8,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    momentum: float = 0.9,
+) -> AdmmResult:
+    """Scaled ADMM fine-tuning onto W ∈ α·codes; returns a copy whose quantized weights are exactly α·codes.
+
+    W-step, per mini-batch, on f(W) + ρ/2·‖W − G + λ‖² over all parameters (only the quantized
+    weights carry the penalty): extragradient with heavy-ball momentum on f — predictor
+    W̃ = prox(W − η(μv + ∇f(W))), corrector v = μv + ∇f(W̃), W ← prox(W − ηv) — where prox takes
+    the quadratic penalty exactly, (X + ηρ(G − λ)) / (1 + ηρ), so a growing ρ never makes the step
+    unstable (an explicit gradient step on it diverges once ηρ > 2). momentum=0 is the paper's
+    plain extragradient.
+    G-step and dual every `update_every` batches (default once per epoch): G = Π(W + λ),
+    λ += W − G. The W-step needs roughly 1/(ηρ) batches between G-steps to settle; updating much
+    more often lets the dual run away. ρ grows by rho_growth per epoch, and the scaled dual λ is
+    rescaled by ρ_old/ρ_new so ρ·λ is kept. At the end W = Π(W + λ) exactly and BatchNorm
+    statistics are re-estimated on bn_batches batches. The model comes back in eval mode.
+
+    data: (X, y) arrays (batched by batch_size, reshuffled each epoch), a DataLoader, or any
+    iterable of (x, y) batches. distill_from: a teacher module, or "self" for the float input;
+    loss = (1−β)·CE + β·T²·KL(teacher ‖ student) with β = distill_weight and T = temperature.
+    The history's loss is f alone (no penalty); its accuracy is that of the float W being stepped,
+    eval_accuracy (with eval_data) that of W = G.
+    """
+    cs = code_set(codes)
+    if epochs < 1 or lr <= 0 or rho < 0 or rho_growth <= 0:
+        raise QuantizationError(f"need epochs ≥ 1, lr > 0, rho ≥ 0, rho_growth > 0; got {epochs}, {lr}, {rho}, {rho_growth}")
+    if not (update_every == "epoch" or (isinstance(update_every, int) and update_every >= 1)):
+        raise QuantizationError(f"update_every must be 'epoch' or a positive number of batches, got {update_every!r}")
+    model, dev = _prepare(module, device)
+    quant = _Quantizer(model, cs, per_channel, skip)
+    objective = _Objective(_teacher(distill_from, module, dev), temperature, distill_weight)
+    batches = _epoch_source(data, batch_size, shuffle=True, seed=seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    velocity = [torch.zeros_like(p) for p in params]
+    weights = quant.weights
+
+    with torch.no_grad():
+        g = {n: quant.project(w)[0] for n, w in weights.items()}
+        lam = {n: torch.zeros_like(w) for n, w in weights.items()}
+
+    def gradient(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        for p in params:
+            p.grad = None
+        logits = model(x)
+        loss = objective(logits, x, y)
+        loss.backward()
+        return float(loss.detach()), _correct(logits, y)
+
+    def step_from(start: list[torch.Tensor], direction: list[torch.Tensor | None]) -> None:
+        """W ← prox(W0 − η·d): the ρ/2‖W − (G − λ)‖² term is taken exactly, so no ρ makes the step unstable."""
+        shrink = 1.0 / (1.0 + lr * rho)
+        for p, p0, d in zip(params, start, direction):
+            p.copy_(p0)
+            if d is not None:
+                p.sub_(d, alpha=lr)
+        for n, w in weights.items():
+            w.add_(g[n] - lam[n], alpha=lr * rho).mul_(shrink)
+
+    def g_step() -> float:
+        with torch.no_grad():
+            sq_res, sq_w = 0.0, 0.0
+            for n, w in weights.items():
+                g[n] = quant.project(w + lam[n])[0]
+                lam[n].add_(w - g[n])
+                sq_res += float(torch.sum((w - g[n]) ** 2))
+                sq_w += float(torch.sum(w * w))
+        return math.sqrt(sq_res / sq_w) if sq_w > 0 else 0.0
+
+    history: list[EpochStats] = []
+    per_epoch = _num_batches(data, batch_size)
+    residual = float("nan")
+    with torch.random.fork_rng(devices=[]), tqdm(
+        total=per_epoch * epochs if per_epoch else None, disable=not progress, desc=f"ADMM {cs.name}", leave=False
+    ) as bar:
+        torch.manual_seed(seed)
+        model.train()
+        step = 0
+        for epoch in range(epochs):
+            loss_sum, correct, seen, n_batches = 0.0, 0, 0, 0
+            for batch in batches(epoch):
+                x, y = _to_device(batch, dev)
+                start = [p.detach().clone() for p in params]
+                loss, right = gradient(x, y)
+                _check_finite(loss, "ADMM", epoch, n_batches)
+                with torch.no_grad():  # predictor: W̃ = prox(W − η(μv + ∇f(W)))
+                    step_from(start, [None if p.grad is None else p.grad + momentum * v for p, v in zip(params, velocity)])
+                gradient(x, y)
+                with torch.no_grad():  # corrector: v = μv + ∇f(W̃), W ← prox(W − ηv) from the start point
+                    for p, v in zip(params, velocity):
+                        if p.grad is not None:
+                            v.mul_(momentum).add_(p.grad)
+                    step_from(start, velocity)
+                step += 1
+                if update_every != "epoch" and step % update_every == 0:
+                    residual = g_step()
+                loss_sum, correct, seen, n_batches = loss_sum + loss, correct + right, seen + len(y), n_batches + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / n_batches:.3f}", acc=f"{correct / max(seen, 1):.3f}", res=f"{residual:.3f}")
+            if n_batches == 0:
+                raise QuantizationError("training data is empty")
+            if update_every == "epoch":
+                residual = g_step()
+            stats = EpochStats(epoch, loss_sum / n_batches, correct / seen, residual, rho)
+            if eval_data is not None:
+                stats.eval_accuracy = _eval_at(model, weights, g, eval_data, dev)
+            history.append(stats)
+            logger.info(
+                "ADMM epoch %d: loss %.4f acc %.4f ‖W−G‖/‖W‖ %.4f ρ %.3g", epoch, stats.loss, stats.accuracy, residual, rho
+            )
+            bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{stats.accuracy:.3f}", res=f"{residual:.3f}")
+            rho_new = rho * rho_growth
+            if rho_new > 0:
+                for n in lam:
+                    lam[n].mul_(rho / rho_new)
+            rho = rho_new
+
+    with torch.no_grad():
+        targets = {n: w + lam[n] for n, w in weights.items()}
+    result = quant.finish(model, targets, "admm", history)
+    if bn_batches > 0 and _batch_norms(model):
+        _recalibrate(model, _batch_norms(model), batches(epochs), bn_batches, dev)
+    model.eval()
+    return result
+
+
+def _check_finite(loss: float, method: str, epoch: int, batch: int) -> None:
+    if not math.isfinite(loss):
+        raise QuantizationError(f"{method} diverged: loss {loss} at epoch {epoch}, batch {batch}; lower lr (or rho)")
+
+
+@torch.no_grad()
+def _eval_at(
+    model: nn.Module, weights: dict[str, torch.Tensor], g: dict[str, torch.Tensor], data: TrainingData, dev: torch.device
+) -> float:
+    """Accuracy with every quantized weight temporarily set to G."""
+    saved = {n: w.detach().clone() for n, w in weights.items()}
+    for n, w in weights.items():
+        w.copy_(g[n])
+    _, acc = evaluate(model, data, device=dev)
+    for n, w in weights.items():
+        w.copy_(saved[n])
+    model.train()
+    return acc
+
+
+# --- straight-through baseline --------------------------------------------------------------
+
+
+def ste_finetune(
+    module: nn.Module,
+    data: TrainingData,
+    codes: str | int | CodeSet = "pow2-4",
+    *,
+    epochs: int = 20,
+    rho: float = 0.0,
+    rho_growth: float = 1.0,
+    lr: float = 0.01,
+    per_channel: bool = False,
+    skip: SkipSpec = ("first", "last"),
+    distill_from: nn.Module | str | None = None,
+    temperature: float = 4.0,
+    distill_weight: float = 0.5,
+    update_every: int | str = 1,
+    batch_size: int = 64,
+    eval_data: TrainingData | None = None,
+    bn_batches: int = 8,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    momentum: float = 0.9,
+) -> AdmmResult:
+    """Straight-through-estimator QAT (BinaryConnect / TWN style), the peer baseline for ADMM.
+
+    Each batch runs forward and backward with the projected weights Π(W); the gradient is applied
+    to the latent float W by SGD (with momentum). rho/rho_growth are accepted for a signature
+    shared with admm_finetune and ignored; update_every is how many batches α and the codes are
+    reused before W is projected again (1: every batch, as the originals do).
+    """
+    cs = code_set(codes)
+    if epochs < 1 or lr <= 0:
+        raise QuantizationError(f"need epochs ≥ 1 and lr > 0; got {epochs}, {lr}")
+    if not (update_every == "epoch" or (isinstance(update_every, int) and update_every >= 1)):
+        raise QuantizationError(f"update_every must be 'epoch' or a positive number of batches, got {update_every!r}")
+    model, dev = _prepare(module, device)
+    quant = _Quantizer(model, cs, per_channel, skip)
+    objective = _Objective(_teacher(distill_from, module, dev), temperature, distill_weight)
+    batches = _epoch_source(data, batch_size, shuffle=True, seed=seed)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
+    weights = quant.weights
+
+    history: list[EpochStats] = []
+    per_epoch = _num_batches(data, batch_size)
+    g: dict[str, torch.Tensor] = {}
+    with torch.random.fork_rng(devices=[]), tqdm(
+        total=per_epoch * epochs if per_epoch else None, disable=not progress, desc=f"STE {cs.name}", leave=False
+    ) as bar:
+        torch.manual_seed(seed)
+        model.train()
+        step = 0
+        for epoch in range(epochs):
+            loss_sum, correct, seen, n_batches = 0.0, 0, 0, 0
+            for batch in batches(epoch):
+                x, y = _to_device(batch, dev)
+                with torch.no_grad():
+                    latent = {n: w.detach().clone() for n, w in weights.items()}
+                    reproject = not g or (update_every != "epoch" and step % update_every == 0)
+                    for n, w in weights.items():
+                        if reproject:
+                            g[n] = quant.project(w)[0]
+                        w.copy_(g[n])
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(x)
+                loss = objective(logits, x, y)
+                _check_finite(float(loss.detach()), "STE", epoch, n_batches)
+                loss.backward()
+                with torch.no_grad():  # the straight-through step: ∂L/∂Π(W) applied to W
+                    for n, w in weights.items():
+                        w.copy_(latent[n])
+                optimizer.step()
+                step += 1
+                loss_sum, correct = loss_sum + float(loss.detach()), correct + _correct(logits, y)
+                seen, n_batches = seen + len(y), n_batches + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / n_batches:.3f}", acc=f"{correct / max(seen, 1):.3f}")
+            if n_batches == 0:
+                raise QuantizationError("training data is empty")
+            with torch.no_grad():
+                g = {n: quant.project(w)[0] for n, w in weights.items()}
+                sq_res = sum(float(torch.sum((w - g[n]) ** 2)) for n, w in weights.items())
+                sq_w = sum(float(torch.sum(w * w)) for w in weights.values())
+            residual = math.sqrt(sq_res / sq_w) if sq_w > 0 else 0.0
+            stats = EpochStats(epoch, loss_sum / n_batches, correct / seen, residual, 0.0)
+            if eval_data is not None:
+                stats.eval_accuracy = _eval_at(model, weights, g, eval_data, dev)
+            history.append(stats)
+            logger.info(
+                "STE epoch %d: loss %.4f acc %.4f ‖W−Π(W)‖/‖W‖ %.4f", epoch, stats.loss, stats.accuracy, residual
+            )
+            bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{stats.accuracy:.3f}", res=f"{residual:.3f}")
+
+    result = quant.finish(model, {n: w.detach().clone() for n, w in weights.items()}, "ste", history)
+    if bn_batches > 0 and _batch_norms(model):
+        _recalibrate(model, _batch_norms(model), batches(epochs), bn_batches, dev)
+    model.eval()
+    return result

@@ -1,0 +1,227 @@
+"""ADMM, STE and data-free projection on a small MLP over sklearn's 8×8 digits."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lastbit.passes.admm import (
+    AdmmResult,
+    admm_finetune,
+    evaluate,
+    project_module,
+    quantizable_layers,
+    recalibrate_bn,
+    ste_finetune,
+)
+from lastbit.passes.pow2_projection import QuantizationError, code_set
+
+FAST = dict(progress=False, epochs=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The test machine is shared; torch would otherwise take every core.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    order = np.random.default_rng(0).permutation(len(x))
+    train, test = order[:1300], order[1300:]
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def mlp(hidden: int = 32) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+@pytest.fixture(scope="module")
+def float_model(digits):
+    (x, y), _ = digits
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(25):
+        for i in range(0, len(xt), 64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[i : i + 64]), yt[i : i + 64]).backward()
+            opt.step()
+    return model.eval()
+
+
+def assert_on_code_set(result: AdmmResult) -> None:
+    params = dict(result.module.named_parameters())
+    assert result.alphas, "nothing was quantized"
+    for name, alpha in result.alphas.items():
+        codes = result.codes[name]
+        assert codes.dtype == np.int8 and codes.shape == tuple(params[name].shape)
+        assert np.isin(codes, result.code_set.levels).all()
+        assert alpha.dtype == np.float32 and np.all(alpha > 0)
+        expected = torch.from_numpy(alpha) * torch.from_numpy(codes.astype(np.float32))
+        assert torch.equal(params[name].detach(), expected), name  # bit-exact, not approximately
+
+
+def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- the claim: ADMM recovers what projection loses -----------------------------------------
+
+
+@pytest.mark.parametrize("codes", ["ternary", "pow2-4"])
+def test_admm_lands_on_codes_and_beats_projection(digits, float_model, codes):
+    train, test = digits
+    before = weights_of(float_model)
+    projected = project_module(float_model, codes, skip=())
+    result = admm_finetune(float_model, train, codes, skip=(), epochs=15, progress=False, eval_data=test)
+    assert_on_code_set(result)
+    assert result.method == "admm" and result.code_set == code_set(codes)
+    assert sorted(result.alphas) == ["0.weight", "2.weight", "4.weight"]
+    proj_loss, proj_acc = evaluate(projected.module, test)
+    admm_loss, admm_acc = evaluate(result.module, test)
+    assert admm_loss < proj_loss
+    assert admm_acc >= proj_acc + (0.03 if codes == "ternary" else 0.0)
+    assert admm_acc > 0.9
+    # history: one entry per epoch, the primal residual driven down, eval on W = G recorded
+    assert len(result.history) == 15
+    assert result.history[-1].residual < 0.05 < result.history[0].residual
+    assert result.history[-1].rho > result.history[0].rho
+    assert all(h.eval_accuracy is not None for h in result.history)
+    # the input model is untouched
+    assert all(torch.equal(v, before[k]) for k, v in float_model.state_dict().items())
+
+
+def test_ste_lands_on_codes(digits, float_model):
+    train, test = digits
+    result = ste_finetune(float_model, train, "ternary", skip=(), **FAST)
+    assert_on_code_set(result)
+    assert result.method == "ste" and len(result.history) == 3
+    assert evaluate(result.module, test)[1] > evaluate(project_module(float_model, "ternary", skip=()).module, test)[1]
+
+
+def test_deterministic(digits, float_model):
+    train, _ = digits
+    a = admm_finetune(float_model, train, "ternary", **FAST)
+    b = admm_finetune(float_model, train, "ternary", **FAST)
+    for name in a.codes:
+        np.testing.assert_array_equal(a.codes[name], b.codes[name])
+        np.testing.assert_array_equal(a.alphas[name], b.alphas[name])
+
+
+# --- which layers -----------------------------------------------------------------------------
+
+
+def test_default_skips_first_and_last(digits, float_model):
+    train, _ = digits
+    assert quantizable_layers(float_model) == (["2"], ["0", "4"])
+    result = admm_finetune(float_model, train, "ternary", **FAST)
+    assert list(result.alphas) == ["2.weight"] and result.skipped == ["0", "4"]
+    assert_on_code_set(result)
+    first = result.module[0].weight.detach().numpy()
+    assert len(np.unique(np.abs(first))) > 20  # still full precision
+
+
+def test_skip_by_name_and_projection_keeps_skipped_layers(float_model):
+    result = project_module(float_model, "pow2-4", skip=("first", "2.weight"))
+    assert list(result.alphas) == ["4.weight"] and result.skipped == ["0", "2"]
+    assert torch.equal(result.module[2].weight, float_model[2].weight)
+    assert_on_code_set(result)
+    assert quantizable_layers(float_model, skip=None)[0] == ["0", "2", "4"]
+    assert quantizable_layers(float_model, skip="last")[1] == ["4"]
+    with pytest.raises(QuantizationError, match="'fc9'"):
+        project_module(float_model, "ternary", skip=("fc9",))
+
+
+def test_per_channel(digits, float_model):
+    train, _ = digits
+    result = admm_finetune(float_model, train, "pow2-4", per_channel=True, skip=(), **FAST)
+    assert_on_code_set(result)
+    assert result.alphas["2.weight"].shape == (32, 1)
+    assert len(np.unique(result.alphas["2.weight"])) > 1
+
+
+# --- the other paths ------------------------------------------------------------------------
+
+
+def test_distillation_runs(digits, float_model):
+    train, test = digits
+    for teacher in ("self", float_model):
+        result = admm_finetune(float_model, train, "ternary", distill_from=teacher, distill_weight=0.7, **FAST)
+        assert_on_code_set(result)
+        assert all(np.isfinite(h.loss) for h in result.history)
+    result = ste_finetune(float_model, train, "ternary", distill_from="self", temperature=2.0, **FAST)
+    assert_on_code_set(result)
+
+
+def test_data_forms(digits, float_model):
+    (x, y), _ = digits
+    x, y = x[:256], y[:256]
+    loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=64, shuffle=True)
+    batches = [(torch.from_numpy(x[i : i + 64]), torch.from_numpy(y[i : i + 64])) for i in range(0, 256, 64)]
+    one_shot = ((torch.from_numpy(x[i : i + 64]), torch.from_numpy(y[i : i + 64])) for i in range(0, 256, 64))
+    for data in (loader, batches, one_shot, (x, y), (x.astype(np.float64), y)):
+        result = admm_finetune(float_model, data, "ternary", epochs=2, progress=False, batch_size=64)
+        assert_on_code_set(result)
+        assert len(result.history) == 2 and result.history[-1].accuracy > 0.5
+
+
+def test_progress_bar_runs(digits, float_model, capsys):
+    (x, y), _ = digits
+    admm_finetune(float_model, (x[:128], y[:128]), "binary", epochs=1, progress=True)
+    assert "ADMM binary" in capsys.readouterr().err
+
+
+def test_conv_bn_model(digits):
+    (x, y), _ = digits
+    images = x[:256].reshape(-1, 1, 8, 8)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 64, 10),
+    )
+    result = admm_finetune(model, (images, y[:256]), "pow2-4", per_channel=True, epochs=2, progress=False)
+    assert list(result.alphas) == ["3.weight"]
+    assert result.alphas["3.weight"].shape == (8, 1, 1, 1)
+    assert_on_code_set(result)
+    assert result.module[4].num_batches_tracked > 0 and not result.module.training
+    # recalibration replaces stale statistics
+    bn = result.module[4]
+    bn.running_mean.fill_(100.0)
+    recalibrate_bn(result.module, (images, y[:256]), num_batches=2)
+    assert bn.running_mean.abs().max() < 100.0 and bn.momentum == 0.1
+
+
+# --- bad inputs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codes", ["quinary", 0, 5])
+@pytest.mark.parametrize("fn", [admm_finetune, ste_finetune])
+def test_bad_code_sets(digits, float_model, fn, codes):
+    with pytest.raises(QuantizationError, match=str(codes)):
+        fn(float_model, digits[0], codes, **FAST)
+
+
+def test_bad_arguments(digits, float_model):
+    train, _ = digits
+    with pytest.raises(QuantizationError, match="distill_weight"):
+        admm_finetune(float_model, train, distill_from="self", distill_weight=1.5, **FAST)
+    with pytest.raises(QuantizationError, match="update_every"):
+        admm_finetune(float_model, train, update_every=0, **FAST)
+    with pytest.raises(QuantizationError, match="distill_from"):
+        admm_finetune(float_model, train, distill_from="teacher", **FAST)
+    with pytest.raises(QuantizationError, match="disagree"):
+        admm_finetune(float_model, (train[0], train[1][:10]), **FAST)
+    with pytest.raises(QuantizationError, match="Module"):
+        project_module("not a model", "ternary")
+    with pytest.raises(QuantizationError, match="diverged"):
+        admm_finetune(float_model, train, lr=1e6, momentum=0.0, **FAST)

@@ -1,0 +1,278 @@
+"""Power-of-two code sets and the α·q projection, checked against brute force over levels^n."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from lastbit.errors import LastbitError
+from lastbit.passes.pow2_projection import (
+    BITS_TO_CODE_SET,
+    CODE_SETS,
+    CodeSet,
+    QuantizationError,
+    code_set,
+    dequantize,
+    pow2_codes,
+    project_pow2,
+    projection_error,
+    round_to_set,
+)
+
+SMALL_SETS = ["binary", "ternary", "pow2-2", "pow2-4"]
+
+
+def brute_force_error(w: np.ndarray, cs: CodeSet) -> float:
+    """min over q in levels^n and α > 0 of ‖w − α·q‖², by enumerating every q."""
+    qs = np.array(list(itertools.product(cs.levels.astype(np.float64), repeat=w.size)))
+    dots, norms = qs @ w, np.sum(qs * qs, axis=1)
+    ok = (norms > 0) & (dots > 0)
+    best_gain = np.max(dots[ok] ** 2 / norms[ok]) if ok.any() else 0.0
+    return float(w @ w - best_gain)
+
+
+# --- code sets ------------------------------------------------------------------------------
+
+
+def test_named_sets_and_bits():
+    assert code_set("binary").levels.tolist() == [-1, 1] and code_set("binary").bits == 1
+    assert code_set("ternary").levels.tolist() == [-1, 0, 1] and code_set("ternary").bits == 2
+    assert code_set("pow2-2").levels.tolist() == [-2, -1, 0, 1, 2] and code_set("pow2-2").bits == 3
+    assert code_set("pow2-4").levels.tolist() == [-4, -2, -1, 0, 1, 2, 4] and code_set("pow2-4").bits == 3
+    assert code_set("pow2-8").bits == 4
+    assert code_set("pow2-64").levels.size == 15 and code_set("pow2-64").bits == 4
+    for cs in CODE_SETS.values():
+        assert cs.bits == max(1, int(np.ceil(np.log2(cs.levels.size))))
+        assert cs.levels.dtype == np.int8
+
+
+def test_pow2_codes_family():
+    assert pow2_codes(0) == code_set("ternary")
+    assert pow2_codes(1).levels.tolist() == [-2, -1, 0, 1, 2]
+    assert pow2_codes(3).levels.tolist() == [-8, -4, -2, -1, 0, 1, 2, 4, 8]
+    with pytest.raises(QuantizationError, match="7"):
+        pow2_codes(7)
+
+
+def test_bits_pick_the_largest_set_that_fits():
+    assert [code_set(b).name for b in (1, 2, 3, 4)] == ["binary", "ternary", "pow2-4", "pow2-64"]
+    for bits, cs in BITS_TO_CODE_SET.items():
+        assert cs.bits == bits
+        assert cs.levels.size > 2 ** (bits - 1)  # would not fit one bit fewer
+    assert code_set(np.int64(3)) is code_set(3)
+    assert code_set("3") is code_set(3)
+
+
+def test_aliases_and_passthrough():
+    assert code_set(" Ternary ") is code_set("ternary")
+    assert code_set("{-4..4}") is code_set("pow2-4")
+    assert code_set("pow2-3bit") is code_set("pow2-2")
+    assert code_set("pow2-4bit") is code_set("pow2-4")
+    custom = CodeSet("mine", np.array([3, -3, 1, -1]))
+    assert code_set(custom) is custom and custom.levels.tolist() == [-3, -1, 1, 3]
+    assert hash(code_set("ternary")) == hash(pow2_codes(0))
+
+
+@pytest.mark.parametrize("spec", ["quaternary", "pow2-5", "", 0, 5, -1, 99, True, 2.0, None])
+def test_bad_specs_raise_with_the_value(spec):
+    with pytest.raises(QuantizationError) as err:
+        code_set(spec)
+    assert isinstance(err.value, LastbitError)
+    assert repr(spec) in str(err.value) or str(spec) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "levels, words",
+    [([0, 1, 2], "symmetric"), ([-1.5, 1.5], "non-integer"), ([-200, 200], "int8"), ([1], "two levels")],
+)
+def test_bad_code_sets(levels, words):
+    with pytest.raises(QuantizationError, match=words):
+        CodeSet("bad", np.array(levels))
+
+
+# --- rounding -------------------------------------------------------------------------------
+
+
+def test_round_to_set_ties_are_deterministic():
+    tern = code_set("ternary")
+    assert round_to_set([0.5, -0.5, 0.51, -0.51, 7.0, -7.0], tern).tolist() == [0, 0, 1, -1, 1, -1]
+    # binary: 0 is equidistant from ±1 and goes to +1, like sign()
+    assert round_to_set([0.0, -0.0, 1e-9, -1e-9], code_set("binary")).tolist() == [1, 1, 1, -1]
+    # 1.5 lies between 1 and 2: the smaller magnitude wins
+    assert round_to_set([1.5, -1.5, 3.0, -3.0], code_set("pow2-4")).tolist() == [1, -1, 2, -2]
+
+
+@given(arrays(np.float64, st.integers(1, 20), elements=st.floats(-20, 20)), st.sampled_from(SMALL_SETS + ["pow2-64"]))
+def test_round_to_set_is_nearest(v, name):
+    cs = code_set(name)
+    r = round_to_set(v, cs)
+    assert np.isin(r, cs.levels).all()
+    dist = np.abs(v[:, None] - cs.levels[None, :].astype(np.float64)).min(axis=1)
+    np.testing.assert_allclose(np.abs(v - r), dist, atol=0)
+
+
+def test_round_to_set_rejects_nan():
+    with pytest.raises(QuantizationError, match="1 non-finite"):
+        round_to_set([0.0, np.nan], code_set("ternary"))
+
+
+# --- projection: optimality -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SMALL_SETS)
+def test_exact_matches_brute_force(name):
+    cs = code_set(name)
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n = 1 + trial % 5
+        w = rng.standard_normal(n) * 10.0 ** rng.integers(-3, 3)
+        if trial % 4 == 0:
+            w = np.round(w * 2) / 2  # repeated values and ties
+        q, alpha = project_pow2(w, cs)
+        best = brute_force_error(w, cs)
+        assert projection_error(w, q, alpha) <= best * (1 + 1e-6) + 1e-12 * float(w @ w)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrays(np.float64, st.integers(1, 5), elements=st.floats(-100, 100, allow_subnormal=False)),
+    st.sampled_from(SMALL_SETS),
+)
+def test_exact_matches_brute_force_property(w, name):
+    cs = code_set(name)
+    q, alpha = project_pow2(w, cs)
+    best = brute_force_error(w, cs)
+    assert projection_error(w, q, alpha) <= best * (1 + 1e-6) + 1e-9
+
+
+def test_alternation_alone_can_miss_the_optimum():
+    # The paper's alternation, even from ten starting scales, stops at q = [-4, 4, 2, -2], α = 0.91
+    # (error 0.966); the optimum is q = [-2, 2, 2, -1], α = 1.6 (error 0.81).
+    w = np.array([-3.5, 3.2, 2.6, -2.2])
+    cs = code_set("pow2-4")
+    q_alt, a_alt = project_pow2(w, cs, method="alternating")
+    q_ex, a_ex = project_pow2(w, cs)
+    assert q_ex.tolist() == [-2, 2, 2, -1]
+    assert projection_error(w, q_ex, a_ex) == pytest.approx(brute_force_error(w, cs), rel=1e-6)
+    assert projection_error(w, q_alt, a_alt) > 1.1 * projection_error(w, q_ex, a_ex)
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.float64, st.integers(1, 60), elements=st.floats(-5, 5)), st.sampled_from(SMALL_SETS + ["pow2-64"]))
+def test_exact_never_worse_than_alternating_and_is_a_fixed_point(w, name):
+    cs = code_set(name)
+    q, alpha = project_pow2(w, cs)
+    q_alt, a_alt = project_pow2(w, cs, method="alternating")
+    err = projection_error(w, q, alpha)
+    assert err <= projection_error(w, q_alt, a_alt) * (1 + 1e-6) + 1e-9
+    if alpha > 0 and np.any(q):  # α is the least-squares scale of q, and rounding w/α cannot do better
+        qf = q.astype(np.float64)
+        assert alpha == pytest.approx(float(w @ qf / (qf @ qf)), rel=1e-6)
+        assert projection_error(w, round_to_set(w / alpha, cs), alpha) >= err * (1 - 1e-6) - 1e-9
+
+
+def test_ternary_and_binary_closed_forms():
+    w = np.array([0.1, -0.2, 3.0, -2.9, 0.05])
+    q, alpha = project_pow2(w, "binary")
+    assert q.tolist() == [1, -1, 1, -1, 1] and alpha == pytest.approx(np.abs(w).mean(), rel=1e-6)
+    q, alpha = project_pow2(w, "ternary")
+    assert q.tolist() == [0, 0, 1, -1, 0] and alpha == pytest.approx(2.95, rel=1e-6)
+
+
+# --- projection: shapes, per-channel, invariances -------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ternary", "pow2-4", "binary"])
+def test_per_channel_equals_per_slice(name):
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((4, 3, 2, 2)) * rng.uniform(0.1, 3, size=(4, 1, 1, 1))).astype(np.float32)
+    q, alpha = project_pow2(w, name, axis=0)
+    assert q.shape == w.shape and q.dtype == np.int8
+    assert alpha.shape == (4, 1, 1, 1) and alpha.dtype == np.float32
+    for c in range(4):
+        q_c, a_c = project_pow2(w[c], name)
+        np.testing.assert_array_equal(q[c], q_c)
+        assert alpha[c, 0, 0, 0] == a_c
+    # other axes, negative axes
+    q1, a1 = project_pow2(w, name, axis=-3)
+    assert a1.shape == (1, 3, 1, 1)
+    for c in range(3):
+        np.testing.assert_array_equal(q1[:, c], project_pow2(w[:, c], name)[0])
+
+
+def test_per_tensor_shapes_and_membership():
+    w = np.random.default_rng(2).standard_normal((8, 5)).astype(np.float32)
+    q, alpha = project_pow2(w, 3)
+    assert q.shape == (8, 5) and alpha.shape == () and alpha.dtype == np.float32 and alpha > 0
+    assert np.isin(q, code_set(3).levels).all()
+    assert dequantize(q, alpha).dtype == np.float32
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    arrays(np.float64, st.integers(1, 30), elements=st.floats(-10, 10, allow_subnormal=False)),
+    st.sampled_from(["ternary", "pow2-2", "pow2-4", "pow2-64"]),
+    st.integers(-8, 8),
+)
+def test_power_of_two_scaling_and_sign_flip(w, name, k):
+    q, alpha = project_pow2(w, name)
+    q2, alpha2 = project_pow2(w * 2.0**k, name)  # exact in floating point
+    np.testing.assert_array_equal(q, q2)
+    if np.any(q):
+        assert alpha2 == np.float32(alpha * np.float32(2.0**k))
+    q3, alpha3 = project_pow2(-w, name)
+    np.testing.assert_array_equal(q3, -q)
+    assert alpha3 == alpha
+
+
+def test_deterministic():
+    w = np.random.default_rng(3).standard_normal(500)
+    a, b = project_pow2(w, "pow2-4"), project_pow2(w, "pow2-4")
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] == b[1]
+
+
+# --- projection: degenerate and bad tensors -------------------------------------------------
+
+
+def test_all_zero_tensor():
+    q, alpha = project_pow2(np.zeros((3, 4)), "pow2-4")
+    assert not q.any() and alpha == 1.0
+    q, alpha = project_pow2(np.zeros((2, 3)), "ternary", axis=0)
+    assert not q.any() and (alpha == 1.0).all()
+    # binary has no 0: the only exact fit is +1 codes with α = 0
+    q, alpha = project_pow2(np.zeros(5), "binary")
+    assert (q == 1).all() and alpha == 0.0
+
+
+def test_zero_row_among_others():
+    w = np.array([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5]])
+    q, alpha = project_pow2(w, "ternary", axis=0)
+    assert not q[0].any() and alpha[0, 0] == 1.0 and q[1].any()
+    assert np.all(np.isfinite(alpha))
+
+
+@pytest.mark.parametrize("name", SMALL_SETS)
+def test_constant_tensor_is_exact(name):
+    w = np.full((3, 3), -0.75)
+    q, alpha = project_pow2(w, name)
+    assert projection_error(w, q, alpha) == pytest.approx(0.0, abs=1e-12)
+    assert alpha > 0
+
+
+def test_nan_inf_and_empty_raise():
+    with pytest.raises(QuantizationError, match="3 non-finite"):
+        project_pow2(np.array([1.0, np.nan, np.inf, -np.inf]))
+    with pytest.raises(QuantizationError, match="empty"):
+        project_pow2(np.zeros((0, 3)))
+    with pytest.raises(QuantizationError, match="axis 2"):
+        project_pow2(np.ones((2, 2)), axis=2)
+    with pytest.raises(QuantizationError, match="'nope'"):
+        project_pow2(np.ones(3), "nope")
+    with pytest.raises(QuantizationError, match="method"):
+        project_pow2(np.ones(3), method="greedy")
+    with pytest.raises(QuantizationError, match="complex"):
+        project_pow2(np.ones(3, dtype=np.complex64))
