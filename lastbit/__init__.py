@@ -14,7 +14,9 @@ from lastbit.errors import (
     TargetError,
     UnsupportedOpError,
 )
-from lastbit.graph import Graph, TensorSpec
+from lastbit.graph import Graph, QuantInfo, TensorSpec
+from lastbit.passes.pow2_projection import QuantizationError
+from lastbit.squeeze import Squeeze
 
 __version__ = "0.1.0"
 
@@ -24,7 +26,10 @@ __all__ = [
     "Graph",
     "LastbitError",
     "ModelFormatError",
+    "QuantInfo",
+    "QuantizationError",
     "RunError",
+    "Squeeze",
     "TargetError",
     "TensorSpec",
     "UnsupportedOpError",

@@ -14,6 +14,7 @@ from lastbit.errors import RunError
 from lastbit.graph import Graph
 from lastbit.pipeline import Compiled, build_bundle, build_vm, compile_graph, import_model
 from lastbit.report import Report, build_report
+from lastbit.squeeze import Squeeze
 from lastbit.targets import Target, get_target
 
 log = logging.getLogger(__name__)
@@ -26,24 +27,39 @@ def compile(  # noqa: A001 - the verb users expect
     *,
     name: str | None = None,
     dump_ir: "str | Path | None" = None,
+    squeeze: "Squeeze | None" = None,
 ) -> "Artifact":
     """Compile ``model`` (torch module, ONNX path/proto, .pt2 path or Graph) for ``target``.
 
     ``example_inputs`` is needed for torch modules (they fix the input shapes).
     ``dump_ir`` writes the IR after each phase of ``lastbit/pipeline.py`` into that folder.
+    ``squeeze`` (``lastbit.Squeeze(bits=3, ...)``) shrinks the model first; with labelled
+    data and a torch module it fine-tunes it (ADMM), else it projects the weights.
     """
     target = get_target(target)
     graph = import_model(model, example_inputs, name=name)
-    return Artifact(compile_graph(graph, target, dump_ir=dump_ir))
+    torch_module = model if _is_torch_module(model) else None
+    compiled = compile_graph(graph, target, dump_ir=dump_ir, squeeze=squeeze, torch_module=torch_module)
+    return Artifact(compiled, squeeze=squeeze, torch_module=torch_module)
+
+
+def _is_torch_module(model) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")  # a torch module implies torch is imported already
+    return torch is not None and isinstance(model, torch.nn.Module)
 
 
 class Artifact:
     """A model compiled for one target: ``run`` it, ``export`` it, ``report`` its cost."""
 
-    def __init__(self, compiled: Compiled):
+    def __init__(self, compiled: Compiled, squeeze: "Squeeze | None" = None, torch_module=None):
         self._compiled = compiled
         self._vm = None
         self._bundle_dir: Path | None = None
+        self.squeeze = squeeze
+        self._torch_module = torch_module
+        self._accuracy: float | None = None
 
     @property
     def target(self) -> Target:
@@ -52,6 +68,13 @@ class Artifact:
     @property
     def graph(self) -> Graph:
         return self._compiled.graph
+
+    @property
+    def torch_module(self):
+        """The torch module behind this artifact: the ADMM fine-tuned copy when squeezing
+        trained one (its quantized weights are exactly the graph's α·codes), else the
+        module that was compiled; None for ONNX/.pt2 sources."""
+        return self._compiled.torch_module if self._compiled.torch_module is not None else self._torch_module
 
     @property
     def mod(self):
@@ -134,7 +157,42 @@ class Artifact:
         return build_bundle(self.mod, self.target, out_dir, name=self.graph.name)
 
     def report(self) -> Report:
-        return build_report(self.graph, self.target.triple)
+        """Parameters, bytes (codes packed), FLOPs per layer; with labelled squeeze data on
+        the host, also the compiled model's accuracy on it (measured once)."""
+        report = build_report(self.graph, self.target.triple)
+        sq = self.squeeze
+        if sq is not None and sq.data is not None and sq.has_labels and self.target.is_host:
+            if self._accuracy is None:
+                self._accuracy = self.accuracy(sq.data)
+            report.accuracy = self._accuracy
+        return report
+
+    def accuracy(self, data) -> float:
+        """Top-1 accuracy of the compiled model on (X, y) arrays or (x, y) batches, run in
+        chunks of the model's batch size (a remainder smaller than that is left out)."""
+        if len(self.graph.inputs) != 1:
+            raise RunError(f"accuracy needs a single-input model; '{self.graph.name}' takes {len(self.graph.inputs)}")
+        x, y = _labelled_arrays(data)
+        batch = self.graph.inputs[0].shape[0]
+        usable = (len(x) // batch) * batch
+        if usable == 0:
+            raise RunError(f"{len(x)} samples are fewer than the model's batch size {batch}")
+        dtype = self.graph.inputs[0].dtype
+        correct = 0
+        for start in range(0, usable, batch):
+            logits = np.asarray(self.run(x[start:start + batch].astype(dtype)))
+            correct += int(np.sum(logits.reshape(batch, -1).argmax(axis=1) == y[start:start + batch]))
+        return correct / usable
+
+
+def _labelled_arrays(data) -> tuple[np.ndarray, np.ndarray]:
+    def as_array(a):
+        return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(hasattr(d, "shape") for d in data):
+        return as_array(data[0]), as_array(data[1]).reshape(-1)
+    xs, ys = zip(*[(as_array(x), as_array(y)) for x, y in data])
+    return np.concatenate(xs), np.concatenate(ys).reshape(-1)
 
 
 def _flatten(result) -> list[np.ndarray]:

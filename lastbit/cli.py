@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys
@@ -14,14 +13,14 @@ import numpy as np
 from lastbit.errors import LastbitError
 
 
-def _load_model(spec: str):
+def _load_model(spec: str, pretrained: bool = True):
     """MODEL on the command line: a zoo name, an .onnx file or a torch.export .pt2 file."""
     path = Path(spec)
     if path.suffix.lower() in (".onnx", ".pt2") or path.exists():
         return str(path), None
     from lastbit.frontend.models import get_model
 
-    module, example = get_model(spec)
+    module, example = get_model(spec, pretrained=pretrained)
     return module, (example,)
 
 
@@ -38,12 +37,17 @@ def main(verbose: int) -> None:
 @click.option("--target", "-t", default="x86_64-linux-gnu", show_default=True, help="Target triple (see `lastbit targets`).")
 @click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None, help="Write the IR after each pipeline phase here.")
-def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None) -> None:
+@click.option("--untrained", is_flag=True, help="Zoo models: seeded random weights instead of trained ones (no training on first use).")
+@click.option("--quant", default=None, metavar="SCHEME:BITS", help="Quantize weights data-free, e.g. pow2:3 (or pow2:ternary).")
+def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, untrained: bool, quant: str | None) -> None:
     """Compile MODEL (zoo name, .onnx or .pt2) for a target and export a deployable bundle."""
     import lastbit
 
-    module, example = _load_model(model)
-    artifact = lastbit.compile(module, target=target, example_inputs=example, name=Path(model).stem, dump_ir=dump_ir)
+    squeeze = lastbit.Squeeze.from_cli(quant) if quant else None
+    module, example = _load_model(model, pretrained=not untrained)
+    artifact = lastbit.compile(
+        module, target=target, example_inputs=example, name=Path(model).stem, dump_ir=dump_ir, squeeze=squeeze
+    )
     artifact.export(out_dir)
     click.echo(artifact.report().format_table())
     click.echo(f"bundle written to {out_dir}")

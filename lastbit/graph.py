@@ -20,6 +20,31 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
 
+@dataclass(frozen=True)
+class QuantInfo:
+    """How one weight of a Graph is quantized, so later stages can pick integer kernels.
+
+    The Relax graph computes the weight as ``astype(codes, "float32") * alpha`` from the two
+    parameters named here (``passes/quantize_pow2.py`` writes this, and its
+    ``quantized_layer_patterns()`` match the ops that consume it).
+    """
+
+    weight: str  # the Relax parameter the codes replaced ("p_conv2_weight")
+    source_name: str  # its name in the source model ("conv2.weight")
+    codes_param: str  # int8 code values, the weight's shape ("p_conv2_weight.codes")
+    alpha_param: str  # float32 scale, shape () or per output channel ("p_conv2_weight.alpha")
+    code_set: str  # "pow2-4", "ternary", …
+    bits: int  # storage width of one code once packed
+    per_channel: bool
+    axis: int | None  # output-channel axis of the weight that alpha varies along; None per-tensor
+    alpha_shape: tuple[int, ...]
+    op: str  # "conv2d" or "dense"
+    exact: bool  # the weight was already α·codes (after ADMM), so nothing was rounded here
+    activation_scale: float | None = None  # int8 symmetric scale of the layer input; None = dynamic
+    activation_calibration: str = "dynamic"  # how the scale was found, e.g. "percentile-99.99 of 256 samples"
+    fake_quant_activations: bool = False  # the graph quantize->dequantizes the layer input
+
+
 @dataclass
 class Graph:
     """A model in lastbit's IR.
@@ -37,6 +62,8 @@ class Graph:
     source_names: dict[str, str] = field(default_factory=dict)
     source: str = "relax"
     name: str = "model"
+    # Quantized weights, keyed by the weight parameter they replaced (see QuantInfo).
+    quant: dict[str, QuantInfo] = field(default_factory=dict)
 
     @property
     def num_params(self) -> int:

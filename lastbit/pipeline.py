@@ -29,6 +29,7 @@ class Compiled:
     graph: Graph
     target: Target
     mod: "tvm.IRModule"  # noqa: F821
+    torch_module: object = None  # the fine-tuned torch module when squeezing trained one (ADMM)
 
 
 # Phase 0. Import ---------------------------------------------------------------------------
@@ -60,12 +61,24 @@ def import_model(model, example_inputs: Sequence | None = None, name: str | None
 
 
 # Phase 1. Squeeze --------------------------------------------------------------------------
-def squeeze_passes() -> list:
+def squeeze_passes(squeeze=None, torch_module=None) -> list:
     """Graph -> Graph rewrites applied in this fixed order (prune -> low-rank -> sparsity -> quantize).
 
-    Empty for the fp32 path; the squeeze passes register here as they land.
+    Empty for the fp32 path (``squeeze`` None). Quantization is ADMM fine-tuning of the
+    torch module (when ``squeeze`` resolves to mode "admm") followed by the power-of-two
+    rewrite, which then recovers the fine-tuned codes exactly.
     """
-    return []
+    passes: list = []
+    if squeeze is None:
+        return passes
+    if squeeze.quantizes:
+        from lastbit.passes.quantize_pow2 import QuantizePow2
+        from lastbit.passes.squeeze import AdmmFinetune
+
+        if squeeze.resolved_mode(torch_module is not None) == "admm":
+            passes.append(AdmmFinetune(squeeze, torch_module))
+        passes.append(QuantizePow2(squeeze))
+    return passes
 
 
 # Phases 2-3. Lower and schedule -----------------------------------------------------------
@@ -83,15 +96,25 @@ def lower_and_schedule(graph: Graph, target: Target, dump_ir: Path | None = None
     return mod
 
 
-def compile_graph(graph: Graph, target: "str | Target", dump_ir: "str | Path | None" = None) -> Compiled:
-    """Run phases 1-3; phase 4 (build) happens lazily in the Artifact, per use."""
+def compile_graph(
+    graph: Graph, target: "str | Target", dump_ir: "str | Path | None" = None, squeeze=None, torch_module=None
+) -> Compiled:
+    """Run phases 1-3; phase 4 (build) happens lazily in the Artifact, per use.
+
+    ``squeeze`` (a ``lastbit.Squeeze``) selects the phase-1 passes; ``torch_module`` is the
+    module the graph came from, needed only for data-dependent (ADMM) squeezing.
+    """
     target = get_target(target)
     dump_ir = Path(dump_ir) if dump_ir else None
     _dump(dump_ir, "0-imported", graph.mod)
-    for squeeze_pass in squeeze_passes():
+    passes = squeeze_passes(squeeze, torch_module)
+    for squeeze_pass in passes:
         graph = squeeze_pass(graph)
+    if passes:
+        _dump(dump_ir, "0-squeezed", graph.mod)
+    tuned = next((p.result.module for p in passes if getattr(p, "result", None) is not None), None)
     mod = lower_and_schedule(graph, target, dump_ir)
-    return Compiled(graph=graph, target=target, mod=mod)
+    return Compiled(graph=graph, target=target, mod=mod, torch_module=tuned)
 
 
 # Phase 4. Build ----------------------------------------------------------------------------

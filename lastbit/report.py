@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -22,7 +23,9 @@ class LayerInfo:
     output_shape: tuple[int, ...]
     params: int
     flops: int
-    kernel: str = "fp32"  # which kernel the target picked for it
+    kernel: str = "fp32"  # which kernel the target picked for it; "pow2-4 (ref)": dequantize + fp32
+    bits: int = 32  # storage bits per weight (the code width when quantized)
+    weight_bytes: int = 0  # the weight as stored: packed codes + α, or 4 bytes/param
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -41,22 +44,33 @@ class Report:
     flops: int
     layers: list[LayerInfo] = field(default_factory=list)
     latency_ms: float | None = None
+    fp32_bytes: int = 0  # the same parameters at 4 bytes each
+    accuracy: float | None = None  # top-1 on the squeeze data, when it has labels
+
+    @property
+    def compression(self) -> float:
+        """fp32 size over stored size (codes packed)."""
+        return self.fp32_bytes / self.model_bytes if self.model_bytes else 1.0
 
     def to_json(self) -> dict:
         d = asdict(self)
         d["layers"] = [layer.to_json() for layer in self.layers]
+        d["compression"] = self.compression
         return d
 
     def format_table(self) -> str:
-        rows = [f"{'layer':<40} {'op':<8} {'weight':<18} {'output':<18} {'MFLOPs':>9}  kernel"]
+        rows = [f"{'layer':<40} {'op':<8} {'weight':<18} {'output':<18} {'MFLOPs':>9} {'bits':>4}  kernel"]
         for layer in self.layers:
             rows.append(
                 f"{layer.name[:40]:<40} {layer.op:<8} {str(layer.weight_shape):<18} "
-                f"{str(layer.output_shape):<18} {layer.flops / 1e6:>9.2f}  {layer.kernel}"
+                f"{str(layer.output_shape):<18} {layer.flops / 1e6:>9.2f} {layer.bits:>4}  {layer.kernel}"
             )
         rows.append(
-            f"total: {self.params:,} params, {self.model_bytes / 1e6:.2f} MB, {self.flops / 1e9:.3f} GFLOPs"
+            f"total: {self.params:,} params, {self.model_bytes / 1e6:.2f} MB"
+            + (f" ({self.compression:.1f}x smaller than fp32)" if self.model_bytes != self.fp32_bytes else "")
+            + f", {self.flops / 1e9:.3f} GFLOPs"
             + (f", {self.latency_ms:.3f} ms" if self.latency_ms is not None else "")
+            + (f", accuracy {self.accuracy:.2%}" if self.accuracy is not None else "")
         )
         return "\n".join(rows)
 
@@ -68,6 +82,7 @@ def layer_table(graph: Graph) -> list[LayerInfo]:
     main = graph.mod["main"]
     param_of = {var: name for var, name in zip(main.params[len(graph.inputs):], graph.params)}
     alias: dict = {}  # var bound to permute_dims/reshape of a parameter -> that parameter
+    weight_of_codes = {info.codes_param: weight for weight, info in graph.quant.items()}
     layers: list[LayerInfo] = []
     for block in main.body.blocks:
         for binding in block.bindings:
@@ -75,8 +90,12 @@ def layer_table(graph: Graph) -> list[LayerInfo]:
             if not isinstance(value, relax.Call) or not hasattr(value.op, "name"):
                 continue
             op = value.op.name
-            if op in ("relax.permute_dims", "relax.reshape", "relax.astype") and value.args[0] in param_of:
-                alias[binding.var] = param_of[value.args[0]]
+            base = (param_of.get(value.args[0]) or alias.get(value.args[0])) if value.args else None
+            if op in ("relax.permute_dims", "relax.reshape", "relax.astype") and base is not None:
+                alias[binding.var] = base
+                continue
+            if op == "relax.multiply" and base in weight_of_codes:  # astype(codes) * alpha: the weight
+                alias[binding.var] = weight_of_codes[base]
                 continue
             if op not in _MAC_OPS:
                 continue
@@ -85,7 +104,8 @@ def layer_table(graph: Graph) -> list[LayerInfo]:
             if pname is None:
                 continue
             out_shape = tuple(int(d) for d in binding.var.ty.shape)
-            w = graph.params[pname]
+            quant = graph.quant.get(pname)
+            w = graph.params[quant.codes_param if quant else pname]
             if op == "relax.nn.conv2d":
                 groups = int(value.attrs.groups)
                 # out elements x (in_channels / groups) x kh x kw MACs
@@ -95,7 +115,7 @@ def layer_table(graph: Graph) -> list[LayerInfo]:
                 # the reduced dimension is the second-to-last of the right-hand operand
                 macs = int(np.prod(out_shape)) * int(weight.ty.shape[-2])
                 kind = "dense"
-            source = graph.source_names.get(pname, pname)
+            source = quant.source_name if quant else graph.source_names.get(pname, pname)
             layers.append(
                 LayerInfo(
                     name=source.removesuffix(".weight"),
@@ -104,18 +124,45 @@ def layer_table(graph: Graph) -> list[LayerInfo]:
                     output_shape=out_shape,
                     params=int(w.size),
                     flops=2 * macs,
+                    kernel=f"{quant.code_set} (ref)" if quant else "fp32",
+                    bits=quant.bits if quant else 8 * w.itemsize,
+                    weight_bytes=(packed_bytes(w.size, quant.bits) + graph.params[quant.alpha_param].nbytes)
+                    if quant else int(w.nbytes),
                 )
             )
     return layers
 
 
+def packed_bytes(count: int, bits: int) -> int:
+    """Bytes of ``count`` codes of ``bits`` each, packed densely: ceil(count·bits/8)."""
+    return math.ceil(count * bits / 8)
+
+
+def stored_bytes(graph: Graph) -> tuple[int, int, int]:
+    """(parameters, bytes as stored, bytes at fp32): codes count ceil(n·bits/8), their α
+    float32 (overhead, not parameters), every other parameter its own size."""
+    codes_bits = {info.codes_param: info.bits for info in graph.quant.values()}
+    alphas = {info.alpha_param for info in graph.quant.values()}
+    params, stored = 0, 0
+    for name, value in graph.params.items():
+        if name in codes_bits:
+            params, stored = params + value.size, stored + packed_bytes(value.size, codes_bits[name])
+        elif name in alphas:
+            stored += value.nbytes
+        else:
+            params, stored = params + value.size, stored + value.nbytes
+    return int(params), int(stored), 4 * int(params)
+
+
 def build_report(graph: Graph, target: str) -> Report:
     layers = layer_table(graph)
+    params, stored, fp32 = stored_bytes(graph)
     return Report(
         model=graph.name,
         target=target,
-        params=graph.num_params,
-        model_bytes=graph.param_bytes,
+        params=params,
+        model_bytes=stored,
         flops=int(sum(layer.flops for layer in layers)),
         layers=layers,
+        fp32_bytes=fp32,
     )

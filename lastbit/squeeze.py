@@ -1,0 +1,168 @@
+"""``Squeeze``: the one configuration object that says how lastbit shrinks a model.
+
+    lastbit.compile(model, target, (x,), squeeze=Squeeze(bits=3))             # data-free
+    lastbit.compile(model, target, (x,), squeeze=Squeeze(bits=3, data=(X, y)))  # ADMM fine-tune
+
+Quantization is power-of-two weights, W ≈ α·q with q from a code set (see
+``passes/pow2_projection.py``); ``bits`` picks the largest set of that width, ``codes`` names
+one. With neither, nothing is quantized (a Squeeze may then carry only other squeezes).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lastbit.passes.pow2_projection import CodeSet, QuantizationError, code_set
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("pow2",)
+MODES = ("auto", "data-free", "admm")
+
+
+@dataclass(frozen=True)
+class Squeeze:
+    """How to squeeze a model before compiling it.
+
+    bits / codes
+        Weight code width (1..4) or an explicit code set name ("ternary", "pow2-4", …);
+        ``codes`` overrides ``bits``. Neither: no quantization.
+    scheme
+        Quantization scheme; only "pow2" (α·{0, ±1, ±2, …}) today.
+    per_channel
+        One α per output channel (True) or one per tensor.
+    keep_first_last
+        Leave the first and last weighted layers (in dataflow order) in float32, in the graph
+        and in the report (4 bytes/param, kernel "fp32"). They are the most sensitive layers
+        and hold few of the weights; keeping them float is what the ADMM paper does.
+    data
+        (X, y) arrays, X alone, or an iterable of (x, y) batches. With labels and a torch
+        module, mode "auto" fine-tunes with ADMM; in every mode X calibrates the int8
+        activation scales, and with labels the report gives the compiled model's accuracy.
+    mode
+        "auto" (ADMM when data with labels and the torch module are available, else the
+        data-free projection), "data-free" or "admm".
+    epochs, lr, rho, batch_size, admm_options
+        ADMM fine-tuning settings; ``admm_options`` holds any other keyword of
+        ``lastbit.passes.admm.admm_finetune`` (rho_growth, distill_from, …).
+    fake_quant_activations
+        Insert int8 quantize→dequantize on every quantized layer's input in the reference
+        graph (off by default: the reference keeps float activations).
+    activation_percentile, calibration_samples
+        The activation scale is the given percentile of |input| over at most that many
+        calibration samples, divided by 127.
+    """
+
+    bits: int | None = None
+    codes: str | None = None
+    scheme: str = "pow2"
+    per_channel: bool = True
+    keep_first_last: bool = True
+    data: Any = field(default=None, compare=False, hash=False, repr=False)
+    mode: str = "auto"
+    epochs: int = 20
+    lr: float = 0.01
+    rho: float = 1.0
+    batch_size: int = 64
+    admm_options: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    fake_quant_activations: bool = False
+    activation_percentile: float = 99.99
+    calibration_samples: int = 256
+
+    def __post_init__(self) -> None:
+        if self.data is not None and not hasattr(self.data, "shape") and iter_once(self.data):
+            object.__setattr__(self, "data", list(self.data))  # a generator: keep it for every pass over it
+        if self.scheme not in SCHEMES:
+            raise QuantizationError(f"unknown quantization scheme {self.scheme!r}; known: {', '.join(SCHEMES)}")
+        if self.bits is not None:
+            if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+                raise QuantizationError(f"bits must be an int, got {self.bits!r}")
+            code_set(self.bits)  # raises, naming the value, outside 1..4
+        if self.codes is not None:
+            chosen = code_set(self.codes)  # raises, naming the value, for an unknown set
+            if self.bits is not None and chosen.bits != self.bits:
+                log.warning("codes=%r (%d bits) overrides bits=%d", self.codes, chosen.bits, self.bits)
+        if self.mode not in MODES:
+            raise QuantizationError(f"unknown squeeze mode {self.mode!r}; known: {', '.join(MODES)}")
+        if self.mode == "admm" and self.data is None:
+            raise QuantizationError("mode='admm' needs training data: Squeeze(..., data=(X, y))")
+        if not isinstance(self.epochs, int) or self.epochs < 1 or self.batch_size < 1:
+            raise QuantizationError(f"epochs and batch_size must be positive ints, got {self.epochs!r}, {self.batch_size!r}")
+        if not (self.lr > 0 and self.rho >= 0):
+            raise QuantizationError(f"need lr > 0 and rho ≥ 0, got lr={self.lr!r}, rho={self.rho!r}")
+        if not 0 < self.activation_percentile <= 100 or not math.isfinite(self.activation_percentile):
+            raise QuantizationError(f"activation_percentile must be in (0, 100], got {self.activation_percentile!r}")
+        if self.calibration_samples < 1:
+            raise QuantizationError(f"calibration_samples must be ≥ 1, got {self.calibration_samples!r}")
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether this Squeeze quantizes weights at all."""
+        return self.bits is not None or self.codes is not None
+
+    @property
+    def code_set(self) -> CodeSet:
+        if not self.quantizes:
+            raise QuantizationError("this Squeeze quantizes nothing (give bits= or codes=)")
+        return code_set(self.codes if self.codes is not None else self.bits)
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether ``data`` carries labels (so it can train and score, not only calibrate)."""
+        return data_has_labels(self.data)
+
+    def resolved_mode(self, torch_module_available: bool) -> str:
+        """"admm" or "data-free": what "auto" means given the data and the source module."""
+        if self.mode == "admm":
+            if not self.has_labels:
+                raise QuantizationError("mode='admm' needs labelled data: Squeeze(data=(X, y))")
+            if not torch_module_available:
+                raise QuantizationError("mode='admm' fine-tunes the torch module; compile a torch.nn.Module, not a file")
+            return "admm"
+        if self.mode == "auto" and self.has_labels and torch_module_available:
+            return "admm"
+        return "data-free"
+
+    def admm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``admm_finetune`` (codes, per-channel and skip are added by the pass)."""
+        kwargs = dict(epochs=self.epochs, lr=self.lr, rho=self.rho, batch_size=self.batch_size, progress=False)
+        kwargs.update(self.admm_options)
+        return kwargs
+
+    @classmethod
+    def from_cli(cls, spec: str, **overrides: Any) -> "Squeeze":
+        """Parse ``SCHEME:BITS`` or ``SCHEME:CODESET`` ("pow2:3", "pow2:ternary", "pow2:pow2-4")."""
+        scheme, sep, width = spec.strip().partition(":")
+        if not sep or not scheme or not width:
+            raise QuantizationError(f"quantization spec {spec!r}: expected SCHEME:BITS, e.g. pow2:3")
+        width = width.strip()
+        if width.isdigit():
+            return cls(scheme=scheme.strip().lower(), bits=int(width), **overrides)
+        return cls(scheme=scheme.strip().lower(), codes=width, **overrides)
+
+
+def data_has_labels(data: Any) -> bool:
+    """(X, y) arrays or an iterable of (x, y) batches carry labels; X alone does not."""
+    if data is None:
+        return False
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(hasattr(d, "shape") for d in data):
+        return True
+    if hasattr(data, "shape"):
+        return False
+    try:
+        first = next(iter(data))
+    except (TypeError, StopIteration):
+        return False
+    return isinstance(first, (tuple, list)) and len(first) == 2
+
+
+def iter_once(data: Any) -> bool:
+    """A one-shot iterator (a generator): iterating it consumes it."""
+    try:
+        return iter(data) is data
+    except TypeError:
+        return False

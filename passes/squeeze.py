@@ -1,0 +1,108 @@
+"""The data-dependent squeeze step: ADMM fine-tuning of the source torch module, its
+weights written back into the Graph, and ``squeeze_graph`` that runs the squeeze passes.
+
+ADMM leaves every quantized weight at exactly α·codes, so the ``QuantizePow2`` pass that
+follows recovers the codes without rounding anything (``QuantInfo.exact``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from lastbit.graph import Graph
+from lastbit.passes.pow2_projection import QuantizationError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AdmmFinetune", "squeeze_graph"]
+
+
+def squeeze_graph(graph: Graph, squeeze, torch_module=None) -> Graph:
+    """Apply ``lastbit.pipeline.squeeze_passes(squeeze, torch_module)`` to ``graph`` in order."""
+    from lastbit.pipeline import squeeze_passes
+
+    for squeeze_pass in squeeze_passes(squeeze, torch_module):
+        graph = squeeze_pass(graph)
+    return graph
+
+
+class AdmmFinetune:
+    """Graph -> Graph: fine-tune the torch module the graph was imported from with ADMM
+    (``lastbit.passes.admm.admm_finetune``) on ``squeeze.data`` and write the weights back
+    through ``Graph.source_names``.
+
+    The layers the graph keeps float (``keep_first_last``) are skipped by name, so ADMM and
+    the graph agree on which layers are quantized. BatchNorm statistics that ADMM
+    re-estimates are buffers the importer bound as constants; when they changed, the module
+    is re-exported so the graph carries them (this needs the graph's parameters to still be
+    the imported ones). The fine-tuned module is kept in ``self.result`` (an AdmmResult).
+    """
+
+    def __init__(self, squeeze, torch_module):
+        self.squeeze = squeeze
+        self.torch_module = torch_module
+        self.result = None
+
+    def __call__(self, graph: Graph) -> Graph:
+        from lastbit.passes.admm import admm_finetune, quantizable_layers
+        from lastbit.passes.quantize_pow2 import weighted_layers
+
+        if graph.source != "torch":
+            raise QuantizationError(f"ADMM fine-tuning needs a graph imported from torch, '{graph.name}' came from {graph.source}")
+        sq = self.squeeze
+        skip: list[str] = []
+        layers = weighted_layers(graph)
+        if sq.keep_first_last and layers:
+            torch_layers, _ = quantizable_layers(self.torch_module, skip=None)
+            for weight in {layers[0].weight, layers[-1].weight}:
+                module_name = graph.source_names.get(weight, weight).removesuffix(".weight")
+                if module_name in torch_layers:
+                    skip.append(module_name)
+        log.info("ADMM fine-tuning %s onto %s (%d epochs), keeping %s float", graph.name, sq.code_set.name, sq.epochs, skip)
+        before = {n: b.detach().clone() for n, b in self.torch_module.named_buffers()}
+        self.result = admm_finetune(
+            self.torch_module, sq.data, sq.code_set, per_channel=sq.per_channel, skip=skip, **sq.admm_kwargs()
+        )
+        return self._write_back(graph, before)
+
+    def _write_back(self, graph: Graph, buffers_before: dict) -> Graph:
+        module = self.result.module
+        state = module.state_dict()
+        params, written = dict(graph.params), 0
+        for name, old in graph.params.items():
+            source = graph.source_names.get(name)
+            if source not in state:
+                continue
+            new = state[source].detach().cpu().numpy()
+            if new.shape != old.shape:
+                raise QuantizationError(f"fine-tuned '{source}' has shape {new.shape}, the graph's '{name}' {old.shape}")
+            params[name] = np.ascontiguousarray(new.astype(old.dtype))
+            written += 1
+        if written == 0:
+            raise QuantizationError(f"no parameter of '{graph.name}' maps to the torch module (source_names)")
+        changed = [
+            n for n, b in module.named_buffers()
+            if b.is_floating_point() and n in buffers_before and not np.array_equal(b.cpu().numpy(), buffers_before[n].cpu().numpy())
+        ]
+        if not changed:
+            return graph.replace(params=params)
+        fresh = _reimport(module, graph)
+        same_signature = list(fresh.params) == list(graph.params) and all(
+            fresh.params[n].shape == graph.params[n].shape for n in graph.params
+        )
+        if not same_signature:
+            log.warning("buffers %s changed in fine-tuning but the graph no longer matches the module; "
+                        "they keep their imported values", changed)
+            return graph.replace(params=params)
+        return graph.replace(mod=fresh.mod, params=fresh.params)
+
+
+def _reimport(module, graph: Graph) -> Graph:
+    import torch
+
+    from lastbit.frontend import from_torch
+
+    examples = tuple(torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype)) for spec in graph.inputs)
+    return from_torch(module, examples, name=graph.name)
