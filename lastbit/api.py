@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +19,10 @@ from lastbit.squeeze import Squeeze
 from lastbit.targets import Target, get_target
 
 log = logging.getLogger(__name__)
+
+# TVM's thread pool halves the core count to skip hyperthreads, which leaves half of a
+# small VM idle; use every core unless the user chose (read when the pool first starts).
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 
 def compile(  # noqa: A001 - the verb users expect

@@ -83,15 +83,16 @@ def squeeze_passes(squeeze=None, torch_module=None) -> list:
 
 # Phases 2-3. Lower and schedule -----------------------------------------------------------
 def lower_and_schedule(graph: Graph, target: Target, dump_ir: Path | None = None):
-    from lastbit.codegen.cpu_schedule import prepare_for_cpu, schedule_for_cpu
+    """Bind weights, pack them for the target's vector width, legalize, fuse, then schedule."""
+    from lastbit.codegen.cpu_schedule import schedule_for_cpu
     from lastbit.codegen.lowering import lower_to_tir
 
     tvm_target = target.tvm()
-    graph = graph.replace(mod=prepare_for_cpu(graph.mod))
-    _dump(dump_ir, "1-prepared", graph.mod)
-    mod = lower_to_tir(graph)
+    is_cpu = str(tvm_target.kind.name) == "llvm"
+    mod = lower_to_tir(graph, tvm_target if is_cpu else None)
     _dump(dump_ir, "2-lowered", mod)
-    mod = schedule_for_cpu(mod, tvm_target)
+    if is_cpu:
+        mod = schedule_for_cpu(mod, tvm_target)
     _dump(dump_ir, "3-scheduled", mod)
     return mod
 
@@ -110,8 +111,7 @@ def compile_graph(
     passes = squeeze_passes(squeeze, torch_module)
     for squeeze_pass in passes:
         graph = squeeze_pass(graph)
-    if passes:
-        _dump(dump_ir, "0-squeezed", graph.mod)
+    _dump(dump_ir, "1-squeezed", graph.mod)
     tuned = next((p.result.module for p in passes if getattr(p, "result", None) is not None), None)
     mod = lower_and_schedule(graph, target, dump_ir)
     return Compiled(graph=graph, target=target, mod=mod, torch_module=tuned)
@@ -136,7 +136,7 @@ def build_bundle(mod, target: Target, out_dir: Path, name: str, extra_manifest: 
 def _dump(dump_dir: Path | None, phase: str, mod) -> None:
     if dump_dir is None:
         return
-    dump_dir.mkdir(parents=True, exist_ok=True)
-    path = dump_dir / f"{phase}.py"
-    path.write_text(mod.script(show_meta=False))
+    from lastbit.fileio import atomic_write_text
+
+    path = atomic_write_text(dump_dir / f"{phase}.py", mod.script(show_meta=False))
     log.info("IR after %s written to %s", phase, path)

@@ -1,0 +1,44 @@
+"""The CLI is a thin layer: compile a model file, run the bundle, list targets, fail clearly."""
+
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from click.testing import CliRunner
+
+from lastbit.cli import main
+from tests.conftest import assert_close
+
+
+def test_targets_lists_every_triple():
+    result = CliRunner().invoke(main, ["targets"])
+    assert result.exit_code == 0
+    for triple in ("x86_64-linux-gnu", "aarch64-linux-gnu", "armv7a-linux-gnueabihf"):
+        assert triple in result.output
+
+
+def test_compile_then_run_an_onnx_file(small_mlp, tmp_path):
+    model, x = small_mlp
+    onnx_path = tmp_path / "mlp.onnx"
+    torch.onnx.export(model, (x,), str(onnx_path), dynamo=False, input_names=["x"])
+    bundle = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compile", str(onnx_path), "--target", "x86_64-linux-gnu", "-o", str(bundle)])
+    assert result.exit_code == 0, result.output
+    assert "fc1" in result.output or "dense" in result.output
+    np.save(tmp_path / "x.npy", x.numpy())
+    result = CliRunner().invoke(main, ["run", str(bundle), "--input", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")])
+    assert result.exit_code == 0, result.output
+    with torch.no_grad():
+        assert_close(np.load(tmp_path / "y.npy"), model(x).numpy())
+
+
+def test_errors_exit_2_with_one_line(tmp_path):
+    onnx_path = tmp_path / "absent.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lastbit.cli", "compile", str(onnx_path), "--target", "nowhere-linux", "-o", str(tmp_path / "o")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: unknown target 'nowhere-linux'")
+    assert not (tmp_path / "o").exists()
