@@ -12,8 +12,9 @@ LARGE = tuple(name for name in ZOO if name not in SMALL)
 
 
 def _check(name: str) -> None:
-    # Outputs do not depend on training for this check; pretrained only where it ships.
-    model, x = get_model(name, pretrained=ZOO[name].pretrained)
+    # Outputs do not depend on training for this check: no training on first use, and
+    # the shipped pretrained weights only for EfficientNet.
+    model, x = get_model(name, pretrained=(name == "efficientnet-lite0"))
     artifact = lastbit.compile(model, "x86_64-linux-gnu", (x,), name=name)
     with torch.no_grad():
         expected = model(x).numpy()
