@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -28,6 +29,8 @@ def _load_model(spec: str, pretrained: bool = True):
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
     """lastbit: squeeze a trained model and compile it for a target triple."""
+    # torch 2.13's pytree trips its own LeafSpec deprecation warning while exporting.
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 

@@ -29,7 +29,7 @@ def run_demo(target: str = "x86_64-linux-gnu", repeat: int = 20) -> dict:
     artifact.run(example.numpy())  # builds the executable
     compile_s = time.perf_counter() - start
 
-    print(f"\n{'image':<11} {'lastbit top-5 (probability)':<86} torch top-1")
+    print(f"\n{'image':<11} {'torch top-1':<16} lastbit top-5 (probability)")
     agree = 0
     for name, x in images.items():
         logits = np.asarray(artifact.run(x.numpy())).reshape(-1)
@@ -40,7 +40,7 @@ def run_demo(target: str = "x86_64-linux-gnu", repeat: int = 20) -> dict:
             torch_top1 = int(model(x).argmax())
         agree += int(top5[0] == torch_top1)
         shown = ", ".join(f"{labels[i]} ({probs[i]:.2f})" for i in top5)
-        print(f"{name:<11} {shown[:86]:<86} {labels[torch_top1]}")
+        print(f"{name:<11} {labels[torch_top1][:16]:<16} {shown}")
 
     x = example.numpy()
     lastbit_ms = artifact.latency_ms(x, repeat=repeat)
