@@ -12,7 +12,7 @@ from lastbit.graph import Graph, TensorSpec
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16", 11: "float64"}
 
 
-def load_onnx(model) -> "onnx.ModelProto":  # noqa: F821
+def load_onnx(model, check: bool = True) -> "onnx.ModelProto":  # noqa: F821
     """Read and validate an ONNX model; a missing, truncated or malformed file raises ModelFormatError."""
     import onnx
 
@@ -27,13 +27,20 @@ def load_onnx(model) -> "onnx.ModelProto":  # noqa: F821
             proto = onnx.load(str(path))
         except Exception as err:  # protobuf DecodeError and friends
             raise ModelFormatError(f"{where}: not a readable ONNX model ({type(err).__name__}: {err})") from err
+    if not proto.graph.node:
+        raise ModelFormatError(f"{where}: the ONNX graph has no nodes")
+    if check:
+        _check_model(proto, where)
+    return proto
+
+
+def _check_model(proto, where: str) -> None:
+    import onnx
+
     try:
         onnx.checker.check_model(proto)
     except Exception as err:
         raise ModelFormatError(f"{where}: malformed ONNX model: {str(err).splitlines()[0]}") from err
-    if not proto.graph.node:
-        raise ModelFormatError(f"{where}: the ONNX graph has no nodes")
-    return proto
 
 
 def from_onnx(model, name: str | None = None) -> Graph:
@@ -42,12 +49,14 @@ def from_onnx(model, name: str | None = None) -> Graph:
     from tvm.relax.frontend.onnx import from_onnx as relax_from_onnx
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-    proto = load_onnx(model)
+    # Unknown ops first: the checker would reject them with a less useful message.
+    proto = load_onnx(model, check=False)
     name = name or (Path(model).stem if not hasattr(model, "graph") else (proto.graph.name or "onnx_model"))
     supported = _get_convert_map()
     for node in proto.graph.node:
         if node.op_type not in supported and node.op_type not in ("Constant", "If"):
             raise UnsupportedOpError(node.op_type, node.name or node.output[0], "no Relax translation in TVM's ONNX frontend")
+    _check_model(proto, str(model) if not hasattr(model, "graph") else "<ModelProto>")
 
     initializers = {init.name for init in proto.graph.initializer}
     shape_dict, dtype_dict = {}, {}
