@@ -9,9 +9,6 @@ import numpy as np
 
 from lastbit.graph import Graph
 
-# Relax ops whose work is counted as multiply-accumulates (2 FLOPs each).
-_MAC_OPS = ("relax.nn.conv2d", "relax.matmul", "relax.nn.conv1d", "relax.linear")
-
 
 @dataclass
 class LayerInfo:
@@ -76,60 +73,40 @@ class Report:
 
 
 def layer_table(graph: Graph) -> list[LayerInfo]:
-    """Walk ``main`` and cost every conv/matmul whose weight is a parameter of the graph."""
-    from tvm import relax
+    """Cost every conv/matmul whose weight is a parameter of the graph (quantized or not)."""
+    from lastbit.passes.quantize_pow2 import weighted_layers
 
-    main = graph.mod["main"]
-    param_of = {var: name for var, name in zip(main.params[len(graph.inputs):], graph.params)}
-    alias: dict = {}  # var bound to permute_dims/reshape of a parameter -> that parameter
     weight_of_codes = {info.codes_param: weight for weight, info in graph.quant.items()}
     layers: list[LayerInfo] = []
-    for block in main.body.blocks:
-        for binding in block.bindings:
-            value = binding.value
-            if not isinstance(value, relax.Call) or not hasattr(value.op, "name"):
-                continue
-            op = value.op.name
-            base = (param_of.get(value.args[0]) or alias.get(value.args[0])) if value.args else None
-            if op in ("relax.permute_dims", "relax.reshape", "relax.astype") and base is not None:
-                alias[binding.var] = base
-                continue
-            if op == "relax.multiply" and base in weight_of_codes:  # astype(codes) * alpha: the weight
-                alias[binding.var] = weight_of_codes[base]
-                continue
-            if op not in _MAC_OPS:
-                continue
-            weight = value.args[1]
-            pname = param_of.get(weight) or alias.get(weight)
-            if pname is None:
-                continue
-            out_shape = tuple(int(d) for d in binding.var.ty.shape)
-            quant = graph.quant.get(pname)
-            w = graph.params[quant.codes_param if quant else pname]
-            if op == "relax.nn.conv2d":
-                groups = int(value.attrs.groups)
-                # out elements x (in_channels / groups) x kh x kw MACs
-                macs = int(np.prod(out_shape)) * int(np.prod(w.shape[1:]))
-                kind = "dwconv" if groups > 1 and groups == out_shape[1] else "conv2d"
-            else:
-                # the reduced dimension is the second-to-last of the right-hand operand
-                macs = int(np.prod(out_shape)) * int(weight.ty.shape[-2])
-                kind = "dense"
-            source = quant.source_name if quant else graph.source_names.get(pname, pname)
-            layers.append(
-                LayerInfo(
-                    name=source.removesuffix(".weight"),
-                    op=kind,
-                    weight_shape=tuple(int(s) for s in w.shape),
-                    output_shape=out_shape,
-                    params=int(w.size),
-                    flops=2 * macs,
-                    kernel=f"{quant.code_set} (ref)" if quant else "fp32",
-                    bits=quant.bits if quant else 8 * w.itemsize,
-                    weight_bytes=(packed_bytes(w.size, quant.bits) + graph.params[quant.alpha_param].nbytes)
-                    if quant else int(w.nbytes),
-                )
+    for layer in weighted_layers(graph):
+        pname = weight_of_codes.get(layer.weight, layer.weight)
+        quant = graph.quant.get(pname)
+        w = graph.params[layer.weight]
+        out_shape = tuple(int(d) for d in layer.relax_var.ty.shape)
+        if layer.kind in ("conv2d", "conv1d"):
+            groups = int(layer.call.attrs.groups)
+            # out elements x (in_channels / groups) x kernel window MACs
+            macs = int(np.prod(out_shape)) * int(np.prod(w.shape[1:]))
+            kind = "dwconv" if groups > 1 and groups == out_shape[1] else layer.kind
+        else:
+            # the reduced dimension is the second-to-last of the right-hand operand
+            macs = int(np.prod(out_shape)) * int(layer.call.args[1].ty.shape[-2])
+            kind = "dense"
+        source = quant.source_name if quant else graph.source_names.get(pname, pname)
+        layers.append(
+            LayerInfo(
+                name=source.removesuffix(".weight"),
+                op=kind,
+                weight_shape=tuple(int(s) for s in w.shape),
+                output_shape=out_shape,
+                params=int(w.size),
+                flops=2 * macs,
+                kernel=f"{quant.code_set} (ref)" if quant else "fp32",
+                bits=quant.bits if quant else 8 * w.itemsize,
+                weight_bytes=(packed_bytes(w.size, quant.bits) + graph.params[quant.alpha_param].nbytes)
+                if quant else int(w.nbytes),
             )
+        )
     return layers
 
 

@@ -123,17 +123,22 @@ class WeightedLayer:
     axis_reason: str = ""  # why axis is None
     unsupported: str = ""  # why the layer cannot be quantized at all
     relax_var: Any = field(default=None, repr=False, compare=False)  # the bound relax.Var itself
+    call: Any = field(default=None, repr=False, compare=False)  # the conv/matmul relax.Call
 
 
 def weighted_layers(graph: Graph) -> list[WeightedLayer]:
     """The conv/dense layers of ``main`` whose weight is a parameter, possibly through
-    permute_dims/reshape (as the torch and ONNX importers emit for dense layers), in order."""
+    permute_dims/reshape (as the torch and ONNX importers emit for dense layers), in order.
+
+    A quantized layer is found through its decode ``astype(codes) * alpha``; its
+    ``weight`` is then the int8 codes parameter (``Graph.quant`` maps it back)."""
     from tvm import relax
 
     main = graph.mod["main"]
     param_of = {var: name for var, name in zip(main.params[len(graph.inputs):], graph.params)}
     # var -> (parameter, views): views maps an axis of var back to the parameter, None after a reshape
     view_of: dict = {var: (name, list(range(graph.params[name].ndim))) for var, name in param_of.items()}
+    codes_params = {info.codes_param for info in graph.quant.values()}
     layers: list[WeightedLayer] = []
     for block in main.body.blocks:
         for binding in block.bindings:
@@ -151,6 +156,10 @@ def weighted_layers(graph: Graph) -> list[WeightedLayer]:
                     axes = None
                 view_of[binding.var] = (name, axes)
                 continue
+            if op in ("relax.astype", "relax.multiply") and value.args[0] in view_of:
+                if view_of[value.args[0]][0] in codes_params:  # the decode keeps the codes' axes
+                    view_of[binding.var] = view_of[value.args[0]]
+                continue
             if op not in _LAYER_OPS or len(value.args) < 2 or value.args[1] not in view_of:
                 continue
             name, axes = view_of[value.args[1]]
@@ -161,7 +170,7 @@ def weighted_layers(graph: Graph) -> list[WeightedLayer]:
 
 def _describe_layer(var, call, kind: str, name: str, axes: list[int] | None, weight: np.ndarray) -> WeightedLayer:
     def layer(axis: int | None = None, **why) -> WeightedLayer:
-        return WeightedLayer(var.name, kind, name, axis, relax_var=var, **why)
+        return WeightedLayer(var.name, kind, name, axis, relax_var=var, call=call, **why)
 
     out_dtype = str(getattr(var.ty, "dtype", ""))
     if weight.dtype != np.float32 or out_dtype != "float32":
