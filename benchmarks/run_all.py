@@ -7,9 +7,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import quant_accuracy  # noqa: E402
 import zoo_latency  # noqa: E402
 
-BENCHMARKS = [zoo_latency]
+BENCHMARKS = [zoo_latency, quant_accuracy]
 
 
 def main() -> None:
