@@ -459,13 +459,16 @@ def _fake_quant_expr(x, scale: float | None):
 
 def _layer_inputs(tapped: Graph, owners: list[str], x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
     """|input| values of the tapped layers, per weight, over x: the weight-quantized fp32 graph
-    (``main`` returning the layer inputs) run batch by batch in a Relax VM."""
+    (``main`` returning the layer inputs) compiled for the host like any model (scheduled
+    kernels, not naive loops) and run batch by batch in a Relax VM."""
     import tvm
     from tvm import relax
 
-    from lastbit.codegen.lowering import lower_to_tir
+    from lastbit.pipeline import build_vm, lower_and_schedule
+    from lastbit.targets import get_target
 
-    vm = relax.VirtualMachine(tvm.compile(lower_to_tir(tapped), "llvm"), tvm.cpu())
+    host = get_target("x86_64-linux-gnu")
+    vm = relax.VirtualMachine(build_vm(lower_and_schedule(tapped, host), host), tvm.cpu())
     collected: dict[str, list[np.ndarray]] = {w: [] for w in owners}
     for start in range(0, len(x), batch):
         outputs = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x[start:start + batch])))

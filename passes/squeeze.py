@@ -1,5 +1,5 @@
 """The data-dependent squeeze step: ADMM fine-tuning of the source torch module, its
-weights written back into the Graph, and ``squeeze_graph`` that runs the squeeze passes.
+weights written back into the Graph (``lastbit.pipeline.squeeze_passes`` orders it).
 
 ADMM leaves every quantized weight at exactly α·codes, so the ``QuantizePow2`` pass that
 follows recovers the codes without rounding anything (``QuantInfo.exact``).
@@ -16,16 +16,7 @@ from lastbit.passes.pow2_projection import QuantizationError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdmmFinetune", "squeeze_graph"]
-
-
-def squeeze_graph(graph: Graph, squeeze, torch_module=None) -> Graph:
-    """Apply ``lastbit.pipeline.squeeze_passes(squeeze, torch_module)`` to ``graph`` in order."""
-    from lastbit.pipeline import squeeze_passes
-
-    for squeeze_pass in squeeze_passes(squeeze, torch_module):
-        graph = squeeze_pass(graph)
-    return graph
+__all__ = ["AdmmFinetune"]
 
 
 class AdmmFinetune:
