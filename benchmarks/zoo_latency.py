@@ -59,10 +59,11 @@ def bench_model(name: str, repeat: int) -> dict:
         torch_ms = median_ms(lambda: module(example), repeat)
     ort_ms = median_ms(lambda: session.run(None, {"x": x}), repeat)
     lastbit_ms = artifact.latency_ms(x, repeat=repeat)
+    report = artifact.report()
     return {
         "model": name,
-        "params": artifact.report().params,
-        "gflops": artifact.report().flops / 1e9,
+        "params": report.params,
+        "gflops": report.flops / 1e9,
         "compile_s": round(compile_s, 2),
         "max_rel_err_vs_torch": rel_err,
         "lastbit_ms": lastbit_ms,

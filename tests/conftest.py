@@ -41,6 +41,15 @@ def _randomize_bn(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Training tests take one core: the test machine is shared and torch would take all."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def small_cnn():
     torch.manual_seed(0)

@@ -21,13 +21,7 @@ from lastbit.passes.pow2_projection import QuantizationError, code_set
 FAST = dict(progress=False, epochs=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine is shared; torch would otherwise take every core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

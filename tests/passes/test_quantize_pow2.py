@@ -24,13 +24,7 @@ HOST = "x86_64-linux-gnu"
 CNN_LAYERS = ("conv1", "conv2", "fc")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine is shared; torch would otherwise take every core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
