@@ -537,6 +537,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def copy_bundle(bundle_dir: "str | Path", out_dir: "str | Path") -> Path:
+    """Copy a finished bundle to ``out_dir`` with the same guarantees as ``build_bundle``
+    (copied beside it, renamed into place, an old bundle replaced only then)."""
+    bundle_dir, out_dir = Path(bundle_dir), Path(out_dir).absolute()
+    load_manifest(bundle_dir)  # a damaged source is refused before anything is written
+    _check_replaceable(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
+        os.chmod(tmp, 0o755)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
 def _check_replaceable(out_dir: Path) -> None:
     """Only an empty directory or an earlier bundle may be replaced: a mistyped out_dir must
     never cost the user a directory of their own."""

@@ -159,6 +159,10 @@ class Artifact:
     def export(self, out_dir: "str | Path") -> Path:
         """Write a deployable bundle (shared library, plan, params, runner, manifest.json) atomically."""
         out_dir = Path(out_dir)
+        if self._bundle_dir is not None:  # already built to run it (ARM): do not compile again
+            from lastbit.codegen.bundle import copy_bundle
+
+            return copy_bundle(self._bundle_dir, out_dir)
         return build_bundle(self.mod, self.target, out_dir, name=self.graph.name)
 
     def report(self) -> Report:

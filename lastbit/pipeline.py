@@ -129,7 +129,6 @@ def build_bundle(mod, target: Target, out_dir: Path, name: str, extra_manifest: 
     """Any target: kernels.so + plan + params + a tiny C runner, no TVM runtime needed."""
     from lastbit.codegen.bundle import build_bundle as _build
 
-    target.check_tools()
     return _build(mod, target, out_dir, name=name, extra_manifest=extra_manifest)
 
 

@@ -31,6 +31,19 @@ def test_zoo_model_runs_under_qemu(name, triple):
     assert_close(artifact.run(x.numpy()), expected, rtol=1e-4)
 
 
+@pytest.mark.qemu
+def test_export_after_run_reuses_the_built_bundle(small_mlp, tmp_path):
+    _skip_without_tools("aarch64-linux-gnu")
+    from lastbit.codegen.bundle import load_manifest, run_bundle
+
+    model, x = small_mlp
+    artifact = lastbit.compile(model, "aarch64-linux-gnu", (x,))
+    first = artifact.run(x.numpy())
+    out = artifact.export(tmp_path / "bundle")
+    assert load_manifest(out)["files"] == load_manifest(artifact._bundle_dir)["files"]
+    assert_close(run_bundle(out, [x.numpy()])[0], first, rtol=0)
+
+
 def test_missing_cross_toolchain_is_a_target_error(monkeypatch, small_mlp, tmp_path):
     model, x = small_mlp
     artifact = lastbit.compile(model, "aarch64-linux-gnu", (x,))
