@@ -12,11 +12,14 @@ Code sets and the bits each needs (ceil(log2(#levels))):
     pow2-4     {0, ±1, ±2, ±4}                  7      3   the paper's {-4..4}
     pow2-8     {0, ±1, ±2, ±4, ±8}              9      4
     pow2-64    {0, ±1, ±2, …, ±64}             15      4
+    int8       {-127, …, 127}                 255      8   uniform, NOT power-of-two
 
+"int8" is the symmetric uniform int8 grid the first and last layers are kept on (as the paper
+and its peers keep them at 8 bit); it is here so one projection and one QuantInfo serve both.
 `code_set(bits)` gives the largest set of the family that fits the width (binary, ternary,
 pow2-4, pow2-64): each is a superset of every smaller one, so its best fit is never worse, and
 3 bits hold 8 codes, so {-2..2} would waste two of them. 64 is the largest power of two an
-int8 code holds, hence bits ≤ 4.
+int8 code holds, hence bits ≤ 4 for power-of-two sets; bits = 8 means "int8".
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from lastbit.errors import LastbitError
 __all__ = [
     "BITS_TO_CODE_SET",
     "CODE_SETS",
+    "INT8",
     "CodeSet",
     "QuantizationError",
     "code_set",
@@ -95,7 +99,9 @@ class CodeSet:
         return hash((self.name, self.levels.tobytes()))
 
     def __repr__(self) -> str:
-        return f"CodeSet({self.name!r}, levels={self.levels.tolist()}, bits={self.bits})"
+        lv = self.levels.tolist()
+        shown = lv if len(lv) <= 15 else f"[{lv[0]}, {lv[1]}, …, {lv[-1]}]"
+        return f"CodeSet({self.name!r}, levels={shown}, bits={self.bits})"
 
 
 def pow2_codes(n: int) -> CodeSet:
@@ -108,9 +114,12 @@ def pow2_codes(n: int) -> CodeSet:
 
 
 BINARY = CodeSet("binary", np.array([-1, 1]))
+# Symmetric uniform int8 (no -128, so the grid is symmetric and α carries the sign convention).
+INT8 = CodeSet("int8", np.arange(-127, 128))
 
 CODE_SETS: dict[str, CodeSet] = {"binary": BINARY}
 CODE_SETS.update({c.name: c for c in (pow2_codes(k) for k in range(MAX_POW2_EXPONENT + 1))})
+CODE_SETS["int8"] = INT8
 
 # Other spellings users meet: the paper's notation, and the "-Nbit" labels of the task brief.
 # Note the brief's "pow2-4bit" ({0,±1,±2,±4}) needs only 3 bits; prefer the canonical names.
@@ -125,18 +134,21 @@ _ALIASES = {
 }
 
 # bits -> the largest pow2 set that fits: 2**b - 1 levels {0, ±1, …, ±2**(2**(b-1) - 2)} for b ≥ 2.
-BITS_TO_CODE_SET: dict[int, CodeSet] = {1: BINARY, 2: CODE_SETS["ternary"], 3: CODE_SETS["pow2-4"], 4: CODE_SETS["pow2-64"]}
+# 8 bits is the uniform int8 grid (no power-of-two set needs more than 4).
+BITS_TO_CODE_SET: dict[int, CodeSet] = {
+    1: BINARY, 2: CODE_SETS["ternary"], 3: CODE_SETS["pow2-4"], 4: CODE_SETS["pow2-64"], 8: INT8,
+}
 
 
 def code_set(spec: str | int | CodeSet) -> CodeSet:
-    """Resolve a code set from a name ("ternary", "pow2-4", …), a bit width (1..4) or a CodeSet."""
+    """Resolve a code set from a name ("ternary", "pow2-4", "int8", …), a bit width (1..4, 8) or a CodeSet."""
     if isinstance(spec, CodeSet):
         return spec
     if isinstance(spec, bool):  # bool is an int; True would silently mean 1 bit
         raise QuantizationError(f"code set must be a name, a bit width or a CodeSet, got {spec!r}")
     if isinstance(spec, (int, np.integer)):
         if int(spec) not in BITS_TO_CODE_SET:
-            supported = f"{min(BITS_TO_CODE_SET)}..{max(BITS_TO_CODE_SET)}"
+            supported = ", ".join(str(b) for b in BITS_TO_CODE_SET)
             raise QuantizationError(f"bit width {int(spec)} out of range: supported {supported}")
         return BITS_TO_CODE_SET[int(spec)]
     if isinstance(spec, str):
@@ -147,7 +159,7 @@ def code_set(spec: str | int | CodeSet) -> CodeSet:
         if key in CODE_SETS:
             return CODE_SETS[key]
         known = ", ".join([*CODE_SETS, *_ALIASES])
-        raise QuantizationError(f"unknown code set {spec!r}; known: {known}, or a bit width 1..4")
+        raise QuantizationError(f"unknown code set {spec!r}; known: {known}, or a bit width 1..4 or 8")
     raise QuantizationError(f"code set must be a name, a bit width or a CodeSet, got {type(spec).__name__} {spec!r}")
 
 
@@ -263,6 +275,44 @@ def _refine(w: np.ndarray, q: np.ndarray, cs: CodeSet, max_iter: int) -> tuple[n
     return q, alpha, err
 
 
+_EXACT_MAX_LEVELS = 15  # the largest set (pow2-64) the exact breakpoint search handles
+_GRID_TOP_LEVELS = 32  # a uniform-grid input is recognised when its max|q| is within this of the top
+
+
+_UNIFORM_STARTS = np.linspace(0.4, 1.3, 91)  # starting α as a fraction of max|w| / top level
+
+
+def _best_uniform_start(w: np.ndarray, a_max: float, cs: CodeSet) -> np.ndarray:
+    """q at the best of a grid of scales α = f·max|w|/top, f in [0.4, 1.3]: the error
+    as a function of α is jagged for a uniform grid, so the alternation alone stalls in the
+    first dip it meets. Clipping a few outliers usually pays (f < 1); for a short row a scale
+    that leaves the top level unused can fit better by chance (f > 1)."""
+    top = cs.max_level
+    alphas = _UNIFORM_STARTS * (a_max / top)
+    q = np.clip(np.round(w[None, :] / alphas[:, None]), -top, top)
+    err = np.sum((w[None, :] - alphas[:, None] * q) ** 2, axis=1)
+    return q[int(np.argmin(err))]
+
+
+def _on_uniform_grid(w: np.ndarray, a_max: float, cs: CodeSet) -> tuple[np.ndarray, float] | None:
+    """(q, α) when w (already scaled by a power of two) is exactly float32(α)·q on the uniform
+    grid, with max|q| near the top level; else None. The alternation may settle with max|q|
+    a little below the top, so checking only α = max|w|/127 would miss such an output: with
+    this, projecting a projection returns it unchanged (error 0), which ADMM → graph
+    (``QuantInfo.exact``) relies on."""
+    for top in range(cs.max_level, max(cs.max_level - _GRID_TOP_LEVELS, 0), -1):
+        alpha = float(np.float32(a_max / top))
+        q = np.round(w / alpha)
+        if np.abs(q).max() <= cs.max_level and np.array_equal(np.float32(alpha) * q.astype(np.float32), w.astype(np.float32)):
+            return q, alpha
+    return None
+
+
+def _is_uniform(cs: CodeSet) -> bool:
+    """Levels are every integer in [-m, m] (int8): a grid, not powers of two."""
+    return bool(np.array_equal(cs.levels, np.arange(-cs.max_level, cs.max_level + 1)))
+
+
 def _project_row(w: np.ndarray, cs: CodeSet, max_iter: int, method: str) -> tuple[np.ndarray, float]:
     # Scale by a power of two so max|w| is in [0.5, 1): exact, so q is scale-invariant, and
     # ⟨w,q⟩² cannot underflow for tiny weights (or overflow for huge ones).
@@ -275,7 +325,20 @@ def _project_unit_row(w: np.ndarray, cs: CodeSet, max_iter: int, method: str) ->
     a = np.abs(w)
     sign = np.where(w < 0, -1.0, 1.0)  # 0 -> +1, matching round_to_set's binary tie rule
     mags = cs.magnitudes.astype(np.float64)
-    if method == "exact":
+    if method == "exact" and _is_uniform(cs) and cs.levels.size > _EXACT_MAX_LEVELS:
+        # int8: the breakpoint search costs O(levels²·n log n). Start from the best of a grid of
+        # clipping scales (max-abs scaling, the usual symmetric int8 quantizer, among them) and
+        # let the alternation polish it: a local optimum never worse than max-abs scaling.
+        a_max = float(a.max())
+        if a_max == 0.0:
+            q, alpha = np.zeros_like(w), 1.0
+        else:
+            found = _on_uniform_grid(w, a_max, cs)
+            if found is not None:
+                q, alpha = found
+            else:
+                q, alpha, _ = _refine(w, _best_uniform_start(w, a_max, cs), cs, max_iter)
+    elif method == "exact":
         q, alpha, _ = _refine(w, sign * _exact_magnitudes(a, mags), cs, max_iter)
     else:
         # Several deterministic starting scales; the alternation only finds a local optimum.
@@ -314,7 +377,8 @@ def project_pow2(
     and 1 elsewhere, so α·q broadcasts.
 
     method="exact" (default) finds the global optimum by a search over the rounding breakpoints
-    and then runs the paper's alternation as a polish; method="alternating" is the paper's
+    and then runs the paper's alternation as a polish (for "int8", too many levels for that
+    search, it starts from the best of a grid of clipping scales instead: a local optimum); method="alternating" is the paper's
     alternation alone (α = ⟨w,q⟩/⟨q,q⟩, q = round(w/α)) from several starting scales, a local
     optimum. Returns (q as int8 level values, alpha as float32).
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from lastbit.graph import Graph, QuantInfo
-from lastbit.passes.pow2_projection import QuantizationError, dequantize, project_pow2
+from lastbit.passes.pow2_projection import CodeSet, QuantizationError, code_set, dequantize, project_pow2
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,9 @@ class QuantizePow2:
     """Graph -> Graph: replace each conv/dense weight parameter by int8 codes and an α.
 
     Weights that are already α·codes (the output of ADMM fine-tuning) are recovered
-    exactly (``QuantInfo.exact``); others are projected with ``project_pow2``. Layers it
+    exactly (``QuantInfo.exact``); others are projected with ``project_pow2``. With
+    ``keep_first_last`` the first and last weighted layers go on ``first_last_codes``
+    ("int8", code_set "int8", 8 bits, per output channel) instead, or stay float32. Layers it
     cannot quantize (non-float32, a weight reshaped before a per-channel layer, a kernel
     layout without an output axis) stay float and the reason is logged.
     """
@@ -264,29 +266,35 @@ class QuantizePow2:
     def _plan(self, graph: Graph) -> dict[str, QuantInfo]:
         layers = weighted_layers(graph)
         keep: set[str] = set()
+        first_last = self.squeeze.first_last_codes
         if self.squeeze.keep_first_last and layers:
             keep = {layers[0].weight, layers[-1].weight}
-            log.info("keeping first/last weighted layers float: %s", sorted(keep))
+            log.info("keeping first/last weighted layers %s: %s", first_last or "float32", sorted(keep))
         by_weight: dict[str, list[WeightedLayer]] = {}
         for layer in layers:
             by_weight.setdefault(layer.weight, []).append(layer)
         self._layers = {w: [layer.relax_var for layer in ls] for w, ls in by_weight.items()}
         plan: dict[str, QuantInfo] = {}
         for weight, uses in by_weight.items():
-            if weight in keep:
+            if weight in keep and first_last is None:
                 continue
-            reason = self._skip_reason(uses)
+            if weight in keep:
+                # the kept layers go on their own (int8) grid, per output channel where it can be told
+                cs, per_channel = code_set(first_last), all(u.axis is not None for u in uses)
+            else:
+                cs, per_channel = self.codes, self.squeeze.per_channel
+            reason = self._skip_reason(uses, per_channel)
             if reason:
                 log.info("not quantizing %s (%s): %s", weight, graph.source_names.get(weight, weight), reason)
                 continue
-            plan[weight] = self._quantize_weight(graph, weight, uses)
+            plan[weight] = self._quantize_weight(graph, weight, uses, cs, per_channel)
         return plan
 
-    def _skip_reason(self, uses: list[WeightedLayer]) -> str:
+    def _skip_reason(self, uses: list[WeightedLayer], per_channel: bool) -> str:
         for layer in uses:
             if layer.unsupported:
                 return f"layer {layer.var}: {layer.unsupported}"
-        if self.squeeze.per_channel:
+        if per_channel:
             axes = {layer.axis for layer in uses}
             if None in axes:
                 return next(f"layer {u.var}: per-channel α impossible, {u.axis_reason}" for u in uses if u.axis is None)
@@ -294,13 +302,14 @@ class QuantizePow2:
                 return f"shared by layers with different output axes {sorted(axes)}"
         return ""
 
-    def _quantize_weight(self, graph: Graph, weight: str, uses: list[WeightedLayer]) -> QuantInfo:
+    def _quantize_weight(self, graph: Graph, weight: str, uses: list[WeightedLayer], cs: CodeSet,
+                         per_channel: bool) -> QuantInfo:
         w = graph.params[weight]
         if w.size == 0:
             raise QuantizationError(f"layer {uses[0].var}: weight {weight!r} is empty (shape {w.shape})")
-        axis = uses[0].axis if self.squeeze.per_channel else None
+        axis = uses[0].axis if per_channel else None
         try:
-            q, alpha = project_pow2(w, self.codes, axis=axis)
+            q, alpha = project_pow2(w, cs, axis=axis)
         except QuantizationError as err:
             raise QuantizationError(f"layer {uses[0].var}, weight {weight!r}: {err}") from err
         exact = bool(np.array_equal(dequantize(q, alpha), w))
@@ -310,8 +319,8 @@ class QuantizePow2:
             source_name=graph.source_names.get(weight, weight),
             codes_param=f"{weight}.codes",
             alpha_param=f"{weight}.alpha",
-            code_set=self.codes.name,
-            bits=self.codes.bits,
+            code_set=cs.name,
+            bits=cs.bits,
             per_channel=axis is not None,
             axis=axis,
             alpha_shape=tuple(alpha.shape),

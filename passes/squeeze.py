@@ -24,8 +24,9 @@ class AdmmFinetune:
     (``lastbit.passes.admm.admm_finetune``) on ``squeeze.data`` and write the weights back
     through ``Graph.source_names``.
 
-    The layers the graph keeps float (``keep_first_last``) are skipped by name, so ADMM and
-    the graph agree on which layers are quantized. BatchNorm statistics that ADMM
+    The layers the graph keeps off the low-bit codes (``keep_first_last``) are skipped by
+    name and stored on ``first_last_codes`` (int8) as the graph stores them, so ADMM and the
+    graph agree on every layer. BatchNorm statistics that ADMM
     re-estimates are buffers the importer bound as constants; when they changed, the module
     is re-exported so the graph carries them (this needs the graph's parameters to still be
     the imported ones). The fine-tuned module is kept in ``self.result`` (an AdmmResult).
@@ -51,10 +52,11 @@ class AdmmFinetune:
                 module_name = graph.source_names.get(weight, weight).removesuffix(".weight")
                 if module_name in torch_layers:
                     skip.append(module_name)
-        log.info("ADMM fine-tuning %s onto %s (%d epochs), keeping %s float", graph.name, sq.code_set.name, sq.epochs, skip)
+        log.info("ADMM fine-tuning %s onto %s (%d epochs), keeping %s off it", graph.name, sq.code_set.name, sq.epochs, skip)
         before = {n: b.detach().clone() for n, b in self.torch_module.named_buffers()}
         self.result = admm_finetune(
-            self.torch_module, sq.data, sq.code_set, per_channel=sq.per_channel, skip=skip, **sq.admm_kwargs()
+            self.torch_module, sq.data, sq.code_set, per_channel=sq.per_channel, skip=skip,
+            skip_codes=sq.first_last_codes, **sq.admm_kwargs()
         )
         return self._write_back(graph, before)
 

@@ -94,6 +94,12 @@ def _resnet20() -> nn.Module:
     return resnet20()
 
 
+def _resnet8() -> nn.Module:
+    from .resnet_small import resnet8
+
+    return resnet8()
+
+
 def _resnet18() -> nn.Module:
     from .resnet import resnet18
 
@@ -136,13 +142,17 @@ def _entry(name: str, factory: Callable[[], nn.Module], input_shape: tuple[int, 
 
 
 # Training on first use (Fashion-MNIST, 2 shared cores): lenet5 ~1 min (5 × ~12 s),
-# mlp ~15 s, resnet20 ~8 min (2 × ~4 min); later calls load the cached weights.
+# mlp ~15 s, resnet20 ~8 min (2 × ~4 min), resnet8 ~1.5 min (estimated: a third of resnet20's
+# MACs, not yet timed on a quiet machine); later calls load the cached weights.
 _ENTRIES = (
     _entry("lenet5", _lenet5, (1, 1, 28, 28), "LeNet-5 (conv-pool-conv-pool-fc×3), 61.7k params",
            dataset="fashion-mnist", pretrained=True, train_epochs=5),
     _entry("resnet20", _resnet20, (1, 1, 28, 28),
            "ResNet-20 (CIFAR-style, 16/32/64 channels, BN, 1×1 shortcuts), 0.27M params",
            dataset="fashion-mnist", pretrained=True, train_epochs=2),
+    _entry("resnet8", _resnet8, (1, 1, 28, 28),
+           "ResNet-8 (ResNet-20's blocks, one per stage, 16/32/64 channels), 78k params",
+           dataset="fashion-mnist", pretrained=True, train_epochs=1),
     _entry("mlp", _mlp, (1, 1, 28, 28), "MLP classifier 784-512-256-10, 0.54M params",
            dataset="fashion-mnist", pretrained=True, train_epochs=5),
     _entry("resnet18", _resnet18, (1, 3, 224, 224), "ResNet-18 (ImageNet layout), 11.7M params, random init"),

@@ -1,5 +1,8 @@
 """ADMM, STE and data-free projection on a small MLP over sklearn's 8×8 digits."""
 
+import logging
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +19,12 @@ from lastbit.passes.admm import (
     recalibrate_bn,
     ste_finetune,
 )
-from lastbit.passes.pow2_projection import QuantizationError, code_set
+from lastbit.passes.pow2_projection import (
+    QuantizationError,
+    code_set,
+    dequantize,
+    project_pow2,
+)
 
 FAST = dict(progress=False, epochs=3)
 
@@ -120,14 +128,21 @@ def test_default_skips_first_and_last(digits, float_model):
     result = admm_finetune(float_model, train, "ternary", **FAST)
     assert list(result.alphas) == ["2.weight"] and result.skipped == ["0", "4"]
     assert_on_code_set(result)
+    # the skipped layers are trained float and stored int8, one α per output channel, exactly
+    assert result.skip_code_set == code_set("int8") and sorted(result.skip_codes) == ["0.weight", "4.weight"]
+    for name, layer in (("0.weight", result.module[0]), ("4.weight", result.module[4])):
+        q, alpha = result.skip_codes[name], result.skip_alphas[name]
+        assert q.dtype == np.int8 and np.abs(q).max() <= 127 and alpha.shape == (layer.weight.shape[0], 1)
+        assert torch.equal(layer.weight.detach(), torch.from_numpy(alpha) * torch.from_numpy(q.astype(np.float32)))
     first = result.module[0].weight.detach().numpy()
-    assert len(np.unique(np.abs(first))) > 20  # still full precision
+    assert len(np.unique(np.abs(first))) > 20  # 8 bits, not the ternary codes
 
 
 def test_skip_by_name_and_projection_keeps_skipped_layers(float_model):
-    result = project_module(float_model, "pow2-4", skip=("first", "2.weight"))
+    result = project_module(float_model, "pow2-4", skip=("first", "2.weight"), skip_codes=None)
     assert list(result.alphas) == ["4.weight"] and result.skipped == ["0", "2"]
     assert torch.equal(result.module[2].weight, float_model[2].weight)
+    assert result.skip_code_set is None and not result.skip_codes
     assert_on_code_set(result)
     assert quantizable_layers(float_model, skip=None)[0] == ["0", "2", "4"]
     assert quantizable_layers(float_model, skip="last")[1] == ["4"]
@@ -219,3 +234,62 @@ def test_bad_arguments(digits, float_model):
         project_module("not a model", "ternary")
     with pytest.raises(QuantizationError, match="diverged"):
         admm_finetune(float_model, train, lr=1e6, momentum=0.0, **FAST)
+    with pytest.raises(QuantizationError, match="'linear'"):
+        admm_finetune(float_model, train, lr_schedule="linear", **FAST)
+    with pytest.raises(QuantizationError, match="'linear'"):
+        ste_finetune(float_model, train, lr_schedule="linear", **FAST)
+    with pytest.raises(QuantizationError, match="fixed_fraction"):
+        admm_finetune(float_model, train, fixed_fraction=1.0, **FAST)
+    with pytest.raises(QuantizationError, match="quinary"):
+        project_module(float_model, "ternary", skip_codes="quinary")
+
+
+def test_unknown_length_falls_back_to_the_plain_schedule(digits, float_model, caplog):
+    (x, y), _ = digits
+    one_shot = ((torch.from_numpy(x[i : i + 64]), torch.from_numpy(y[i : i + 64])) for i in range(0, 256, 64))
+    with caplog.at_level(logging.WARNING, logger="lastbit.passes.admm"):
+        result = admm_finetune(float_model, one_shot, "ternary", epochs=2, fixed_fraction=0.5, progress=False)
+    assert "unknown length" in caplog.text
+    assert_on_code_set(result)
+    assert all(not math.isnan(h.residual) for h in result.history)
+
+
+# --- the schedule pieces the benchmark uses -------------------------------------------------
+
+
+def test_fixed_phase_keeps_codes_and_trains_the_rest(digits, float_model):
+    """With fixed_fraction the last batches leave the quantized weights at Π(W + λ) and train the
+    skipped layers; the result is still exactly on the codes, and the cosine lr ends near 0."""
+    train, test = digits
+    common = dict(epochs=4, progress=False, lr_schedule="cosine", update_every=10, rho_growth=1.3)
+    result = admm_finetune(float_model, train, "ternary", fixed_fraction=0.5, eval_data=test, **common)
+    assert_on_code_set(result)
+    assert [h.residual for h in result.history[2:]] == [0.0, 0.0]  # epochs 3-4 are all fixed: W = G
+    # W = G during the fixed epochs, so the float accuracy being stepped is the quantized one
+    assert result.history[-1].eval_accuracy == pytest.approx(evaluate(result.module, test)[1], abs=0.02)
+    assert evaluate(result.module, test)[1] > 0.85
+
+
+def test_warm_started_refinement_tracks_the_exact_projection():
+    from lastbit.passes.admm import refine_projection, round_to_magnitudes
+    from lastbit.passes.pow2_projection import round_to_set
+
+    rng = np.random.default_rng(4)
+    for name in ["binary", "ternary", "pow2-2", "pow2-4"]:
+        cs = code_set(name)
+        mags = torch.from_numpy(cs.magnitudes.astype(np.float32))
+        x = np.concatenate([rng.standard_normal(500) * 3, [0.0, 0.5, 1.5, -0.5, 3.0, -3.0]]).astype(np.float32)
+        np.testing.assert_array_equal(round_to_magnitudes(torch.from_numpy(x), mags).numpy(),
+                                      round_to_set(x, cs).astype(np.float32))  # ties and 0 as the numpy rule
+        for per_channel in (False, True):
+            axis = 0 if per_channel else None
+            w = rng.standard_normal((12, 40)).astype(np.float32)
+            _, alpha = project_pow2(w, cs, axis=axis)
+            moved = w + 0.01 * rng.standard_normal(w.shape).astype(np.float32)  # one batch later
+            q_exact, a_exact = project_pow2(moved, cs, axis=axis)
+            g, a = refine_projection(torch.from_numpy(moved), mags, torch.from_numpy(alpha), per_channel)
+            exact_err = float(np.sum((moved - dequantize(q_exact, a_exact)) ** 2))
+            err = float(np.sum((moved - g.numpy()) ** 2))
+            assert err <= exact_err * 1.01 + 1e-9, (name, per_channel)
+            assert a.shape == a_exact.shape
+            assert np.isin(np.round(g.numpy() / a.numpy()), cs.levels).all()

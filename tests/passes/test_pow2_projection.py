@@ -276,3 +276,52 @@ def test_nan_inf_and_empty_raise():
         project_pow2(np.ones(3), method="greedy")
     with pytest.raises(QuantizationError, match="complex"):
         project_pow2(np.ones(3, dtype=np.complex64))
+
+
+# --- int8: the uniform grid the first/last layers are stored on -------------------------------
+
+
+def test_int8_is_the_uniform_8_bit_grid():
+    cs = code_set("int8")
+    assert cs is code_set(8) and cs.bits == 8 and cs.levels.tolist() == list(range(-127, 128))
+    assert "…" in repr(cs)  # 255 levels are not spelled out
+    with pytest.raises(QuantizationError, match="bit width 5"):
+        code_set(5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.float32, st.integers(1, 64), elements=st.floats(-100, 100, width=32, allow_subnormal=False)),
+       st.booleans())
+def test_int8_projection_is_on_the_grid_and_no_worse_than_max_abs_scaling(w, per_row):
+    w2 = np.stack([w, -0.5 * w]) if per_row else w
+    axis = 0 if per_row else None
+    q, alpha = project_pow2(w2, "int8", axis=axis)
+    assert q.dtype == np.int8 and np.abs(q).max() <= 127 and alpha.dtype == np.float32
+    # the usual symmetric int8 quantizer: α = max|w| / 127, q = round(w / α)
+    a_max = np.abs(w2).max(axis=None if axis is None else 1, keepdims=axis is not None).astype(np.float64)
+    scale = np.where(a_max > 0, a_max / 127, 1.0)
+    baseline = float(np.sum((w2 - scale * np.round(w2 / scale)) ** 2))
+    assert projection_error(w2, q, alpha) <= baseline * (1 + 1e-6) + 1e-10 * float(np.sum(w2.astype(np.float64) ** 2))
+
+
+def test_int8_projection_is_near_the_best_scale_and_idempotent():
+    """int8 is a local search (max-abs start + alternation), not the exact breakpoint search:
+    within 2% of the best α on a fine grid, never worse than max-abs scaling (test above)."""
+    rng = np.random.default_rng(7)
+    for w in (rng.standard_normal(300), rng.laplace(size=200) * 1e-3, rng.uniform(-1, 1, 50)):
+        w = w.astype(np.float32)
+        q, alpha = project_pow2(w, "int8")
+        err = projection_error(w, q, alpha)
+        for a in np.linspace(0.5, 1.5, 201) * float(alpha):  # α near the answer, q rounded for each
+            assert err <= projection_error(w, np.clip(np.round(w / a), -127, 127), a) * 1.02
+        # a projection projected again comes back unchanged (ADMM's int8 layers reach the graph exactly)
+        g = dequantize(q, alpha)
+        q2, alpha2 = project_pow2(g, "int8")
+        np.testing.assert_array_equal(dequantize(q2, alpha2), g)
+
+
+def test_int8_zero_and_constant_slices():
+    q, alpha = project_pow2(np.zeros((2, 3), np.float32), "int8", axis=0)
+    assert not q.any() and np.all(alpha == 1.0)
+    q, alpha = project_pow2(np.full(5, -0.3, np.float32), "int8")
+    np.testing.assert_allclose(dequantize(q, alpha), -0.3, rtol=1e-6)
