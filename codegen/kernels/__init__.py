@@ -41,6 +41,7 @@ class IntLayer:
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+    act_bits: int = 8  # activations are known to fit this many signed bits (bitserial planes)
 
 
 @dataclass(frozen=True)
