@@ -13,9 +13,14 @@ ARMV7 = register(
             "mfloat-abi": "hard",
             "num-cores": 1,
         },
-        features=frozenset({"neon", "popcount"}),
+        features=frozenset({"neon", "popcount", "armv7"}),  # "armv7": which NEON (lut-neon kernels)
         cross_cc="arm-linux-gnueabihf-gcc",
         runner="qemu",
+        # The aarch64 order (benchmarks/arm_insn_count.py counts both ARM targets).
+        kernels={
+            "dense": ("int8", "reference-int", "bitserial", "shift-add"),
+            "conv2d": ("reference-int",),
+        },
         qemu="qemu-arm",
         sysroot="/usr/arm-linux-gnueabihf",
         apt_packages=("gcc-arm-linux-gnueabihf", "libc6-dev-armhf-cross", "qemu-user"),

@@ -20,8 +20,10 @@ class Target:
 
     ``runner`` says how compiled code runs there: ``"host"`` (this process, TVM's VM),
     ``"qemu"`` (the bundle runner cross-compiled and run under qemu-user), ``"rpc"`` or
-    ``"sim"`` (a simulator).  ``kernels`` maps a quantized op kind to the kernel strategy
-    the target prefers; later stages read it, the fp32 path ignores it.
+    ``"sim"`` (a simulator).  ``kernels`` maps a quantized op kind ("dense", "conv2d") to
+    integer kernel names (``codegen/kernels``) in order of preference; the first whose
+    ``supports`` accepts a layer serves it, then the "int8" and "reference-int" fallbacks
+    (``codegen/quant_lowering.py``).  The fp32 path ignores it.
     """
 
     triple: str
@@ -32,7 +34,7 @@ class Target:
     runner: str = "host"
     qemu: str | None = None  # qemu-user binary, when runner == "qemu"
     sysroot: str | None = None  # passed to qemu as -L
-    kernels: dict[str, str] = field(default_factory=dict)
+    kernels: dict[str, tuple[str, ...]] = field(default_factory=dict)
     apt_packages: tuple[str, ...] = ()  # Debian packages that provide the toolchain
 
     def tvm(self):

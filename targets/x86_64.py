@@ -41,5 +41,13 @@ X86_64 = register(
         features=_features,
         cross_cc=None,
         runner="host",
+        # Fastest first, as measured per kernel on this host (benchmarks/quant_e2e.py, section
+        # kernels_1thread): table lookup and VNNI for dense; for conv2d the direct VNNI conv
+        # (benchmarks/conv_vnni.py: faster than our fp32 conv on the ResNet-18 layers), then
+        # reference-int for what it declines (grouped/depthwise convs, CPUs without VNNI).
+        kernels={
+            "dense": ("lut", "int8-vnni", "bitserial", "int8", "shift-add"),
+            "conv2d": ("int8-vnni-conv", "reference-int"),
+        },
     )
 )

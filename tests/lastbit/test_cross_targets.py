@@ -32,6 +32,45 @@ def test_zoo_model_runs_under_qemu(name, triple):
 
 
 @pytest.mark.qemu
+@pytest.mark.slow
+def test_quantized_resnet20_is_bit_identical_on_every_target():
+    """The integer path (int8 activations, integer kernels, single-multiply epilogue) gives the
+    same bits on x86 (in-process VM) and on aarch64 / armv7 (bundles under qemu)."""
+    import numpy as np
+
+    from lastbit import Squeeze
+
+    triples = ("x86_64-linux-gnu", *ARM)
+    for triple in ARM:
+        _skip_without_tools(triple)
+    model, x = get_model("resnet20", pretrained=False)
+    calib = np.random.default_rng(0).standard_normal((4, *x.shape[1:])).astype("float32")
+    outputs = {}
+    for triple in triples:
+        artifact = lastbit.compile(model, triple, (x,), name="resnet20", squeeze=Squeeze(bits=3, data=calib))
+        assert all(layer.kernel != "fp32" and "(ref)" not in layer.kernel for layer in artifact.report().layers)
+        outputs[triple] = artifact.run(x.numpy())
+    for triple in ARM:
+        np.testing.assert_array_equal(outputs[triple], outputs["x86_64-linux-gnu"], err_msg=triple)
+    with torch.no_grad():
+        assert_close(outputs["x86_64-linux-gnu"], model(x).numpy(), rtol=0.5)  # 3-bit, untrained: same ballpark
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("triple", ARM)
+def test_dynamic_activation_scales_are_bit_identical_under_qemu(small_cnn, triple):
+    """Scales computed in the graph (max|x|/127, float64 reciprocal) give the host's bits too."""
+    import numpy as np
+
+    from lastbit import Squeeze
+
+    _skip_without_tools(triple)
+    model, x = small_cnn
+    host = lastbit.compile(model, "x86_64-linux-gnu", (x,), squeeze=Squeeze(bits=2)).run(x.numpy())
+    np.testing.assert_array_equal(lastbit.compile(model, triple, (x,), squeeze=Squeeze(bits=2)).run(x.numpy()), host)
+
+
+@pytest.mark.qemu
 def test_export_after_run_reuses_the_built_bundle(small_mlp, tmp_path):
     _skip_without_tools("aarch64-linux-gnu")
     from lastbit.codegen.bundle import load_manifest, run_bundle

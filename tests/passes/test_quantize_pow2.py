@@ -73,7 +73,7 @@ def check_codes(graph, codes):
 @pytest.fixture(scope="module")
 def cnn_per_channel(cnn):
     model, x = cnn
-    return lastbit.compile(model, HOST, (x,), squeeze=Squeeze(bits=3, keep_first_last=False))
+    return lastbit.compile(model, HOST, (x,), squeeze=Squeeze(bits=3, keep_first_last=False, integer_kernels=False))
 
 
 def test_per_channel_cnn_matches_torch_with_projected_weights(cnn, cnn_per_channel):
@@ -93,17 +93,45 @@ def test_per_channel_cnn_matches_torch_with_projected_weights(cnn, cnn_per_chann
 
 def test_per_tensor_keeps_first_and_last_layers_float(cnn):
     model, x = cnn
-    art = lastbit.compile(model, HOST, (x,), squeeze=Squeeze(codes="ternary", per_channel=False))
+    squeeze = Squeeze(codes="ternary", per_channel=False, first_last_codes=None, integer_kernels=False)
+    art = lastbit.compile(model, HOST, (x,), squeeze=squeeze)
     (info,) = art.graph.quant.values()
     assert info.source_name == "conv2.weight" and info.alpha_shape == () and info.axis is None
     check_codes(art.graph, "ternary")
     for kept in ("p_conv1_weight", "p_fc_weight"):
         assert art.graph.params[kept].dtype == np.float32
-    kernels = {layer.name: (layer.kernel, layer.bits) for layer in art.report().layers}
-    assert kernels == {"conv1": ("fp32", 32), "conv2": ("ternary (ref)", 2), "fc": ("fp32", 32)}
+    bits = {layer.name: layer.bits for layer in art.report().layers}
+    assert bits == {"conv1": 32, "conv2": 2, "fc": 32}
+    assert {layer.name for layer in art.report().layers if layer.kernel == "fp32"} == {"conv1", "fc"}
     with torch.no_grad():
         expected = projected_copy(model, ["conv2"], "ternary", per_channel=False)(x).numpy()
     assert_close(art.run(x), expected)
+
+
+def test_first_and_last_layers_default_to_int8_per_channel(cnn):
+    model, x = cnn
+    art = lastbit.compile(model, HOST, (x,), squeeze=Squeeze(codes="ternary", per_channel=False, integer_kernels=False))
+    infos = {info.source_name: info for info in art.graph.quant.values()}
+    assert set(infos) == {"conv1.weight", "conv2.weight", "fc.weight"}
+    conv2, conv1, fc = infos["conv2.weight"], infos["conv1.weight"], infos["fc.weight"]
+    assert conv2.code_set == "ternary" and conv2.alpha_shape == ()
+    for info, channels in ((conv1, 8), (fc, 10)):
+        assert info.code_set == "int8" and info.bits == 8 and info.per_channel and info.axis == 0
+        assert info.alpha_shape[0] == channels and info.weight not in art.graph.params
+        assert np.abs(art.graph.params[info.codes_param]).max() <= 127
+    bits = {layer.name: layer.bits for layer in art.report().layers}
+    assert bits == {"conv1": 8, "conv2": 2, "fc": 8}
+    report = art.report()
+    bias_and_bn = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("weight") or "bn" in n)
+    assert report.model_bytes == (216 + 4 * 8) + (packed_bytes(576, 2) + 4) + (1280 + 4 * 10) + 4 * bias_and_bn
+    with torch.no_grad():  # the reference graph is the torch model with int8 first/last and ternary middle
+        expected = projected_copy(model, ["conv2"], "ternary", per_channel=False)
+        for name in ("conv1", "fc"):
+            layer = getattr(expected, name)
+            q, alpha = project_pow2(layer.weight.numpy(), "int8", axis=0)
+            layer.weight.copy_(torch.from_numpy(dequantize(q, alpha)))
+    with torch.no_grad():
+        assert_close(art.run(x), expected(x).numpy())
 
 
 def test_onnx_model_matches_onnxruntime_with_projected_weights(cnn, tmp_path):
@@ -114,7 +142,7 @@ def test_onnx_model_matches_onnxruntime_with_projected_weights(cnn, tmp_path):
     model, x = cnn
     path = tmp_path / "cnn.onnx"
     torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"])
-    art = lastbit.compile(path, HOST, squeeze=Squeeze(bits=4, keep_first_last=False))
+    art = lastbit.compile(path, HOST, squeeze=Squeeze(bits=4, keep_first_last=False, integer_kernels=False))
     assert len(art.graph.quant) == 3  # conv1 (BN folded in by the exporter), conv2, fc
     check_codes(art.graph, 4)
     proto = onnx.load(str(path))
@@ -194,7 +222,7 @@ def layer_inputs(model, x, layers):
 def test_calibrated_fake_quant_matches_a_numpy_reference(cnn):
     model, x = cnn
     calib = np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype("float32")
-    squeeze = Squeeze(bits=3, keep_first_last=False, data=calib, fake_quant_activations=True)
+    squeeze = Squeeze(bits=3, keep_first_last=False, data=calib, fake_quant_activations=True, integer_kernels=False)
     art = lastbit.compile(model, HOST, (x,), squeeze=squeeze)
     scales = {i.source_name.removesuffix(".weight"): i.activation_scale for i in art.graph.quant.values()}
     # the scales are the 99.99th percentile of |input| on the weight-quantized model, / 127
@@ -213,7 +241,8 @@ def test_calibrated_fake_quant_matches_a_numpy_reference(cnn):
 
 def test_dynamic_fake_quant_without_data(cnn):
     model, x = cnn
-    art = lastbit.compile(model, HOST, (x,), squeeze=Squeeze(bits=2, keep_first_last=False, fake_quant_activations=True))
+    squeeze = Squeeze(bits=2, keep_first_last=False, fake_quant_activations=True, integer_kernels=False)
+    art = lastbit.compile(model, HOST, (x,), squeeze=squeeze)
     assert all(i.activation_scale is None and i.activation_calibration == "dynamic" for i in art.graph.quant.values())
     with torch.no_grad():
         expected = projected_copy(model, CNN_LAYERS, 2, input_scales=dict.fromkeys(CNN_LAYERS))(x).numpy()
@@ -237,7 +266,7 @@ def test_admm_path_lands_on_codes_and_matches_the_tuned_module():
     rng = np.random.default_rng(2)
     data = (rng.standard_normal((64, 32)).astype("float32"), rng.integers(0, 10, 64))
     x = torch.from_numpy(data[0][:1])
-    squeeze = Squeeze(bits=3, keep_first_last=False, data=data, epochs=1, batch_size=16)
+    squeeze = Squeeze(bits=3, keep_first_last=False, data=data, epochs=1, batch_size=16, integer_kernels=False)
     art = lastbit.compile(model, HOST, (x,), squeeze=squeeze)
     tuned = art.torch_module
     assert tuned is not model and tuned is not None
@@ -258,13 +287,18 @@ def test_admm_carries_recalibrated_batchnorm_statistics_into_the_graph(cnn):
     model, x = cnn
     rng = np.random.default_rng(3)
     data = (rng.standard_normal((32, 3, 8, 8)).astype("float32"), rng.integers(0, 10, 32))
-    squeeze = Squeeze(bits=3, data=data, epochs=1, batch_size=16)
+    squeeze = Squeeze(bits=3, data=data, epochs=1, batch_size=16, integer_kernels=False)
     art = lastbit.compile(model, HOST, (x,), squeeze=squeeze)
     tuned = art.torch_module
     assert not torch.equal(tuned.bn1.running_mean, model.bn1.running_mean)  # ADMM re-estimated them
-    (info,) = art.graph.quant.values()  # conv1 and fc are kept float, in ADMM too
-    assert info.source_name == "conv2.weight" and info.exact
-    np.testing.assert_array_equal(art.graph.params["p_conv1_weight"], tuned.conv1.weight.detach().numpy())  # float, trained
+    infos = {info.source_name: info for info in art.graph.quant.values()}
+    assert infos["conv2.weight"].code_set == "pow2-4"
+    # conv1 and fc are trained float and stored int8 by ADMM, and the graph recovers those codes exactly
+    assert infos["conv1.weight"].code_set == infos["fc.weight"].code_set == "int8"
+    assert all(info.exact for info in infos.values())
+    conv1 = infos["conv1.weight"]
+    restored = dequantize(art.graph.params[conv1.codes_param], art.graph.params[conv1.alpha_param])
+    np.testing.assert_array_equal(restored, tuned.conv1.weight.detach().numpy())
     with torch.no_grad():
         assert_close(art.run(x), tuned(x).numpy())
 
@@ -302,6 +336,7 @@ def test_from_cli_parses_scheme_and_width():
         (dict(bits=3, mode="fast"), "'fast'"),
         (dict(bits=3, mode="admm"), "training data"),
         (dict(bits=3, activation_percentile=0), "activation_percentile"),
+        (dict(bits=3, first_last_codes="int4"), "'int4'"),
     ],
 )
 def test_bad_configuration_names_the_value(kwargs, message):
@@ -361,6 +396,10 @@ def test_cli_compile_with_quant_prints_bits_and_compression(tmp_path):
     args = ["compile", str(path), "--quant", "pow2:2", "-o", str(tmp_path / "out")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "ternary (ref)" in result.output and "smaller than fp32" in result.output  # the middle layer
+    from lastbit.codegen.kernels import list_kernels
+
+    # the middle layer: 2-bit codes on the integer kernel the host picked (codegen/quant_lowering.py)
+    assert any(f"   2  {k.name}" in result.output for k in list_kernels()), result.output
+    assert "smaller than fp32" in result.output
     bad = CliRunner().invoke(main, ["compile", str(path), "--quant", "pow2:7", "-o", str(tmp_path / "o2")])
     assert bad.exit_code != 0 and "bit width 7" in str(bad.exception or bad.output)

@@ -1,0 +1,258 @@
+"""The integer path in the compiled graph: quantized layers run as int8 activations × an
+integer kernel + the single-multiply epilogue, bit-exact against a numpy re-implementation
+of ``codegen/quant_reference.py``; the float reference path still matches torch."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lastbit
+from lastbit.codegen import quant_reference as qr
+from lastbit.codegen.quant_lowering import (
+    FALLBACK_KERNELS,
+    KernelChoice,
+    LayerEpilogue,
+    fold_epilogue,
+    kernel_candidates,
+)
+from lastbit.squeeze import Squeeze
+from lastbit.targets import get_target
+from tests.conftest import assert_close
+
+HOST = "x86_64-linux-gnu"
+
+
+# --- numpy folding math (no TVM) -----------------------------------------------------------------
+
+
+def test_batch_norm_and_bias_fold_into_alpha_and_bias():
+    epi = LayerEpilogue(alpha=np.array([0.5, 0.25]))
+    epi.add_bias(np.array([1.0, -1.0]))
+    epi.batch_norm(gamma=[2.0, -1.0], beta=[0.5, 0.0], mean=[1.0, 2.0], var=[3.0, 0.0], eps=1.0)
+    k = np.array([1.0, -1.0])  # gamma / sqrt(var + eps)
+    np.testing.assert_allclose(epi.alpha, [0.5, -0.25])
+    np.testing.assert_allclose(epi.bias, np.array([1.0, -1.0]) * k + np.array([0.5, 0.0]) - np.array([1.0, 2.0]) * k)
+    assert epi.ops == ["bias", "batch_norm"]
+
+
+def test_negative_channel_scales_flip_the_codes_so_relu_stays_integer():
+    codes = np.array([[1, -2], [4, 0], [-1, 1]], np.int8)
+    folded, alpha = fold_epilogue(codes, LayerEpilogue(alpha=np.array([0.5, -2.0, 1.0])))
+    np.testing.assert_array_equal(folded, [[1, -2], [-4, 0], [-1, 1]])
+    np.testing.assert_array_equal(alpha, [0.5, 2.0, 1.0])
+    # the float layer α·codes is unchanged per channel
+    np.testing.assert_array_equal(folded * alpha[:, None], codes * np.array([0.5, -2.0, 1.0])[:, None])
+
+
+def test_zero_batch_norm_scale_cannot_fold():
+    with pytest.raises(ValueError, match="channel 1"):
+        fold_epilogue(np.ones((2, 3), np.int8), LayerEpilogue(alpha=np.array([1.0, 0.0])))
+
+
+def test_kernel_candidates_follow_the_target_then_the_fallbacks():
+    import dataclasses
+
+    aarch64 = get_target("aarch64-linux-gnu")
+    for op in ("dense", "conv2d"):
+        order = kernel_candidates(aarch64, None, op)
+        assert order[: len(aarch64.kernels[op])] == list(aarch64.kernels[op])
+        assert all(k in order for k in FALLBACK_KERNELS) and len(order) == len(set(order))
+    bare = dataclasses.replace(aarch64, kernels={})
+    assert kernel_candidates(bare, None, "dense") == list(FALLBACK_KERNELS) == ["int8", "reference-int"]
+    assert kernel_candidates(aarch64, ("reference-int",), "dense") == ["reference-int"]  # override: no fallback
+
+
+# --- the reference integer kernel, bit-exact on random shapes ------------------------------------
+
+
+def _run_kernel(layer, x_q, codes):
+    import tvm
+    from tvm import s_tir
+
+    from lastbit.codegen.kernels import get_kernel
+
+    kernel = get_kernel("reference-int")
+    sch = s_tir.Schedule(kernel.prim_func(layer))
+    kernel.schedule(sch, layer, frozenset())
+    lib = tvm.tirx.build(sch.mod, target="llvm")
+    if layer.op == "dense":
+        out_shape = (layer.data_shape[0], layer.weight_shape[0])
+    else:
+        from lastbit.codegen.kernels.reference_int import conv2d_output_hw
+
+        out_shape = (layer.data_shape[0], layer.weight_shape[0], *conv2d_output_hw(layer))
+    args = [tvm.runtime.tensor(a) for a in (x_q, *kernel.pack(layer, codes), np.zeros(out_shape, np.int32))]
+    lib(*args)
+    return args[-1].numpy()
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=st.integers(1, 4), k=st.integers(1, 70), n=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_reference_int_dense_is_bit_exact(m, k, n, seed):
+    from lastbit.codegen.kernels import IntLayer
+
+    rng = np.random.default_rng(seed)
+    x_q = rng.integers(-127, 128, (m, k)).astype(np.int8)
+    codes = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    layer = IntLayer("dense", "int8", 8, (m, k), (n, k))
+    np.testing.assert_array_equal(_run_kernel(layer, x_q, codes), qr.int_dense(x_q, codes))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    c=st.integers(1, 6), o=st.integers(1, 6), hw=st.integers(3, 9), kernel=st.sampled_from([1, 3]),
+    stride=st.integers(1, 2), pad=st.integers(0, 2), dilation=st.integers(1, 2), grouped=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_reference_int_conv2d_is_bit_exact(c, o, hw, kernel, stride, pad, dilation, grouped, seed):
+    from lastbit.codegen.kernels import IntLayer
+
+    groups = c if grouped else 1
+    o = o * groups if grouped else o
+    if hw + 2 * pad < dilation * (kernel - 1) + 1:
+        return
+    rng = np.random.default_rng(seed)
+    x_q = rng.integers(-127, 128, (1, c, hw, hw + 1)).astype(np.int8)
+    codes = rng.choice(np.array([-4, -2, -1, 0, 1, 2, 4], np.int8), (o, c // groups, kernel, kernel))
+    layer = IntLayer("conv2d", "pow2-4", 3, x_q.shape, codes.shape, (stride, stride), (pad,) * 4,
+                     (dilation, dilation), groups)
+    expected = qr.int_conv2d(x_q, codes, stride, pad, dilation, groups)
+    np.testing.assert_array_equal(_run_kernel(layer, x_q, codes), expected)
+
+
+# --- whole graphs against a numpy re-implementation of the integer path --------------------------
+
+
+def _int_layer(x, info, params, op, bias=None, bn=None, relu=False, **conv):
+    """One quantized layer as quant_reference defines it (bias and BN folded per channel)."""
+    s = qr.activation_scale(x, info.activation_scale)
+    x_q = qr.quantize_activation(x, s)
+    codes = params[info.codes_param].astype(np.int8)
+    alpha = np.broadcast_to(params[info.alpha_param], codes.shape).reshape(codes.shape[0], -1)[:, 0].astype(np.float64)
+    b = None if bias is None else np.asarray(bias, np.float64)
+    if bn is not None:
+        gamma, beta, mean, var, eps = (np.asarray(t, np.float64) for t in bn)
+        k = gamma / np.sqrt(var + eps)
+        alpha, b = alpha * k, (0.0 if b is None else b) * k + beta - mean * k
+    sign = np.where(alpha < 0, -1, 1)
+    codes = (codes * sign.reshape(-1, *[1] * (codes.ndim - 1))).astype(np.int8)
+    alpha = np.abs(alpha)
+    acc = qr.int_conv2d(x_q, codes, **conv) if op == "conv2d" else qr.int_dense(x_q, codes)
+    scale = qr.output_scale(alpha, s)
+    return qr.epilogue(acc, qr.integer_bias(b, scale, codes.shape[0]), scale, relu)
+
+
+def _integer_kernel_names() -> set[str]:
+    from lastbit.codegen.kernels import list_kernels
+
+    return {k.name for k in list_kernels()}
+
+
+def _numpy_small_cnn(model, graph, x):
+    infos = {i.source_name.removesuffix(".weight"): i for i in graph.quant.values()}
+    p = graph.params
+
+    def t(v):
+        return v.detach().numpy()
+
+    bn = model.bn1
+    bn_terms = (t(bn.weight), t(bn.bias), t(bn.running_mean), t(bn.running_var), bn.eps)
+    y1 = _int_layer(x, infos["conv1"], p, "conv2d", bias=t(model.conv1.bias), bn=bn_terms, relu=True, padding=1)
+    y2 = _int_layer(y1, infos["conv2"], p, "conv2d", padding=1)
+    y = np.maximum(y1 + y2, np.float32(0))
+    pooled = y.reshape(1, 8, 4, 2, 4, 2).max(axis=(3, 5)).reshape(1, -1)
+    return _int_layer(pooled, infos["fc"], p, "dense", bias=t(model.fc.bias))
+
+
+@pytest.mark.parametrize("calibrated", [True, False], ids=["calibrated", "dynamic"])
+def test_small_cnn_integer_path_is_bit_exact_against_numpy(small_cnn, calibrated):
+    model, x = small_cnn
+    calib = np.random.default_rng(2).standard_normal((8, 3, 8, 8)).astype("float32") if calibrated else None
+    art = lastbit.compile(model, HOST, (x,), squeeze=Squeeze(bits=3, data=calib))
+    assert {layer.name for layer in art.report().layers} == {"conv1", "conv2", "fc"}
+    assert {layer.kernel for layer in art.report().layers} <= _integer_kernel_names()  # whichever the target picks
+    assert all((i.activation_scale is not None) == calibrated for i in art.graph.quant.values())
+    expected = _numpy_small_cnn(model, art.graph, x.numpy())
+    np.testing.assert_array_equal(art.run(x), expected)
+    with torch.no_grad():
+        assert_close(expected, model(x).numpy(), rtol=0.2)  # 3-bit weights, int8 activations: close, not equal
+
+
+def _dense_3d_graph():
+    """relu(x[2, 3, 12] @ wᵀ + b): a rank-3 matmul, as the ONNX importer emits for MatMul."""
+    from tvm import relax
+
+    from lastbit.graph import Graph, TensorSpec
+
+    rng = np.random.default_rng(3)
+    params = {"w": rng.standard_normal((16, 12)).astype("float32"), "b": rng.standard_normal(16).astype("float32")}
+    x = relax.Var("x", relax.TensorType((2, 3, 12), "float32"))
+    w = relax.Var("w", relax.TensorType((16, 12), "float32"))
+    b = relax.Var("b", relax.TensorType((16,), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, w, b], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, bb.emit(relax.op.permute_dims(w, [1, 0]))))
+            out = bb.emit_output(relax.op.nn.relu(bb.emit(relax.op.add(y, b))))
+        bb.emit_func_output(out)
+    return Graph(bb.get(), params, [TensorSpec("x", (2, 3, 12))], name="dense3d"), params
+
+
+def test_rank3_dense_input_is_flattened_around_the_kernel():
+    graph, params = _dense_3d_graph()
+    calib = np.random.default_rng(4).standard_normal((4, 3, 12)).astype("float32")
+    art = lastbit.compile(graph, HOST, squeeze=Squeeze(bits=2, keep_first_last=False, data=calib))
+    (info,) = art.graph.quant.values()
+    x = np.random.default_rng(5).standard_normal((2, 3, 12)).astype("float32")
+    expected = _int_layer(x.reshape(6, 12), info, art.graph.params, "dense", bias=params["b"], relu=True)
+    np.testing.assert_array_equal(art.run(x), expected.reshape(2, 3, 16))
+    (choice,) = art._compiled.kernels.values()
+    assert choice.kernel in _integer_kernel_names() and choice.epilogue == ("bias", "relu")
+
+
+def test_epilogue_stays_its_own_function_so_no_fma_can_change_it(small_cnn):
+    model, x = small_cnn
+    art = lastbit.compile(model, HOST, (x,), squeeze=Squeeze(bits=3))
+    script = art.mod["main"].script(show_meta=False)
+    assert script.count("int_epilogue") >= 3
+    kernels = [f for f in art.mod.functions.values() if f.attrs is not None and "lastbit.int_kernel" in f.attrs]
+    assert kernels and all(bool(f.attrs["tirx.is_scheduled"]) for f in kernels)  # the kernel's own schedule
+    epilogues = [f for gv, f in art.mod.functions_items() if gv.name_hint.startswith("int_epilogue")]
+    assert epilogues and all(int(f.attrs["op_pattern"]) == 8 for f in epilogues)
+
+
+# --- the float reference path and fallbacks ----------------------------------------------------
+
+
+def test_integer_kernels_off_keeps_the_float_reference_path(small_cnn):
+    model, x = small_cnn
+    art = lastbit.compile(model, HOST, (x,), squeeze=Squeeze(bits=3, integer_kernels=False, first_last_codes=None))
+    assert {layer.kernel for layer in art.report().layers} == {"fp32", "pow2-4 (ref)"}
+    assert "reference_int" not in art.mod["main"].script(show_meta=False)
+    q = {i.source_name: i for i in art.graph.quant.values()}["conv2.weight"]
+    with torch.no_grad():
+        w = art.graph.params[q.codes_param].astype(np.float32) * art.graph.params[q.alpha_param]
+        saved = model.conv2.weight.clone()
+        model.conv2.weight.copy_(torch.from_numpy(w))
+        expected = model(x).numpy()
+        model.conv2.weight.copy_(saved)
+    assert_close(art.run(x), expected)
+
+
+def test_a_layer_no_kernel_serves_falls_back_with_its_reason(small_mlp):
+    from lastbit.codegen.quant_lowering import LowerQuantizedLayers
+    from lastbit.passes.quantize_pow2 import QuantizePow2
+    from lastbit.pipeline import import_model
+
+    model, x = small_mlp
+    graph = QuantizePow2(Squeeze(bits=3, keep_first_last=False))(import_model(model, (x,)))
+    lowering = LowerQuantizedLayers(HOST, kernels=("no-such-kernel",))
+    assert lowering(graph) is graph or len(lowering.choices) == 2
+    choices = list(lowering.choices.values())
+    assert all(c.kernel == "reference" and c.reason == "no integer kernel serves it" for c in choices)
+    off = LowerQuantizedLayers(HOST, kernels="reference")
+    off(graph)
+    assert {c.reason for c in off.choices.values()} == {"integer kernels switched off"}
+    assert KernelChoice("v", "w", "reference", reason="why").describe() == "reference (why)"
