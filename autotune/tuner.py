@@ -1,0 +1,401 @@
+"""``lastbit tune``: search our schedule templates with MetaSchedule's evolutionary search and
+XGBoost cost model, measure on a device farm, and keep every result in the tuning database.
+
+Per task: the default schedule is measured first (it is the baseline of the summary table
+and a record like any other, so the database's best is never slower than the default);
+then rounds of candidates from ``EvolutionarySearch`` are built here, measured on all free
+devices of the farm key at once (``FarmRunner``), committed to the database as each result
+arrives, and fed back to the search and the cost model.  ``trials`` is the budget per task
+*including* what the database already holds, so ``--resume`` after an interruption carries
+on where it stopped and never measures a candidate twice (a candidate the search proposes
+again is answered from the database).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lastbit.autotune.database import FAILED_SECS, TuningDatabase, latency_s, target_dir
+from lastbit.autotune.runner import CandidateBuilder, FarmRunner, Measurement, MeasureStats
+from lastbit.autotune.tasks import TuningTask, extract_tasks, load_cpu_tensor_intrinsics
+from lastbit.errors import LastbitError
+
+log = logging.getLogger(__name__)
+
+
+class TuneError(LastbitError):
+    """Tuning cannot start: a database that already holds records without ``resume``, …"""
+
+
+@dataclass
+class TaskResult:
+    """One task's outcome: latencies in ms (None when never measured successfully)."""
+
+    name: str
+    kind: str
+    weight: int
+    tunable: bool
+    default_ms: float | None
+    best_ms: float | None
+    measured: int = 0  # new measurements this run
+    reused: int = 0  # candidates answered from the database
+    failed: int = 0
+
+    @property
+    def speedup(self) -> float | None:
+        if not self.default_ms or not self.best_ms:
+            return None
+        return self.default_ms / self.best_ms
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "weight": self.weight, "tunable": self.tunable,
+                "default_ms": self.default_ms, "best_ms": self.best_ms, "measured": self.measured,
+                "reused": self.reused, "failed": self.failed}
+
+
+@dataclass
+class TuneResult:
+    target: str
+    db_dir: Path
+    tasks: list[TaskResult]
+    stats: MeasureStats = field(default_factory=MeasureStats)
+    elapsed_s: float = 0.0
+
+    def model_ms(self, which: str) -> float | None:
+        """Sum over tasks of latency × calls: the kernel time of one inference."""
+        values = [getattr(t, f"{which}_ms") for t in self.tasks]
+        if any(v is None for v in values):
+            return None
+        return sum(v * t.weight for v, t in zip(values, self.tasks))
+
+    def format_table(self) -> str:
+        """Per task default vs tuned latency, then the weighted total and the farm counters."""
+        head = f"{'task':<34} {'kind':<16} {'calls':>5} {'trials':>6} {'failed':>6} {'default ms':>11} {'tuned ms':>10} {'speedup':>8}"
+        lines = [head, "-" * len(head)]
+        for t in self.tasks:
+            lines.append(
+                f"{t.name[:34]:<34} {t.kind.replace('lastbit.', '')[:16]:<16} {t.weight:>5} {t.measured + t.reused:>6} "
+                f"{t.failed:>6} {_ms(t.default_ms):>11} {_ms(t.best_ms):>10} "
+                f"{(f'{t.speedup:.2f}x' if t.speedup else '-'):>8}"
+            )
+        default, best = self.model_ms("default"), self.model_ms("best")
+        if default and best:
+            lines.append(f"{'model (sum of calls)':<34} {'':<16} {'':>5} {'':>6} {'':>6} {_ms(default):>11} "
+                         f"{_ms(best):>10} {default / best:>7.2f}x")
+        s = self.stats
+        lines.append(f"measured {s.measured}, failed {s.failed} (timed out {s.timed_out}), retried {s.retried}, "
+                     f"devices {len(s.devices)}, tracker reconnects {s.tracker_reconnects}; {self.elapsed_s:.0f} s")
+        return "\n".join(lines)
+
+
+def _key(sch) -> int:
+    """Identity of a candidate: the structural hash of its scheduled module."""
+    import tvm_ffi
+
+    return tvm_ffi.structural_hash(sch.mod)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _latency_ms(run_secs: list[float] | None) -> float | None:
+    secs = latency_s(run_secs)
+    return None if secs >= FAILED_SECS else secs * 1e3
+
+
+class Tuner:
+    """Tunes the tasks of one model on one target into one database.
+
+    ``builder`` and ``runner`` are a :class:`CandidateBuilder` and a :class:`FarmRunner`
+    (tests pass wrapped ones).  ``on_round(task, done)`` is called after every measured
+    round; raising ``KeyboardInterrupt`` from it behaves like Ctrl-C.  ``confirm`` > 0
+    re-measures the default and the best schedule of each tuned task that many times,
+    alternating, and reports the medians: on a busy device the load drifts between the
+    first measurement of the default and the last of the search.  The re-runs are stored
+    as further records of those two candidates, so ``compile --db`` sees the pooled result
+    (a candidate that only looked fast once does not win).
+    """
+
+    def __init__(self, target, db: TuningDatabase, builder: CandidateBuilder, runner: FarmRunner, *,
+                 trials: int = 64, per_round: int = 16, seed: int = 0, progress: bool = True, confirm: int = 3,
+                 on_round: Callable[[TuningTask, int], None] | None = None) -> None:
+        self.target = target
+        self.tvm_target = target.tvm()
+        self.db = db
+        self.builder = builder
+        self.runner = runner
+        self.trials = trials
+        self.per_round = per_round
+        self.seed = seed
+        self.progress = progress
+        self.confirm = confirm
+        self.on_round = on_round
+
+    def tune(self, tasks: list[TuningTask]) -> TuneResult:
+        from tqdm import tqdm
+
+        start = time.monotonic()
+        budgets = {t.name: (self.trials if t.tunable else 1) for t in tasks}
+        overall = tqdm(total=sum(budgets.values()), desc="all tasks", unit="trial", position=0,
+                       disable=not self.progress, leave=True)
+        results = []
+        try:
+            for task in tasks:
+                results.append(self._tune_task(task, budgets[task.name], overall))
+        finally:
+            overall.close()
+            self.db.write_summary([r.to_json() for r in results])
+        return TuneResult(self.target.triple, self.db.folder, results, self.runner.stats, time.monotonic() - start)
+
+    # -- one task -------------------------------------------------------------------------------
+    def _tune_task(self, task: TuningTask, budget: int, overall) -> TaskResult:
+        import tvm_ffi
+        from tqdm import tqdm
+
+        from lastbit.autotune.templates import default_schedule
+
+        known = self.db.measured(task.mod)
+        result = TaskResult(task.name, task.kind, task.weight, task.tunable, None, None)
+        bar = tqdm(total=budget, desc=task.name[:28], unit="trial", position=1, leave=False, disable=not self.progress)
+        best = [None]
+
+        def account(m_ms: float | None, new: bool) -> None:
+            if new:
+                result.measured += 1
+            else:
+                result.reused += 1
+            if m_ms is None and new:
+                result.failed += 1
+            if m_ms is not None and (best[0] is None or m_ms < best[0]):
+                best[0] = m_ms
+            bar.update(1)
+            overall.update(1)
+            bar.set_postfix_str(f"best {_ms(best[0])} ms")
+            overall.set_postfix_str(f"{task.name[:20]} best {_ms(best[0])} ms")
+
+        try:
+            default = default_schedule(task.mod, self.tvm_target)
+            key = tvm_ffi.structural_hash(default.mod)
+            if key in known:
+                result.default_ms = _latency_ms(known[key])
+                account(result.default_ms, new=False)
+            else:
+                (measurement,) = self._measure(task, [default], account)
+                result.default_ms = measurement.latency_ms
+                known[key] = measurement.run_secs or [FAILED_SECS]
+            if task.tunable:
+                self._search(task, budget - 1, known, account)
+        finally:
+            if bar.n < budget:  # the template ran out of candidates: shrink the overall bar
+                overall.total -= budget - bar.n
+                overall.refresh()
+            bar.close()
+        found = self.db.best(task.mod)
+        result.best_ms = found[1] * 1e3 if found else None
+        if self.confirm and found is not None and result.default_ms is not None and found[1] * 1e3 < result.default_ms:
+            self._confirm(task, default, found[0], result)
+        log.info("task %s: default %s ms, tuned %s ms (%d measured, %d from the database, %d failed)", task.name,
+                 _ms(result.default_ms), _ms(result.best_ms), result.measured, result.reused, result.failed)
+        return result
+
+    def _search(self, task: TuningTask, budget: int, known: dict, account) -> None:
+        """AutoTVM-style template search: sample a pool of fresh candidates by running the
+        template with new random decisions, rank it with the XGBoost cost model (once it
+        has seen a round), measure the best few plus a random share, update the model.
+
+        The template is re-run for every candidate rather than mutating traces, because
+        our schedules change their loop structure with the tile sizes (a unit loop vanishes
+        after ``reverse_compute_at``) and MetaSchedule's trace mutation cannot follow that.
+        """
+        import random
+
+        import numpy as np
+        from tvm.s_tir import meta_schedule as ms
+        from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+        from tvm.s_tir.meta_schedule.runner import RunnerResult
+
+        from lastbit.autotune.templates import tuning_space
+
+        done_before = max(0, len(known) - 1)  # earlier runs' trials (the default is not one)
+        remaining = budget - done_before
+        for _ in range(min(budget, done_before)):
+            account(None, new=False)  # the bars count the budget earlier runs spent
+        if remaining <= 0:
+            return
+        ctx = ms.TuneContext(mod=task.mod, target=self.tvm_target, space_generator=tuning_space(self.tvm_target),
+                             task_name=task.name, rand_state=self.seed, num_threads=1)
+        cost_model = ms.cost_model.XGBModel(num_warmup_samples=self.per_round, num_tuning_cores=1, verbose_eval=0)
+        args_info = ArgInfo.from_prim_func(task.mod["main"])
+        rng = random.Random(f"{self.seed}/{task.name}")
+        trained = False
+        new_done = 0
+        while new_done < remaining:
+            pool = self._sample_pool(task, known, rng, size=4 * self.per_round)
+            if not pool:
+                log.info("task %s: every candidate of the template is measured; stopping early", task.name)
+                break
+            count = min(self.per_round, remaining - new_done, len(pool))
+            if trained:
+                candidates = [ms.MeasureCandidate(sch, args_info) for sch in pool]
+                scores = np.asarray(cost_model.predict(ctx, candidates))
+                ranked = [pool[i] for i in np.argsort(-scores, kind="stable")]
+                explore = max(1, count // 4) if len(ranked) > count else 0  # epsilon-greedy share
+                chosen = ranked[: count - explore]
+                rest = ranked[count - explore:]
+                chosen += rng.sample(rest, min(explore, len(rest)))
+            else:
+                chosen = rng.sample(pool, count)
+            measurements = self._measure(task, chosen, account)
+            for sch, m in zip(chosen, measurements):
+                known[_key(sch)] = m.run_secs or [FAILED_SECS]
+            results = [RunnerResult(m.run_secs, None) if m.ok else RunnerResult(None, m.error or "failed")
+                       for m in measurements]
+            cost_model.update(ctx, [ms.MeasureCandidate(sch, args_info) for sch in chosen], results)
+            trained = True
+            new_done += len(chosen)
+            if self.on_round is not None:
+                self.on_round(task, new_done)
+
+    def _confirm(self, task: TuningTask, default, best, result: TaskResult) -> None:
+        """Re-measure the default and the best schedule ``confirm`` times each, alternating,
+        and store the runs as further records of those two candidates (``best`` pools all
+        records of a candidate), then report what the database now says."""
+        from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+        built = self.builder.build([default.mod, best.mod])
+        if any(path is None for path, _ in built):
+            return
+        args_info = ArgInfo.from_prim_func(task.mod["main"])
+        args = [a.as_json() for a in args_info]
+        schedules = [default, best] * self.confirm
+
+        def on_result(i: int, m: Measurement) -> None:
+            if m.ok:  # a failed re-run says nothing about the schedule; keep the first result
+                self.db.commit(task.mod, schedules[i].trace, m.run_secs, args_info)
+
+        self.runner.measure([(built[0][0], args), (built[1][0], args)] * self.confirm, on_result=on_result,
+                            count=False)
+        for path, _ in built:
+            Path(path).unlink(missing_ok=True)
+        known = self.db.measured(task.mod)
+        result.default_ms = _latency_ms(known.get(_key(default)))
+        found = self.db.best(task.mod)
+        result.best_ms = found[1] * 1e3 if found else None
+
+    def _sample_pool(self, task: TuningTask, known: dict, rng, size: int) -> list:
+        """Up to ``size`` distinct, not yet measured schedules of the task's template."""
+        from tvm import s_tir
+
+        from lastbit.autotune.templates import design_spaces
+
+        pool: dict[int, object] = {}
+        misses = 0
+        while len(pool) < size and misses < 3 * size:
+            sch = s_tir.Schedule(task.mod, seed=rng.randrange(1, 2**31 - 1))
+            new = 0
+            for space in design_spaces(sch, self.tvm_target):
+                key = _key(space)
+                if key not in known and key not in pool:
+                    pool[key] = space
+                    new += 1
+            misses += 0 if new else 1
+        return list(pool.values())
+
+    def _measure(self, task: TuningTask, schedules: list, account) -> list[Measurement]:
+        """Build and measure schedules of ``task``, committing each result as it arrives."""
+        from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+        if not schedules:
+            return []
+        args_info = ArgInfo.from_prim_func(task.mod["main"])
+        args_json = [a.as_json() for a in args_info]
+        built = self.builder.build([sch.mod for sch in schedules])
+        results: list[Measurement | None] = [None] * len(schedules)
+        to_run, positions = [], []
+        for i, (path, error) in enumerate(built):
+            if path is None:
+                results[i] = Measurement(error=error)
+                self.db.commit(task.mod, schedules[i].trace, None, args_info)
+                account(None, new=True)
+            else:
+                positions.append(i)
+                to_run.append((path, args_json))
+
+        def on_result(j: int, m: Measurement) -> None:  # runs in a measuring thread, serialized
+            i = positions[j]
+            results[i] = m
+            self.db.commit(task.mod, schedules[i].trace, m.run_secs, args_info)
+            account(m.latency_ms, new=True)
+
+        self.runner.measure(to_run, on_result=on_result)
+        for path, _ in to_run:
+            Path(path).unlink(missing_ok=True)
+        return [r if r is not None else Measurement(error="not measured") for r in results]
+
+
+@contextlib.contextmanager
+def farm_runner(tracker: str | None, key: str | None, timeout_s: float = 10.0, local_workers: int = 1):
+    """A FarmRunner on the given tracker, or on a private loopback farm of ``local_workers``
+    workers when ``tracker`` is None (checked first: nothing is written if it is down)."""
+    from lastbit.autotune.farm import LocalFarm, parse_address
+
+    if tracker:
+        host, port = parse_address(tracker)
+        yield FarmRunner(host, port, key or "local", timeout_s=timeout_s)
+        return
+    with LocalFarm(workers=local_workers, key=key or "local") as farm:
+        yield FarmRunner(farm.host, farm.port, farm.key, timeout_s=timeout_s)
+
+
+def tune_model(model, target: "str | object" = "x86_64-linux-gnu", db_dir: "str | Path" = "tuning-db", *,
+               trials: int = 64, example_inputs=None, squeeze=None, tracker: str | None = None,
+               key: str | None = None, resume: bool = False, progress: bool = True, timeout_s: float = 10.0,
+               per_round: int = 16, seed: int = 0, name: str | None = None, max_tasks: int | None = None,
+               confirm: int = 3, on_round: Callable[[TuningTask, int], None] | None = None,
+               integer_only: bool = False) -> TuneResult:
+    """Tune every task of ``model`` (anything ``lastbit.compile`` takes) for ``target`` and
+    store the records under ``db_dir``; ``lastbit.compile(..., db=db_dir)`` applies them.
+
+    Without ``tracker`` a private loopback farm with one worker measures; with
+    ``tracker="HOST:PORT"`` and ``key`` the farm's devices of that key do.  A database that
+    already holds records for the target needs ``resume=True``.  ``max_tasks`` keeps only
+    the heaviest tasks (FLOPs × calls), for a quick look at a big model; ``integer_only``
+    keeps only the integer kernels of quantized layers (tasks of kind ``int:<kernel>``).
+    """
+    from lastbit.pipeline import import_model, integer_lowering, lower, squeeze_passes
+    from lastbit.targets import get_target
+
+    target = get_target(target)
+    if target.runner == "sim" or str(target.tvm().kind.name) != "llvm":
+        raise TuneError(f"target '{target.triple}' runs on a simulator: there is no farm worker that measures it "
+                        f"yet, so it cannot be tuned (tune its CPU hosts instead)")
+    folder = target_dir(db_dir, target.triple)
+    if not resume and folder.is_dir() and any(folder.glob("database_*.json")):
+        raise TuneError(f"tuning database {folder} already holds records for {target.triple}; "
+                        f"pass resume=True (--resume) to continue it or choose another directory")
+    graph = import_model(model, example_inputs, name=name)
+    torch_module = model if hasattr(model, "state_dict") else None
+    for squeeze_pass in squeeze_passes(squeeze, torch_module):
+        graph = squeeze_pass(graph)
+    tvm_target = target.tvm()
+    load_cpu_tensor_intrinsics()
+    tasks = extract_tasks(lower(graph, target, integer=integer_lowering(target, squeeze)), tvm_target)
+    if integer_only:
+        tasks = [t for t in tasks if t.kind.startswith("int:")]
+    if max_tasks is not None:
+        tasks = tasks[:max_tasks]  # extract_tasks sorts heaviest first
+    builder = CandidateBuilder(tvm_target, cc=target.cross_cc)
+    try:
+        with farm_runner(tracker, key, timeout_s=timeout_s) as runner:
+            db = TuningDatabase(db_dir, target)  # only once the farm answered
+            tuner = Tuner(target, db, builder, runner, trials=trials, per_round=per_round, seed=seed,
+                          progress=progress, confirm=confirm, on_round=on_round)
+            return tuner.tune(tasks)
+    finally:
+        builder.close()

@@ -1,0 +1,226 @@
+"""Autotuning: tuned vs default per task (fp32 and 3-bit ResNet-18), whole models with and without the DB, farm throughput.
+
+Part 1 tunes the heaviest tasks of fp32 ResNet-18 with a modest trial budget on a private
+loopback worker, and reports each task's default and best latency from the same run, then
+the model compiled with and without the database.  Part 1b does the same for the integer
+kernels of ResNet-18 quantized with ``Squeeze(bits=3)`` (tasks of kind ``int:<kernel>``:
+the kernel's default schedule against the best of its ``tuning_space``); the default and
+the best are re-measured alternately (the tuner's confirmation rounds) because the machine
+is shared.  The host's own strategy serves conv2d with ``reference-int``, which has no
+tuning space, so part 1b tunes a variant of the host target whose conv2d strategy is the
+kernels that have one (``int8-vnni-conv`` where VNNI exists, else ``int8``) and compares
+whole models three ways: the host as shipped, the variant with its defaults, the variant
+tuned.  Part 2 measures the
+same candidate set through farms of 1, 2 and 3 single-threaded workers and reports
+measurements per second relative to one worker (the issue's goal: >= 0.8 N x).  On a
+machine with C cores the speed-up cannot pass C (every worker measures on a core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def tune_part(model_name: str, trials: int, max_tasks: int, repeat: int) -> dict:
+    """Tuned vs default per task, and the model with and without the database."""
+    import lastbit
+    from lastbit.autotune.tuner import tune_model
+    from lastbit.frontend.models import get_model
+
+    module, example = get_model(model_name, pretrained=False)  # latency does not depend on weights
+    db_dir = Path(tempfile.mkdtemp(prefix="lastbit-bench-db-"))
+    try:
+        start = time.perf_counter()
+        result = tune_model(module, "x86_64-linux-gnu", db_dir, trials=trials, per_round=8, example_inputs=(example,),
+                            name=model_name, max_tasks=max_tasks, progress=False)
+        tune_s = time.perf_counter() - start
+        print(result.format_table(), flush=True)
+        x = example.numpy()
+        default_art = lastbit.compile(module, example_inputs=(example,), name=model_name)
+        tuned_art = lastbit.compile(module, example_inputs=(example,), name=model_name, db=db_dir)
+        # Interleaved rounds, median of each: the machine's load drifts between two long runs.
+        default_runs, tuned_runs = [], []
+        for _ in range(5):
+            default_runs.append(default_art.latency_ms(x, repeat=repeat))
+            tuned_runs.append(tuned_art.latency_ms(x, repeat=repeat))
+        default_ms, tuned_ms = float(np.median(default_runs)), float(np.median(tuned_runs))
+    finally:
+        shutil.rmtree(db_dir, ignore_errors=True)
+    tasks = [dict(t.to_json(), speedup=t.speedup) for t in result.tasks]
+    return {
+        "model": model_name,
+        "precision": "fp32",
+        "trials_per_task": trials,
+        "tasks_tuned": len(tasks),
+        "tune_s": round(tune_s, 1),
+        "tasks": tasks,
+        "tuned_tasks_sum_default_ms": result.model_ms("default"),
+        "tuned_tasks_sum_best_ms": result.model_ms("best"),
+        "model_default_ms": default_ms,
+        "model_tuned_ms": tuned_ms,
+        "model_default_rounds_ms": default_runs,
+        "model_tuned_rounds_ms": tuned_runs,
+        "model_speedup": default_ms / tuned_ms,
+    }
+
+
+def int_part(model_name: str, trials: int, max_tasks: int, repeat: int, confirm: int) -> dict:
+    """Integer-kernel tasks of the 3-bit model: default vs tuned per task, whole models."""
+    import dataclasses
+
+    import lastbit
+    from lastbit.autotune.tuner import tune_model
+    from lastbit.frontend.models import get_model
+    from lastbit.squeeze import Squeeze
+    from lastbit.targets import get_target
+
+    host = get_target("x86_64-linux-gnu")
+    tunable_convs = ("int8-vnni-conv", "int8")  # the first whose supports() accepts the layer wins
+    variant = dataclasses.replace(host, kernels={**host.kernels, "conv2d": tunable_convs})
+    module, example = get_model(model_name, pretrained=False)  # latency does not depend on weights
+    squeeze = Squeeze(bits=3)
+    db_dir = Path(tempfile.mkdtemp(prefix="lastbit-bench-intdb-"))
+    try:
+        start = time.perf_counter()
+        result = tune_model(module, variant, db_dir, trials=trials, per_round=8, example_inputs=(example,),
+                            squeeze=squeeze, name=model_name, max_tasks=max_tasks, progress=False, confirm=confirm,
+                            integer_only=True)
+        tune_s = time.perf_counter() - start
+        print(result.format_table(), flush=True)
+        x = example.numpy()
+        arts = {
+            "shipped": lastbit.compile(module, host, (example,), name=model_name, squeeze=squeeze),
+            "variant_default": lastbit.compile(module, variant, (example,), name=model_name, squeeze=squeeze),
+            "variant_tuned": lastbit.compile(module, variant, (example,), name=model_name, squeeze=squeeze,
+                                             db=db_dir),
+        }
+        outputs = {k: a.run(x) for k, a in arts.items()}
+        rounds: dict[str, list[float]] = {k: [] for k in arts}
+        for _ in range(5):  # interleaved rounds, median of each: the load drifts between long runs
+            for k, art in arts.items():
+                rounds[k].append(art.latency_ms(x, repeat=repeat))
+    finally:
+        shutil.rmtree(db_dir, ignore_errors=True)
+    medians = {k: float(np.median(v)) for k, v in rounds.items()}
+    tasks = [dict(t.to_json(), speedup=t.speedup) for t in result.tasks]
+    speedups = [t["speedup"] for t in tasks if t["speedup"]]
+    return {
+        "model": model_name,
+        "precision": "Squeeze(bits=3), integer kernels",
+        "conv2d_kernels_tuned": list(tunable_convs),
+        "conv2d_kernels_shipped": list(host.kernels.get("conv2d", ())),
+        "trials_per_task": trials,
+        "confirm_rounds": confirm,
+        "tasks_tuned": len(tasks),
+        "tune_s": round(tune_s, 1),
+        "tasks": tasks,
+        "task_speedup_geomean": float(np.exp(np.mean(np.log(speedups)))) if speedups else None,
+        "task_speedup_min": min(speedups) if speedups else None,
+        "task_speedup_max": max(speedups) if speedups else None,
+        "tuned_tasks_sum_default_ms": result.model_ms("default"),
+        "tuned_tasks_sum_best_ms": result.model_ms("best"),
+        "tuned_tasks_sum_speedup": (result.model_ms("default") / result.model_ms("best")
+                                    if result.model_ms("default") and result.model_ms("best") else None),
+        "tuned_output_bit_identical": bool(np.array_equal(outputs["variant_tuned"], outputs["variant_default"])),
+        "model_ms": medians,
+        "model_rounds_ms": rounds,
+        "model_tuned_vs_variant_default": medians["variant_default"] / medians["variant_tuned"],
+        "model_tuned_vs_shipped": medians["shipped"] / medians["variant_tuned"],
+    }
+
+
+def farm_part(candidates: int, worker_counts: tuple[int, ...]) -> dict:
+    """Measurements per second through farms of N single-threaded loopback workers."""
+    import tvm
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.script import tirx as T
+
+    from lastbit.autotune.farm import LocalFarm
+    from lastbit.autotune.runner import FarmRunner
+
+    iterations = 5 * 10**7  # ~0.1-0.2 s of a dependent multiply-add chain per run
+
+    @T.prim_func(s_tir=True)
+    def work(a: T.Buffer((1,), "float32")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        for i in T.serial(T.int64(iterations)):
+            with T.sblock("acc"):
+                T.axis.opaque(T.int64(iterations), i)
+                a[0] = a[0] * T.float32(0.999) + T.float32(1.0)
+
+    tmp = Path(tempfile.mkdtemp(prefix="lastbit-bench-farm-"))
+    try:
+        path = str(tmp / "work.so")
+        tvm.tirx.build(tvm.IRModule({"main": work}), target="llvm").export_library(path)
+        args = [a.as_json() for a in ArgInfo.from_prim_func(work)]
+        rows = []
+        for workers in worker_counts:
+            with LocalFarm(workers=workers, key=f"bench{workers}", threads=1) as farm:
+                runner = FarmRunner(farm.host, farm.port, farm.key, timeout_s=60, number=1, repeat=2,
+                                    min_repeat_ms=0)
+                runner.measure([(path, args)] * workers)  # warm every worker once
+                start = time.perf_counter()
+                results = runner.measure([(path, args)] * candidates)
+                wall = time.perf_counter() - start
+            ok = sum(r.ok for r in results)
+            rows.append({"workers": workers, "measurements": ok, "wall_s": round(wall, 2),
+                         "per_s": ok / wall, "devices_used": len({r.device for r in results if r.ok})})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = rows[0]["per_s"]
+    for row in rows:
+        row["speedup_vs_1"] = row["per_s"] / base
+        row["goal_0.8N"] = 0.8 * row["workers"]
+    return {"cores": os.cpu_count(), "candidates": candidates, "rows": rows}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer tasks, trials and candidates")
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--skip-fp32", action="store_true", help="only the integer-kernel part and the farm")
+    args = parser.parse_args(argv)
+    from results import RESULTS, update_section
+
+    logging.basicConfig(level=logging.WARNING)
+    trials, max_tasks, repeat, candidates = (6, 3, 4, 12) if args.quick else (32, 8, 10, 30)
+    int_trials, int_tasks, confirm = (8, 3, 2) if args.quick else (24, 12, 3)
+    tuned = None
+    if not args.skip_fp32:
+        tuned = tune_part(args.model, trials, max_tasks, repeat)
+        print(f"{args.model}: whole model default {tuned['model_default_ms']:.2f} ms, tuned "
+              f"{tuned['model_tuned_ms']:.2f} ms ({tuned['model_speedup']:.2f}x)", flush=True)
+    integer = int_part(args.model, int_trials, int_tasks, repeat, confirm)
+    ms = integer["model_ms"]
+    print(f"{args.model} 3-bit integer kernels: per-task tuned/default geomean "
+          f"{integer['task_speedup_geomean'] or float('nan'):.2f}x (min {integer['task_speedup_min'] or float('nan'):.2f}, "
+          f"max {integer['task_speedup_max'] or float('nan'):.2f}); whole model shipped {ms['shipped']:.2f} ms, "
+          f"variant default {ms['variant_default']:.2f} ms, variant tuned {ms['variant_tuned']:.2f} ms; "
+          f"bit-identical {integer['tuned_output_bit_identical']}", flush=True)
+    farm = farm_part(candidates, (1, 2, 3))
+    for row in farm["rows"]:
+        print(f"farm {row['workers']} worker(s): {row['per_s']:.2f} measurements/s "
+              f"({row['speedup_vs_1']:.2f}x of one; goal {row['goal_0.8N']:.1f}x)", flush=True)
+    if tuned is None:  # --skip-fp32 keeps the fp32 numbers of the last full run
+        import json
+
+        previous = json.loads(RESULTS.read_text()).get("autotune", {}) if RESULTS.is_file() else {}
+        tuned = previous.get("tuning")
+    data = {"meta": {"host": platform.processor() or platform.machine(), "quick": args.quick,
+                     "load_avg_1min": os.getloadavg()[0]},
+            "tuning": tuned, "tuning_int": integer, "farm": farm}
+    update_section("autotune", data)
+    return data
+
+
+if __name__ == "__main__":
+    main()
