@@ -33,6 +33,7 @@ def compile(  # noqa: A001 - the verb users expect
     name: str | None = None,
     dump_ir: "str | Path | None" = None,
     squeeze: "Squeeze | None" = None,
+    db: "str | Path | None" = None,
 ) -> "Artifact":
     """Compile ``model`` (torch module, ONNX path/proto, .pt2 path or Graph) for ``target``.
 
@@ -40,11 +41,13 @@ def compile(  # noqa: A001 - the verb users expect
     ``dump_ir`` writes the IR after each phase of ``lastbit/pipeline.py`` into that folder.
     ``squeeze`` (``lastbit.Squeeze(bits=3, ...)``) shrinks the model first; with labelled
     data and a torch module it fine-tunes it (ADMM), else it projects the weights.
+    ``db`` is a tuning database folder written by ``lastbit tune``: functions it has records
+    for get their best tuned schedule, the others the default one.
     """
     target = get_target(target)
     graph = import_model(model, example_inputs, name=name)
     torch_module = model if _is_torch_module(model) else None
-    compiled = compile_graph(graph, target, dump_ir=dump_ir, squeeze=squeeze, torch_module=torch_module)
+    compiled = compile_graph(graph, target, dump_ir=dump_ir, squeeze=squeeze, torch_module=torch_module, db=db)
     return Artifact(compiled, squeeze=squeeze, torch_module=torch_module)
 
 
@@ -93,7 +96,7 @@ class Artifact:
         Returns one array for single-output models, else a list.
         """
         arrays = self._check_inputs(inputs)
-        if self.target.is_host:
+        if self.target.is_host or self.target.runner == "sim":  # sim: host part in-process, accelerator simulated
             outputs = self._run_vm(arrays)
         else:
             from lastbit.codegen.bundle import run_bundle
@@ -157,8 +160,15 @@ class Artifact:
 
     # -- exporting and reporting ------------------------------------------------------------
     def export(self, out_dir: "str | Path") -> Path:
-        """Write a deployable bundle (shared library, plan, params, runner, manifest.json) atomically."""
+        """Write a deployable bundle (shared library, plan, params, runner, manifest.json) atomically;
+        for a simulated accelerator, its programs (codegen/accel/export.py)."""
         out_dir = Path(out_dir)
+        if self.target.runner == "sim":  # the accelerator programs; the host part runs in-process
+            from lastbit.codegen.accel.export import export_programs
+
+            log.warning("%s: writing the accelerator programs only; the host part of the model is not bundled",
+                        self.target.triple)
+            return export_programs(self._compiled.accel, out_dir, self.target.triple, self.graph.name)
         if self._bundle_dir is not None:  # already built to run it (ARM): do not compile again
             from lastbit.codegen.bundle import copy_bundle
 
@@ -168,7 +178,13 @@ class Artifact:
     def report(self) -> Report:
         """Parameters, bytes (codes packed), FLOPs per layer; with labelled squeeze data on
         the host, also the compiled model's accuracy on it (measured once)."""
-        report = build_report(self.graph, self.target.triple)
+        report = build_report(self.graph, self.target.triple, self._compiled.kernels)
+        if getattr(self._compiled, "accel", None) is not None:  # cycles, utilisation, DRAM, energy vs int8 MACs
+            report.accelerator = self._compiled.accel.summary()
+            offloaded = {row["layer"] for row in report.accelerator["layers"]}
+            for layer in report.layers:
+                if layer.name in offloaded:
+                    layer.kernel = f"accel {report.accelerator['config']['name']} shift-add"
         sq = self.squeeze
         if sq is not None and sq.data is not None and sq.has_labels and self.target.is_host:
             if self._accuracy is None:

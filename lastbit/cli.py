@@ -42,18 +42,122 @@ def main(verbose: int) -> None:
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None, help="Write the IR after each pipeline phase here.")
 @click.option("--untrained", is_flag=True, help="Zoo models: seeded random weights instead of trained ones (no training on first use).")
 @click.option("--quant", default=None, metavar="SCHEME:BITS", help="Quantize weights data-free, e.g. pow2:3 (or pow2:ternary).")
-def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, untrained: bool, quant: str | None) -> None:
+@click.option("--db", "db_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None, help="Tuning database from `lastbit tune`: use its best schedules.")
+@click.option("--prune", default=None, metavar="RATIO|flops:F", help="Remove this share of every channel group (0.5), or keep F of the FLOPs (flops:0.5).")
+@click.option("--prune-criterion", default="l1", show_default=True, type=click.Choice(["l1", "bn"]), help="Channel importance: filter L1 norm or BN-γ.")
+@click.option("--lowrank", default=None, metavar="auto|ENERGY|flops:F", help="Split dense and k×k conv layers by truncated SVD.")
+@click.option("--sparsity", default=None, type=click.FloatRange(0, 1, max_open=True), help="Zero this share of each weight (stored run-length encoded).")
+def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, untrained: bool, quant: str | None,
+                db_dir: Path | None, prune: str | None, prune_criterion: str, lowrank: str | None,
+                sparsity: float | None) -> None:
     """Compile MODEL (zoo name, .onnx or .pt2) for a target and export a deployable bundle."""
     import lastbit
 
-    squeeze = lastbit.Squeeze.from_cli(quant) if quant else None
+    structural = _structural_squeeze(prune, prune_criterion, lowrank, sparsity)
+    squeeze = lastbit.Squeeze.from_cli(quant, **structural) if quant else \
+        (lastbit.Squeeze(**structural) if structural else None)
     module, example = _load_model(model, pretrained=not untrained)
     artifact = lastbit.compile(
-        module, target=target, example_inputs=example, name=Path(model).stem, dump_ir=dump_ir, squeeze=squeeze
+        module, target=target, example_inputs=example, name=Path(model).stem, dump_ir=dump_ir, squeeze=squeeze,
+        db=db_dir,
     )
     artifact.export(out_dir)
     click.echo(artifact.report().format_table())
     click.echo(f"bundle written to {out_dir}")
+
+
+def _structural_squeeze(prune: str | None, criterion: str, lowrank: str | None, sparsity: float | None) -> dict:
+    """Squeeze keyword arguments for --prune/--lowrank/--sparsity (numbers parsed, specs kept)."""
+    def number_or_spec(text: str | None):
+        if text is None:
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    options: dict = {}
+    if prune is not None:
+        options.update(prune=number_or_spec(prune), prune_criterion=criterion)
+    if lowrank is not None:
+        options["rank"] = number_or_spec(lowrank)
+    if sparsity:
+        options["sparsity"] = sparsity
+    return options
+
+
+@main.command("tune")
+@click.argument("model")
+@click.option("--target", "-t", default="x86_64-linux-gnu", show_default=True, help="Target triple (see `lastbit targets`).")
+@click.option("--trials", "-n", default=64, show_default=True, type=click.IntRange(min=1), help="Measured candidates per task (including earlier runs with --resume).")
+@click.option("--db", "db_dir", required=True, type=click.Path(path_type=Path, file_okay=False), help="Tuning database directory (MetaSchedule JSON, one folder per target).")
+@click.option("--tracker", default=None, metavar="HOST:PORT", help="RPC tracker of a device farm (default: a private loopback worker).")
+@click.option("--key", default=None, help="Device key at the tracker (`lastbit farm status` lists them).")
+@click.option("--resume", is_flag=True, help="Continue the database: measured candidates are not measured again.")
+@click.option("--timeout", "timeout_s", default=10.0, show_default=True, help="Seconds one measurement may take before it is marked failed.")
+@click.option("--untrained", is_flag=True, help="Zoo models: seeded random weights (tuning does not depend on the weights).")
+@click.option("--quant", default=None, metavar="SCHEME:BITS", help="Tune the quantized model, e.g. pow2:3.")
+def tune_cmd(model: str, target: str, trials: int, db_dir: Path, tracker: str | None, key: str | None, resume: bool,
+             timeout_s: float, untrained: bool, quant: str | None) -> None:
+    """Tune the kernels of MODEL on a device farm and store every measurement in --db."""
+    import lastbit
+    from lastbit.autotune.tuner import tune_model
+
+    if tracker and not key:
+        raise click.UsageError("--tracker needs --key (the device kind to measure on)")
+    squeeze = lastbit.Squeeze.from_cli(quant) if quant else None
+    module, example = _load_model(model, pretrained=not untrained)
+    try:
+        result = tune_model(module, target, db_dir, trials=trials, example_inputs=example, squeeze=squeeze,
+                            tracker=tracker, key=key, resume=resume, timeout_s=timeout_s, name=Path(model).stem)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; every finished measurement is in {db_dir}: continue with --resume", err=True)
+        sys.exit(130)
+    click.echo(result.format_table())
+    click.echo(f"records in {result.db_dir}; apply with: lastbit compile {model} --target {target} --db {db_dir} -o OUT")
+
+
+@main.group("farm")
+def farm_group() -> None:
+    """Device farm for tuning: an RPC tracker, workers that register with it, their status."""
+
+
+@farm_group.command("tracker")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 to serve other machines).")
+@click.option("--port", default=9190, show_default=True, type=int)
+def farm_tracker_cmd(host: str, port: int) -> None:
+    """Run the RPC tracker until Ctrl-C."""
+    from lastbit.autotune.farm import run_tracker
+
+    run_tracker(host, port)
+
+
+@farm_group.command("worker")
+@click.option("--tracker", required=True, metavar="HOST:PORT", help="The tracker to register with.")
+@click.option("--key", required=True, help="Device kind this worker measures for (e.g. x86-host, rpi4).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve sessions on.")
+@click.option("--port", default=9090, show_default=True, type=int, help="First port to try (the next free one is used).")
+@click.option("--threads", default=None, type=int, help="TVM_NUM_THREADS for the kernels measured here.")
+def farm_worker_cmd(tracker: str, key: str, host: str, port: int, threads: int | None) -> None:
+    """Serve measurements for KEY until Ctrl-C, restarting after a crashing kernel."""
+    from lastbit.autotune.farm import connect_tracker, parse_address, run_worker
+
+    connect_tracker(*parse_address(tracker), timeout_s=5.0)  # fail now, clearly, if it is not there
+    run_worker(tracker, key, host=host, port=port, threads=threads)
+
+
+@farm_group.command("status")
+@click.option("--tracker", default="127.0.0.1:9190", show_default=True, metavar="HOST:PORT")
+def farm_status_cmd(tracker: str) -> None:
+    """List the devices registered at the tracker, per key."""
+    from lastbit.autotune.farm import farm_status, parse_address
+
+    rows = farm_status(*parse_address(tracker))
+    click.echo(f"{'key':<20} {'free':>4} {'pending':>7}  servers")
+    for row in rows:
+        click.echo(f"{row.key:<20} {row.free:>4} {row.pending:>7}  {', '.join(row.servers) or '-'}")
+    if not rows:
+        click.echo("(no workers registered)")
 
 
 @main.command("run")

@@ -64,6 +64,9 @@ class Graph:
     name: str = "model"
     # Quantized weights, keyed by the weight parameter they replaced (see QuantInfo).
     quant: dict[str, QuantInfo] = field(default_factory=dict)
+    # FLOPs of each conv/dense layer (by source name) before a structural pass (pruning,
+    # low-rank) changed it, so the report can show before/after; empty when none ran.
+    layer_flops_before: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_params(self) -> int:

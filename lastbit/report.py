@@ -21,6 +21,7 @@ class LayerInfo:
     params: int
     flops: int
     kernel: str = "fp32"  # which kernel the target picked for it; "pow2-4 (ref)": dequantize + fp32
+    kernel_note: str = ""  # why: the preferred kernels that passed (and their reasons), or why it stayed float
     bits: int = 32  # storage bits per weight (the code width when quantized)
     weight_bytes: int = 0  # the weight as stored: packed codes + α, or 4 bytes/param
 
@@ -43,6 +44,17 @@ class Report:
     latency_ms: float | None = None
     fp32_bytes: int = 0  # the same parameters at 4 bytes each
     accuracy: float | None = None  # top-1 on the squeeze data, when it has labels
+    accelerator: dict | None = None  # accelerator targets: AccelModule.summary() (cycles, utilisation, energy)
+    # Structural squeezes (prune / low-rank): each layer's FLOPs before them, by layer name.
+    flops_before: dict[str, int] = field(default_factory=dict)
+    # Weights stored sparse-aware (passes/sparsity.py: dense, bitmap or run-length codes per
+    # tensor, whichever is smallest); None when no weight has a zero worth encoding.
+    encoded_bytes: int | None = None
+
+    @property
+    def encoded_compression(self) -> float | None:
+        """fp32 size over the sparse-aware stored size: sparsity and codes together."""
+        return self.fp32_bytes / self.encoded_bytes if self.encoded_bytes else None
 
     @property
     def compression(self) -> float:
@@ -61,6 +73,7 @@ class Report:
             rows.append(
                 f"{layer.name[:40]:<40} {layer.op:<8} {str(layer.weight_shape):<18} "
                 f"{str(layer.output_shape):<18} {layer.flops / 1e6:>9.2f} {layer.bits:>4}  {layer.kernel}"
+                + (f"  [{layer.kernel_note}]" if layer.kernel_note else "")
             )
         rows.append(
             f"total: {self.params:,} params, {self.model_bytes / 1e6:.2f} MB"
@@ -69,11 +82,59 @@ class Report:
             + (f", {self.latency_ms:.3f} ms" if self.latency_ms is not None else "")
             + (f", accuracy {self.accuracy:.2%}" if self.accuracy is not None else "")
         )
+        if self.accelerator and "total" in self.accelerator:
+            rows += accelerator_lines(self.accelerator)
+        rows += squeeze_lines(self)
         return "\n".join(rows)
 
 
-def layer_table(graph: Graph) -> list[LayerInfo]:
-    """Cost every conv/matmul whose weight is a parameter of the graph (quantized or not)."""
+def squeeze_lines(report: Report) -> list[str]:
+    """FLOPs before/after per layer changed by pruning or low-rank, and the sparse storage."""
+    rows = []
+    if report.flops_before:
+        after: dict[str, int] = {}
+        for layer in report.layers:  # a low-rank split "fc1.svd0" + "fc1.svd1" counts as "fc1"
+            base = layer.name.rsplit(".svd", 1)[0]
+            after[base] = after.get(base, 0) + layer.flops
+        changed = [(n, b, after.get(n, 0)) for n, b in report.flops_before.items() if after.get(n, 0) != b]
+        total_before = sum(report.flops_before.values())
+        rows.append(f"pruning/low-rank: {total_before / 1e6:.2f} -> {report.flops / 1e6:.2f} MFLOPs "
+                    f"({len(changed)} layer(s) changed)")
+        rows += [f"  {name[:40]:<40} {b / 1e6:>9.2f} -> {a / 1e6:>9.2f} MFLOPs" for name, b, a in changed]
+    if report.encoded_bytes is not None:
+        rows.append(f"sparse storage: {report.encoded_bytes / 1e6:.3f} MB "
+                    f"({report.encoded_compression:.1f}x smaller than fp32, sparsity and codes together)")
+    return rows
+
+
+def accelerator_lines(summary: dict) -> list[str]:
+    """The accelerator part of the table: one row per offloaded layer, then the totals beside
+    the int8-MAC design of the same array size."""
+    rows = [f"accelerator '{summary['config']['name']}' ({summary['config']['rows']}x{summary['config']['cols']} "
+            f"{summary['config']['pe']} PEs, {summary['config']['clock_mhz']:g} MHz): "
+            f"{summary['offloaded_layers']} layer(s) offloaded, {len(summary['host_layers'])} on the host",
+            f"  {'layer':<32} {'cycles':>10} {'util':>6} {'DRAM KB':>9} {'energy uJ':>10}  tiling"]
+    for row in summary["layers"]:
+        t = row["tiling"]
+        rows.append(f"  {row['layer'][:32]:<32} {row['cycles']:>10,} {row['pe_utilisation']:>6.1%} "
+                    f"{row['dram_bytes'] / 1e3:>9.1f} {row['energy_pj'] / 1e6:>10.2f}  "
+                    f"{t['tile_oh']}x{t['tile_ow']} px, {t['tile_ob']} ob, {t['tile_cb']} cb, {t['order']}")
+    total = summary["total"]
+    line = (f"  total: {total['cycles']:,} cycles ({total['latency_ms']:.3f} ms), PE utilisation "
+            f"{total['pe_utilisation']:.1%}, DRAM {total['dram_bytes'] / 1e6:.2f} MB, energy {total['energy_pj'] / 1e6:.2f} uJ")
+    rows.append(line)
+    if "mac8_total_energy_pj" in summary:
+        rows.append(f"  int8-MAC array of the same size: {summary['mac8_cycles']:,} cycles, DRAM "
+                    f"{summary['mac8_dram_bytes'] / 1e6:.2f} MB, energy {summary['mac8_total_energy_pj'] / 1e6:.2f} uJ "
+                    f"(shift-add uses {summary['energy_ratio_vs_mac8']:.0%} of it); PE array "
+                    f"{total['pe_area_mm2']:.3f} mm2 vs {summary['mac8_pe_area_mm2']:.3f} mm2")
+    return rows
+
+
+def layer_table(graph: Graph, kernels: dict | None = None) -> list[LayerInfo]:
+    """Cost every conv/matmul whose weight is a parameter of the graph (quantized or not).
+    ``kernels`` (layer var -> ``quant_lowering.KernelChoice``) names the integer kernel each
+    quantized layer got; without it, or for a layer it lacks, the float reference is shown."""
     from lastbit.passes.quantize_pow2 import weighted_layers
 
     weight_of_codes = {info.codes_param: weight for weight, info in graph.quant.items()}
@@ -93,6 +154,10 @@ def layer_table(graph: Graph) -> list[LayerInfo]:
             macs = int(np.prod(out_shape)) * int(layer.call.args[1].ty.shape[-2])
             kind = "dense"
         source = quant.source_name if quant else graph.source_names.get(pname, pname)
+        choice = (kernels or {}).get(layer.var) if quant else None
+        kernel = f"{quant.code_set} (ref)" if quant else "fp32"
+        if choice is not None and choice.is_integer:
+            kernel = choice.kernel
         layers.append(
             LayerInfo(
                 name=source.removesuffix(".weight"),
@@ -101,7 +166,8 @@ def layer_table(graph: Graph) -> list[LayerInfo]:
                 output_shape=out_shape,
                 params=int(w.size),
                 flops=2 * macs,
-                kernel=f"{quant.code_set} (ref)" if quant else "fp32",
+                kernel=kernel,
+                kernel_note=(choice.reason or "; ".join(choice.passed_over)) if choice is not None else "",
                 bits=quant.bits if quant else 8 * w.itemsize,
                 weight_bytes=(packed_bytes(w.size, quant.bits) + graph.params[quant.alpha_param].nbytes)
                 if quant else int(w.nbytes),
@@ -131,8 +197,8 @@ def stored_bytes(graph: Graph) -> tuple[int, int, int]:
     return int(params), int(stored), 4 * int(params)
 
 
-def build_report(graph: Graph, target: str) -> Report:
-    layers = layer_table(graph)
+def build_report(graph: Graph, target: str, kernels: dict | None = None) -> Report:
+    layers = layer_table(graph, kernels)
     params, stored, fp32 = stored_bytes(graph)
     return Report(
         model=graph.name,
@@ -142,4 +208,17 @@ def build_report(graph: Graph, target: str) -> Report:
         flops=int(sum(layer.flops for layer in layers)),
         layers=layers,
         fp32_bytes=fp32,
+        flops_before=dict(graph.layer_flops_before),
+        encoded_bytes=_encoded_bytes(graph),
     )
+
+
+def _encoded_bytes(graph: Graph) -> int | None:
+    """Stored size with each tensor in its cheapest sparse-aware encoding, when that beats
+    the dense packing somewhere (a sparse model); else None."""
+    from lastbit.passes.sparsity import storage_table
+
+    table = storage_table(graph)
+    if not any(t.encoding.scheme != "dense" for t in table):
+        return None
+    return int(sum(t.size_bytes for t in table))

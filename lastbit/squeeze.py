@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lastbit.passes.admm import ADMM_RHO
 from lastbit.passes.pow2_projection import CodeSet, QuantizationError, code_set
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,12 @@ class Squeeze:
     per_channel
         One α per output channel (True) or one per tensor.
     keep_first_last
-        Leave the first and last weighted layers (in dataflow order) in float32, in the graph
-        and in the report (4 bytes/param, kernel "fp32"). They are the most sensitive layers
-        and hold few of the weights; keeping them float is what the ADMM paper does.
+        Keep the first and last weighted layers (in dataflow order) off the low-bit code set:
+        they are the most sensitive layers and hold few of the weights, so the ADMM paper and
+        its peers keep them at 8 bit. They are stored on ``first_last_codes``.
+    first_last_codes
+        Code set of the kept first/last layers: "int8" (default; symmetric, one α per output
+        channel, 8 bits in the report, kernel "int8") or None to leave them float32.
     data
         (X, y) arrays, X alone, or an iterable of (x, y) batches. With labels and a torch
         module, mode "auto" fine-tunes with ADMM; in every mode X calibrates the int8
@@ -47,14 +51,35 @@ class Squeeze:
         "auto" (ADMM when data with labels and the torch module are available, else the
         data-free projection), "data-free" or "admm".
     epochs, lr, rho, batch_size, admm_options
-        ADMM fine-tuning settings; ``admm_options`` holds any other keyword of
+        ADMM fine-tuning settings (defaults: the recipe measured in benchmarks/quant_accuracy.py,
+        3 epochs, cosine lr from 0.01, ρ0 = 5 growing ×1.3 over 9 G-steps, a fixed last fifth);
+        ``admm_options`` holds any other keyword of
         ``lastbit.passes.admm.admm_finetune`` (rho_growth, distill_from, …).
+    integer_kernels
+        Run each quantized layer as int8 activations × an integer kernel the target picks
+        (``codegen/quant_lowering.py``; the report says which). False keeps the float
+        reference decode ``astype(codes)·α`` + fp32 kernels: float activations, exact
+        against torch with the projected weights, no integer speed-up.
     fake_quant_activations
         Insert int8 quantize→dequantize on every quantized layer's input in the reference
         graph (off by default: the reference keeps float activations).
     activation_percentile, calibration_samples
         The activation scale is the given percentile of |input| over at most that many
         calibration samples, divided by 127.
+    prune, prune_criterion, prune_epochs
+        Structured channel pruning (``passes/prune_channels.py``), run first: a ratio of every
+        channel group (0.5), a ratio per layer ({"layer1.0.conv1": 0.5}) or a FLOP target
+        ("flops:0.5" keeps about half). Criterion "l1", "bn" (BN-γ) or "taylor" (|w·∂L/∂w|,
+        needs labelled data and the torch module). ``prune_epochs`` > 0 fine-tunes the pruned
+        torch module that long (at ``lr``, ``batch_size``) and compiles its weights.
+    rank
+        Low-rank splitting of dense and k×k conv layers (``passes/lowrank.py``), after
+        pruning: "auto" (energy 0.9), an energy in (0, 1], "flops:F" or a fixed int rank.
+    sparsity
+        Unstructured sparsity (``passes/sparsity.py``), before quantization: the share of
+        each conv/dense weight set to zero; the report stores the codes run-length encoded.
+    With any of these three, "auto" quantization is data-free (ADMM fine-tunes the unpruned
+    torch module, whose weights no longer fit the graph).
     """
 
     bits: int | None = None
@@ -62,16 +87,23 @@ class Squeeze:
     scheme: str = "pow2"
     per_channel: bool = True
     keep_first_last: bool = True
+    first_last_codes: str | None = "int8"
     data: Any = field(default=None, compare=False, hash=False, repr=False)
     mode: str = "auto"
-    epochs: int = 20
+    epochs: int = 3
     lr: float = 0.01
-    rho: float = 1.0
+    rho: float = ADMM_RHO
     batch_size: int = 64
     admm_options: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    integer_kernels: bool = True
     fake_quant_activations: bool = False
     activation_percentile: float = 99.99
     calibration_samples: int = 256
+    prune: Any = field(default=None, hash=False)
+    prune_criterion: str = "l1"
+    prune_epochs: int = 0
+    rank: Any = None
+    sparsity: float | None = None
 
     def __post_init__(self) -> None:
         if self.data is not None and not hasattr(self.data, "shape") and iter_once(self.data):
@@ -86,6 +118,8 @@ class Squeeze:
             chosen = code_set(self.codes)  # raises, naming the value, for an unknown set
             if self.bits is not None and chosen.bits != self.bits:
                 log.warning("codes=%r (%d bits) overrides bits=%d", self.codes, chosen.bits, self.bits)
+        if self.first_last_codes is not None:
+            code_set(self.first_last_codes)  # raises, naming the value, for an unknown set
         if self.mode not in MODES:
             raise QuantizationError(f"unknown squeeze mode {self.mode!r}; known: {', '.join(MODES)}")
         if self.mode == "admm" and self.data is None:
@@ -98,6 +132,41 @@ class Squeeze:
             raise QuantizationError(f"activation_percentile must be in (0, 100], got {self.activation_percentile!r}")
         if self.calibration_samples < 1:
             raise QuantizationError(f"calibration_samples must be ≥ 1, got {self.calibration_samples!r}")
+        self._check_structural()
+
+    def _check_structural(self) -> None:
+        """Validate prune / rank / sparsity (each parser raises naming the bad value)."""
+        from lastbit.passes.lowrank import parse_rank
+        from lastbit.passes.prune_channels import (
+            CRITERIA,
+            PruneError,
+            parse_prune_target,
+        )
+        from lastbit.passes.sparsity import SparsityError
+
+        if self.prune is not None:
+            parse_prune_target(self.prune)
+        if self.prune_criterion not in CRITERIA:
+            raise PruneError(f"unknown prune_criterion {self.prune_criterion!r}; known: {', '.join(CRITERIA)}")
+        if self.prune is not None and self.prune_criterion == "taylor" and not self.has_labels:
+            raise PruneError("prune_criterion='taylor' needs labelled data: Squeeze(..., data=(X, y))")
+        if isinstance(self.prune_epochs, bool) or not isinstance(self.prune_epochs, int) or self.prune_epochs < 0:
+            raise PruneError(f"prune_epochs must be an int ≥ 0, got {self.prune_epochs!r}")
+        if self.prune_epochs and not self.has_labels:
+            raise PruneError("prune_epochs (fine-tuning after pruning) needs labelled data: Squeeze(..., data=(X, y))")
+        if self.rank is not None:
+            parse_rank(self.rank)
+        if self.sparsity is not None and (isinstance(self.sparsity, bool) or
+                                          not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1):
+            raise SparsityError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
+        if self.mode == "admm" and self.restructures:
+            raise QuantizationError("mode='admm' fine-tunes the unpruned torch module; it cannot be combined "
+                                    "with prune, rank or sparsity (use mode='data-free')")
+
+    @property
+    def restructures(self) -> bool:
+        """Whether pruning, low-rank splitting or sparsity changes the weights before quantization."""
+        return self.prune is not None or self.rank is not None or bool(self.sparsity)
 
     @property
     def quantizes(self) -> bool:
@@ -123,7 +192,7 @@ class Squeeze:
             if not torch_module_available:
                 raise QuantizationError("mode='admm' fine-tunes the torch module; compile a torch.nn.Module, not a file")
             return "admm"
-        if self.mode == "auto" and self.has_labels and torch_module_available:
+        if self.mode == "auto" and self.has_labels and torch_module_available and not self.restructures:
             return "admm"
         return "data-free"
 

@@ -30,3 +30,12 @@ def test_non_editable_install_maps_every_stage(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "aarch64-linux-gnu" in proc.stdout
     assert not (target / "passes").exists() and not (target / "frontend").exists()
+    # Every package folder of the tree is installed (a subpackage missing from pyproject's
+    # explicit list would only fail on a user's machine).
+    stages = {"lastbit": "lastbit", "frontend": "lastbit/frontend", "passes": "lastbit/passes",
+              "codegen": "lastbit/codegen", "targets": "lastbit/targets", "autotune": "lastbit/autotune"}
+    for folder, installed in stages.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            package = init.parent.relative_to(REPO / folder)
+            assert (target / installed / package / "__init__.py").is_file(), f"{folder}/{package} is not installed"
+    assert (target / "lastbit/codegen/accel/presets.toml").is_file()
