@@ -12,6 +12,7 @@ from lastbit.frontend.models import ZOO, calibrate_batchnorm, example_input, get
 OUTPUT_SHAPES = {
     "lenet5": (1, 10),
     "resnet20": (1, 10),
+    "resnet8": (1, 10),
     "mlp": (1, 10),
     "resnet18": (1, 1000),
     "mobilenetv2": (1, 1000),
