@@ -138,11 +138,18 @@ def farm_tracker_cmd(host: str, port: int) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve sessions on.")
 @click.option("--port", default=9090, show_default=True, type=int, help="First port to try (the next free one is used).")
 @click.option("--threads", default=None, type=int, help="TVM_NUM_THREADS for the kernels measured here.")
-def farm_worker_cmd(tracker: str, key: str, host: str, port: int, threads: int | None) -> None:
+@click.option("--device", type=click.Choice(["host", "accel-sim"]), default="host", show_default=True,
+              help="What measures: this CPU running compiled kernels, or the accelerator's cycle simulator.")
+def farm_worker_cmd(tracker: str, key: str, host: str, port: int, threads: int | None, device: str) -> None:
     """Serve measurements for KEY until Ctrl-C, restarting after a crashing kernel."""
     from lastbit.autotune.farm import connect_tracker, parse_address, run_worker
 
     connect_tracker(*parse_address(tracker), timeout_s=5.0)  # fail now, clearly, if it is not there
+    if device == "accel-sim":
+        from lastbit.codegen.accel.tuner import serve_forever
+
+        serve_forever(host, port, tracker, key)
+        return
     run_worker(tracker, key, host=host, port=port, threads=threads)
 
 

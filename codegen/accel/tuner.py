@@ -32,7 +32,7 @@ from lastbit.codegen.accel.timing_sim import simulate_timing
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MEASURE_FUNC", "TuneResult", "measure_cycles", "start_server", "tune_layer"]
+__all__ = ["MEASURE_FUNC", "TuneResult", "measure_cycles", "serve_forever", "start_server", "tune_layer"]
 
 MEASURE_FUNC = "lastbit.accel_sim.measure_cycles"
 
@@ -112,9 +112,21 @@ def start_server(host: str = "127.0.0.1", port: int = 9091, port_end: int = 9199
                       server_init_callback=_register)
 
 
+def serve_forever(host: str, port: int, tracker: str | None, key: str = "accel-sim", port_end: int | None = None) -> None:
+    """Run :func:`start_server` until interrupted (``lastbit farm worker --device accel-sim``)."""
+    import time
+
+    server = start_server(host, port, port_end or port + 100, tracker, key)
+    log.warning("accel-sim measuring server on %s:%d (key %s)", server.host, server.port, key)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        server.terminate()
+
+
 def _main(argv: list[str] | None = None) -> None:
     import argparse
-    import time
 
     parser = argparse.ArgumentParser(description="serve accelerator-program measurements over TVM RPC")
     parser.add_argument("--host", default="127.0.0.1")
@@ -123,13 +135,7 @@ def _main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker to register with")
     parser.add_argument("--key", default="accel-sim")
     args = parser.parse_args(argv)
-    server = start_server(args.host, args.port, args.port_end, args.tracker, args.key)
-    log.warning("accel-sim measuring server on %s:%d", server.host, server.port)
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        server.terminate()
+    serve_forever(args.host, args.port, args.tracker, args.key, args.port_end)
 
 
 if __name__ == "__main__":

@@ -49,3 +49,39 @@ def test_an_rpc_server_serves_as_the_measuring_device():
         server.terminate()
     local = tune_layer(LAYER, CODES, preset("small"), trials=3)
     assert remote.trials == local.trials
+
+
+@pytest.mark.slow
+def test_farm_worker_for_the_simulator_registers_and_measures():
+    """`lastbit farm worker --device accel-sim` joins a tracker; a tuner reaches it by key."""
+    import subprocess
+    import sys
+    import time
+
+    from tvm import rpc
+
+    from lastbit.autotune.farm import LocalFarm, farm_status, free_port
+
+    with LocalFarm(workers=0, key="unused") as farm:
+        port = free_port()
+        cmd = [sys.executable, "-m", "lastbit.cli", "farm", "worker", "--tracker", farm.tracker,
+               "--key", "accel-sim", "--device", "accel-sim", "--port", str(port)]
+        worker = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if any(row.key == "accel-sim" and row.servers for row in farm_status(farm.host, farm.port)):
+                    break
+                assert worker.poll() is None, worker.stderr.read().decode()
+                time.sleep(0.5)
+            else:
+                pytest.fail("the accel-sim worker never registered")
+            session = rpc.connect_tracker(farm.host, farm.port).request("accel-sim", session_timeout=60)
+            remote = tune_layer(LAYER, CODES, preset("small"), trials=2, session=session)
+        finally:
+            import os
+            import signal
+
+            os.killpg(worker.pid, signal.SIGTERM)
+            worker.wait(timeout=10)
+    assert remote.trials == tune_layer(LAYER, CODES, preset("small"), trials=2).trials
