@@ -63,7 +63,8 @@ class MeasureStats:
     measured: int = 0
     failed: int = 0
     timed_out: int = 0
-    retried: int = 0
+    retried: int = 0  # lost their device mid-measurement and went to another
+    requeued: int = 0  # their device vanished before the session opened
     tracker_reconnects: int = 0
     devices: set = field(default_factory=set)
 
@@ -240,6 +241,8 @@ class FarmRunner:
                 except _DeviceGone as err:
                     job.attempts -= 1
                     job.requeues += 1
+                    with self._lock:
+                        self.stats.requeued += 1
                     if job.requeues > 10:
                         finish(job, Measurement(error=f"no device accepted a session: {err}"))
                     else:

@@ -89,7 +89,8 @@ class TuneResult:
                          f"{_ms(best):>10} {default / best:>7.2f}x")
         s = self.stats
         lines.append(f"measured {s.measured}, failed {s.failed} (timed out {s.timed_out}), retried {s.retried}, "
-                     f"devices {len(s.devices)}, tracker reconnects {s.tracker_reconnects}; {self.elapsed_s:.0f} s")
+                     f"requeued {s.requeued}, devices {len(s.devices)}, tracker reconnects {s.tracker_reconnects}; "
+                     f"{self.elapsed_s:.0f} s")
         return "\n".join(lines)
 
 

@@ -30,9 +30,8 @@ def layer_type(row: dict) -> str:
 
 
 def measure(name: str, target: str = "accel-sim") -> dict:
-    from lastbit.frontend.models import get_model
-
     import lastbit
+    from lastbit.frontend.models import get_model
 
     model, x = get_model(name, pretrained=False, progress=False)
     squeeze = lastbit.Squeeze(bits=3)

@@ -145,8 +145,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="aarch64 only, the two layers")
     parser.add_argument("--layers", nargs="*")
     args = parser.parse_args(argv)
-    from lastbit.targets import get_target
     from results import update_section
+
+    from lastbit.targets import get_target
 
     logging.basicConfig(level=logging.WARNING)
     triples = TARGETS[:1] if args.quick else TARGETS

@@ -99,6 +99,7 @@ def interleaved_ms(engines: dict, repeat: int, number: int, warmup: int = 3) -> 
 
 def bench_batch(batch: int, n: int, k: int, repeat: int, number: int, tmp_dir) -> dict:
     import torch
+
     from lastbit.codegen.kernels import IntLayer, get_kernel
     from lastbit.codegen.kernels.common import build_for_host
     from lastbit.codegen.quant_reference import int_dense

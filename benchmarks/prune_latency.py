@@ -33,9 +33,8 @@ VARIANTS = {
 def bench_model(name: str, repeat: int, rounds: int = 3) -> list[dict]:
     """Compile every variant, then time them interleaved for ``rounds`` rounds (the median
     round counts), so load from other processes hits all variants alike."""
-    from lastbit.frontend.models import get_model
-
     import lastbit
+    from lastbit.frontend.models import get_model
 
     module, example = get_model(name, pretrained=False)
     x = example.numpy()
@@ -73,7 +72,6 @@ def compression_figure(name: str, bits: int = 3, sparsity: float = 0.9) -> dict:
     """Squeeze ``name`` with sparsity + pow2 codes (the default pipeline: first/last layers at
     int8) and read the report's sparse-aware storage size."""
     from lastbit.frontend.models import get_model
-
     from lastbit.pipeline import import_model, squeeze_passes
     from lastbit.report import build_report
     from lastbit.squeeze import Squeeze
@@ -99,10 +97,9 @@ def accuracy_rows(quick: bool) -> list[dict]:
     """Top-1 of the compiled resnet20 (trained on Fashion-MNIST) unpruned, pruned by a quarter,
     by half with each criterion, and by half then fine-tuned for one epoch on a slice of the
     train split."""
+    import lastbit
     from lastbit.frontend.datasets import fashion_mnist
     from lastbit.frontend.models import get_model
-
-    import lastbit
 
     module, example = get_model("resnet20", pretrained=True)
     train, test = fashion_mnist("train"), fashion_mnist("test")

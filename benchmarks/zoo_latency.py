@@ -105,9 +105,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--repeat", type=int, default=None)
     args = parser.parse_args(argv)
     import torch
+    from results import update_section
 
     from lastbit.frontend.models import ZOO
-    from results import update_section
 
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.WARNING)

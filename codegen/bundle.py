@@ -23,7 +23,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lastbit.errors import ArtifactError, RunError, TargetError, UnsupportedOpError
+from lastbit.fileio import check_replaceable_dir, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ def build_bundle(
     clash = sorted(set(extra_manifest or {}) & set(MANIFEST_KEYS))
     if clash:
         raise ValueError(f"extra_manifest keys {clash} would overwrite bundle fields")
-    _check_replaceable(out_dir)
+    check_replaceable_dir(out_dir, MANIFEST_FILE, FORMAT, "a lastbit bundle")
     plan = extract_plan(mod)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -411,7 +411,7 @@ def build_bundle(
         manifest.update(extra_manifest or {})
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be copied around
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -542,51 +542,17 @@ def copy_bundle(bundle_dir: "str | Path", out_dir: "str | Path") -> Path:
     (copied beside it, renamed into place, an old bundle replaced only then)."""
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir).absolute()
     load_manifest(bundle_dir)  # a damaged source is refused before anything is written
-    _check_replaceable(out_dir)
+    check_replaceable_dir(out_dir, MANIFEST_FILE, FORMAT, "a lastbit bundle")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
         os.chmod(tmp, 0o755)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _check_replaceable(out_dir: Path) -> None:
-    """Only an empty directory or an earlier bundle may be replaced: a mistyped out_dir must
-    never cost the user a directory of their own."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise ArtifactError(f"{out_dir}: exists and is not a directory; refusing to replace it")
-    if not any(out_dir.iterdir()):
-        return
-    try:
-        is_bundle = json.loads((out_dir / MANIFEST_FILE).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        is_bundle = False
-    if not is_bundle:
-        raise ArtifactError(f"{out_dir}: exists and is not a lastbit bundle; refusing to replace it")
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Move the finished bundle ``new`` to ``dest``; an old ``dest`` goes only after that."""
-    if dest.is_dir() and not any(dest.iterdir()):
-        dest.rmdir()
-    if not dest.exists():
-        os.rename(new, dest)
-        return
-    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(dest, old)
-    try:
-        os.rename(new, dest)
-    except BaseException:
-        os.rename(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -40,3 +42,43 @@ def atomic_save_npy(path: "str | Path", array: np.ndarray) -> Path:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+# --- whole directories (bundles, exports): built beside the destination, renamed into place ---
+
+
+def check_replaceable_dir(out_dir: Path, manifest: str, format_tag: str, what: str) -> None:
+    """Only a missing or empty directory, or one holding an earlier output of the same kind
+    (its ``manifest`` JSON has ``"format": format_tag``), may be replaced: a mistyped
+    out_dir must never cost the user a directory of their own."""
+    from lastbit.errors import ArtifactError
+
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ArtifactError(f"{out_dir}: exists and is not a directory; refusing to replace it")
+    if not any(out_dir.iterdir()):
+        return
+    try:
+        ours = json.loads((out_dir / manifest).read_text()).get("format") == format_tag
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ArtifactError(f"{out_dir}: exists and is not {what}; refusing to replace it")
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Move the finished directory ``new`` to ``dest``; an old ``dest`` goes only after that."""
+    if dest.is_dir() and not any(dest.iterdir()):
+        dest.rmdir()
+    if not dest.exists():
+        os.rename(new, dest)
+        return
+    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(dest, old)
+    try:
+        os.rename(new, dest)
+    except BaseException:
+        os.rename(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -256,8 +256,9 @@ class LowRank:
         return LowRankSplit(name, layer.kind, full, rank, flops, after), (a, b)
 
     def _rewrite(self, graph: Graph, plan: dict) -> Graph:
-        from lastbit.passes.relax_rebuild import SKIP, rebuild_main
         from tvm import relax
+
+        from lastbit.passes.relax_rebuild import SKIP, rebuild_main
 
         dropped = {layer.weight for layer, *_ in plan.values()}
         params: dict[str, np.ndarray] = {}

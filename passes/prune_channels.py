@@ -26,15 +26,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from lastbit.errors import LastbitError
+from lastbit.graph import Graph
 from lastbit.passes.channel_groups import (
     ChannelAnalysis,
     ChannelGroup,
     analyze_channels,
     elementwise_call_tir_op,
 )
-
-from lastbit.errors import LastbitError
-from lastbit.graph import Graph
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,7 @@ def taylor_contributions(graph: Graph, analysis: ChannelAnalysis, module, data, 
     read it), then squared; scores are averaged over up to ``max_batches`` batches.
     """
     import torch
+
     from lastbit.passes.quantize_pow2 import calibration_inputs
 
     named = dict(module.named_parameters())
@@ -446,7 +447,6 @@ class PruneChannels:
         pruned = pruned.replace(layer_flops_before={**before, **graph.layer_flops_before})
         if self.finetune_epochs:
             from lastbit.passes.prune_finetune import finetune_pruned
-
             from lastbit.squeeze import data_has_labels
 
             if self.torch_module is None or not data_has_labels(self.data):

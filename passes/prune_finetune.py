@@ -14,10 +14,10 @@ import logging
 from typing import Any
 
 import numpy as np
-from lastbit.passes.channel_groups import ChannelAnalysis
-from lastbit.passes.prune_channels import PruneError
 
 from lastbit.graph import Graph
+from lastbit.passes.channel_groups import ChannelAnalysis
+from lastbit.passes.prune_channels import PruneError
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ def finetune_pruned(module, original: Graph, pruned: Graph, analysis: ChannelAna
                     data: Any, epochs: int, lr: float, batch_size: int) -> tuple[Graph, Any]:
     """Shrink ``module`` like ``pruned``, fine-tune it, re-import it: (graph, trained module)."""
     import torch
+
     from lastbit.frontend import from_torch
 
     if original.source != "torch":

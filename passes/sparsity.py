@@ -231,6 +231,7 @@ class Sparsify:
     def _gradients(self, graph: Graph, weights: set[str]) -> dict[str, np.ndarray]:
         """Mean |∂L/∂w| of cross-entropy over up to ``max_batches`` batches, per graph weight."""
         import torch
+
         from lastbit.passes.prune_channels import _labels
         from lastbit.passes.quantize_pow2 import calibration_inputs
 

@@ -20,7 +20,6 @@ from lastbit.codegen.accel.config import (
     load_presets,
     preset,
 )
-
 from lastbit.errors import TargetError
 
 __all__ = ["AccelConfig", "AccelConfigError", "bind_target", "config_for_target", "load_presets", "preset"]

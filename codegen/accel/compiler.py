@@ -25,9 +25,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
 from lastbit.codegen.accel.config import AccelConfig
 from lastbit.codegen.accel.isa import AluOp, Buffer, Instruction, Opcode
-
 from lastbit.errors import LastbitError
 
 log = logging.getLogger(__name__)

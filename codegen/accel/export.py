@@ -14,16 +14,16 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+
 from lastbit.codegen.accel.compiler import AccelProgram, ConvLayer, DramLayout, Tiling
 from lastbit.codegen.accel.config import AccelConfig
 from lastbit.codegen.accel.isa import decode, encode
-
 from lastbit.errors import ArtifactError
+from lastbit.fileio import check_replaceable_dir, replace_dir
 
 __all__ = ["FORMAT", "export_programs", "load_programs"]
 
@@ -35,7 +35,7 @@ def export_programs(module, out_dir: str | Path, target: str, model: str) -> Pat
     """Write ``module`` (an offload.AccelModule) to ``out_dir``, built beside it and renamed
     into place; only an absent or empty folder, or an earlier export, is replaced."""
     out_dir = Path(out_dir)
-    _check_replaceable(out_dir)
+    check_replaceable_dir(out_dir, MANIFEST, FORMAT, "an accelerator export")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -57,7 +57,7 @@ def export_programs(module, out_dir: str | Path, target: str, model: str) -> Pat
                     "layers": layers, "host_layers": dict(module.skipped)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         os.chmod(tmp, 0o755)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -84,34 +84,3 @@ def load_programs(out_dir: str | Path) -> tuple[AccelConfig, list[AccelProgram],
             weight_image=np.frombuffer((out_dir / entry["weights"]).read_bytes(), dtype=np.uint8).copy()))
     return config, programs, manifest
 
-
-def _check_replaceable(out_dir: Path) -> None:
-    """A mistyped out_dir must never cost the user a folder of their own."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise ArtifactError(f"{out_dir}: exists and is not a directory; refusing to replace it")
-    if not any(out_dir.iterdir()):
-        return
-    try:
-        ours = json.loads((out_dir / MANIFEST).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise ArtifactError(f"{out_dir}: exists and is not an accelerator export; refusing to replace it")
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    if dest.is_dir() and not any(dest.iterdir()):
-        dest.rmdir()
-    if not dest.exists():
-        os.rename(new, dest)
-        return
-    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(dest, old)
-    try:
-        os.rename(new, dest)
-    except BaseException:
-        os.rename(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

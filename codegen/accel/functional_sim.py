@@ -13,10 +13,10 @@ accumulator buffer wraps like int32 hardware does.
 from __future__ import annotations
 
 import numpy as np
+
 from lastbit.codegen.accel.compiler import AccelProgram, decode_fields, unpack_nibbles
 from lastbit.codegen.accel.config import AccelConfig
 from lastbit.codegen.accel.isa import AluOp, Buffer, Instruction, Opcode
-
 from lastbit.errors import LastbitError
 
 __all__ = ["FunctionalSimulator", "SimulationError", "run_layer"]

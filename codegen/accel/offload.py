@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from lastbit.codegen import quant_reference as qr
 from lastbit.codegen.accel.compiler import (
     AccelCompileError,
@@ -38,7 +39,6 @@ from lastbit.codegen.accel.config import AccelConfig
 from lastbit.codegen.accel.energy import EnergyReport, estimate_energy, pe_energy_pj
 from lastbit.codegen.accel.functional_sim import FunctionalSimulator, run_layer
 from lastbit.codegen.accel.timing_sim import TimingReport, simulate_timing
-
 from lastbit.graph import Graph
 
 log = logging.getLogger(__name__)
@@ -174,8 +174,9 @@ def offload_to_accelerator(graph: Graph, config: AccelConfig) -> tuple[Graph, Ac
 
     The packed functions are registered process-wide under ``lastbit.accel_sim.<id>.<i>``."""
     import tvm
-    from lastbit.passes.quantize_pow2 import find_quantized_layers
     from tvm import relax
+
+    from lastbit.passes.quantize_pow2 import find_quantized_layers
 
     main = graph.mod["main"]
     n_in = len(graph.inputs)

@@ -17,9 +17,9 @@ from collections import deque
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
 from lastbit.codegen.accel.config import AccelConfig
 from lastbit.codegen.accel.isa import Buffer, Instruction, Opcode, Queue
-
 from lastbit.errors import LastbitError
 
 __all__ = ["DeadlockError", "TimingReport", "instruction_cycles", "simulate_timing"]

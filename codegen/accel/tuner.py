@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from lastbit.codegen.accel.compiler import (
     AccelCompileError,
     AccelProgram,

@@ -21,6 +21,7 @@ nothing, so padding is exact):
 from __future__ import annotations
 
 import numpy as np
+
 from lastbit.codegen.kernels import IntKernel, IntLayer, KernelError, register_kernel
 from lastbit.codegen.kernels.common import (
     check_codes_shape,

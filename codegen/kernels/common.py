@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+
 from lastbit.codegen.kernels import IntKernel, IntLayer, KernelError
 
 log = logging.getLogger(__name__)
@@ -171,17 +172,22 @@ def conv_tuning_space(layer: IntLayer):
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def register_vnni_intrin() -> str:
-    """Register ``C[16] += Σ_k u8 A[k] · s8 B[i, k]`` (k < 4) as one vpdpbusd; returns its name."""
+@functools.lru_cache(maxsize=None)
+def register_vnni_intrin(acc_scope: str = "global") -> str:
+    """Register ``C[16] += Σ_k u8 A[k] · s8 B[i, k]`` (k < 4) as one vpdpbusd; returns its name.
+
+    ``acc_scope`` is the accumulator's buffer scope (tensorize matches scopes): "local" for a
+    register tile that LLVM keeps in zmm registers across the reduction (int8-vnni-conv)."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
+
+    name = VNNI_INTRIN if acc_scope == "global" else f"{VNNI_INTRIN}_{acc_scope}_acc"
 
     @T.prim_func(s_tir=True)
     def desc(
         A: T.Buffer((4,), "uint8", offset_factor=1),
         B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope=acc_scope),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
@@ -196,7 +202,7 @@ def register_vnni_intrin() -> str:
     def impl(
         A: T.Buffer((4,), "uint8", offset_factor=1),
         B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope=acc_scope),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
@@ -210,8 +216,8 @@ def register_vnni_intrin() -> str:
                 dtype="int32x16",
             )
 
-    TensorIntrin.register(VNNI_INTRIN, desc, impl, override=True)
-    return VNNI_INTRIN
+    TensorIntrin.register(name, desc, impl, override=True)
+    return name
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,6 +303,7 @@ class BuiltKernel:
 def build_for_host(kernel: IntKernel, layer: IntLayer, codes: np.ndarray, target=None) -> BuiltKernel:
     """Pack ``codes``, schedule and compile the kernel for this machine (x86 host target)."""
     import tvm
+
     from lastbit.targets import get_target
 
     host = get_target("x86_64-linux-gnu")

@@ -27,7 +27,6 @@ Packed weights (``pack``): ``w_blocks`` int8 ``[O/16, C/4, KH, KW, 16, 4]`` (zer
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +38,7 @@ from lastbit.codegen.kernels.common import (
     code_levels,
     conv_output_shape,
     first_missing,
+    register_vnni_intrin,
 )
 
 NAME = "int8-vnni-conv"
@@ -166,54 +166,6 @@ def prim_func(layer: IntLayer):
 # Schedule
 # --------------------------------------------------------------------------------------------
 
-VNNI_LOCAL_INTRIN = "lastbit_dot_16x4_u8i8i32_vnni_local_acc"
-
-
-@functools.lru_cache(maxsize=1)
-def register_vnni_local_intrin() -> str:
-    """``common.register_vnni_intrin`` with the accumulator in a ``local`` buffer (tensorize
-    matches buffer scopes): the register tile is a small per-task local buffer that LLVM keeps
-    in zmm registers across the reduction loop."""
-    from tvm.s_tir import TensorIntrin
-    from tvm.script import tirx as T
-
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-    @T.prim_func(s_tir=True)
-    def impl(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"),
-                T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64"),
-                B.vload([0, 0], dtype="int8x64"),
-                dtype="int32x16",
-            )
-
-    TensorIntrin.register(VNNI_LOCAL_INTRIN, desc, impl, override=True)
-    return VNNI_LOCAL_INTRIN
-
-
 @dataclass(frozen=True)
 class ConvVnniKnobs:
     """The micro-kernel's shape: ``ow_tile`` output columns × ``oc_blocks`` 16-channel blocks
@@ -249,7 +201,7 @@ def _apply(sch, layer: IntLayer, ow_tile, oc_blocks, kw_unroll) -> None:
     """parallel(n, oc blocks, oh) / ow outer / (C/4, kh, kw outer) / kw inner, ow tile and oc
     blocks (unrolled) / 16×4 vpdpbusd.  Each knob is an int or a sampled variable; every
     factor must divide its loop (the tensorized block cannot carry a predicate)."""
-    intrin = register_vnni_local_intrin()
+    intrin = register_vnni_intrin("local")  # the register tile is a local buffer
     block = sch.get_sblock("acc_blocked")
     b, q, y, z, oi, rc, ry, rx, ri = sch.get_loops(block)
     qo, qi = sch.split(q, [None, oc_blocks])

@@ -13,6 +13,7 @@ Not done: NEON ``sdot`` (aarch64 ``+dotprod``): none of our ARM targets declares
 from __future__ import annotations
 
 import numpy as np
+
 from lastbit.codegen.kernels import IntKernel, IntLayer, KernelError, register_kernel
 from lastbit.codegen.kernels.common import (
     X86_VNNI_FEATURES,

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from lastbit.codegen.kernels import IntKernel, IntLayer, KernelError, register_kernel
 from lastbit.codegen.kernels.common import (
     X86_VNNI_FEATURES,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+
 from lastbit.codegen.kernels import IntKernel, IntLayer, KernelError, register_kernel
 from lastbit.codegen.kernels.common import (
     check_codes_shape,

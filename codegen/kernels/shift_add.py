@@ -15,6 +15,7 @@ Layouts (``pack``):
 from __future__ import annotations
 
 import numpy as np
+
 from lastbit.codegen.kernels import IntKernel, IntLayer, KernelError, register_kernel
 from lastbit.codegen.kernels.common import (
     check_codes_shape,

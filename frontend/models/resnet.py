@@ -51,20 +51,25 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class ResNet20(nn.Module):
-    """ResNet-20 (He et al. 2016, CIFAR variant): 3 stages × 3 blocks, 16/32/64 channels.
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) (He et al. 2016, CIFAR variant): 3 stages × n BasicBlocks, 16/32/64 channels.
 
     Adapted to 1×28×28 inputs: feature maps 28 → 14 → 7, then global average pooling.
     """
 
+    depth = 20
+
     def __init__(self, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
+        if (self.depth - 2) % 6:
+            raise ValueError(f"a CIFAR ResNet has depth 6n+2, not {self.depth}")
+        blocks = (self.depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU()
-        self.layer1 = _stage(16, 16, 3, stride=1)
-        self.layer2 = _stage(16, 32, 3, stride=2)
-        self.layer3 = _stage(32, 64, 3, stride=2)
+        self.layer1 = _stage(16, 16, blocks, stride=1)
+        self.layer2 = _stage(16, 32, blocks, stride=2)
+        self.layer3 = _stage(32, 64, blocks, stride=2)
         self.fc = nn.Linear(64, num_classes)
         _init_weights(self)
 
@@ -72,6 +77,12 @@ class ResNet20(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(x.mean((2, 3)))
+
+
+class ResNet20(CifarResNet):
+    """ResNet-20: 3 stages × 3 blocks."""
+
+    depth = 20
 
 
 class ResNet18(nn.Module):

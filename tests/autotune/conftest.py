@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from autotune_helpers import TinyMLP
 
 from lastbit.autotune.farm import LocalFarm

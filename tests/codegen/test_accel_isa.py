@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from lastbit.codegen.accel.isa import (
     FIELDS,
     Instruction,

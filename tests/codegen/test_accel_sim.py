@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+
 from lastbit.codegen import quant_reference as qr
 from lastbit.codegen.accel import AccelConfig, AccelConfigError, load_presets, preset
 from lastbit.codegen.accel.compiler import (

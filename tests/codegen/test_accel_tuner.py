@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from lastbit.codegen.accel import preset
 from lastbit.codegen.accel.compiler import (
     ConvLayer,

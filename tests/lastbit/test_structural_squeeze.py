@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from lastbit.passes.lowrank import LowRank
-from lastbit.passes.prune_channels import PruneChannels
-from lastbit.passes.quantize_pow2 import QuantizePow2
-from lastbit.passes.sparsity import Sparsify
 
 from lastbit.api import compile as lastbit_compile
 from lastbit.cli import main
 from lastbit.errors import LastbitError
+from lastbit.passes.lowrank import LowRank
+from lastbit.passes.prune_channels import PruneChannels
+from lastbit.passes.quantize_pow2 import QuantizePow2
+from lastbit.passes.sparsity import Sparsify
 from lastbit.pipeline import squeeze_passes
 from lastbit.squeeze import Squeeze
 

@@ -5,8 +5,6 @@ import io
 import numpy as np
 import pytest
 import torch
-from lastbit.frontend import from_onnx, from_torch
-from lastbit.passes.channel_groups import analyze_channels
 from prune_models import (
     ConcatNet,
     DepthwiseNet,
@@ -15,6 +13,9 @@ from prune_models import (
     ResidualNet,
     randomize,
 )
+
+from lastbit.frontend import from_onnx, from_torch
+from lastbit.passes.channel_groups import analyze_channels
 
 
 def _import(model, source, shape=(1, 3, 8, 8)):

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 from graph_runner import run_graph
+from torch import nn
+
 from lastbit.frontend import from_torch
 from lastbit.passes.flops import layer_flops
 from lastbit.passes.lowrank import (
@@ -15,7 +17,6 @@ from lastbit.passes.lowrank import (
     split_conv_separable,
     split_dense,
 )
-from torch import nn
 
 
 class ConvDense(nn.Module):

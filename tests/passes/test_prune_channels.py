@@ -7,6 +7,15 @@ import numpy as np
 import pytest
 import torch
 from graph_runner import run_graph, zero_channels
+from prune_models import (
+    ConcatNet,
+    DepthwiseNet,
+    FlattenNet,
+    GroupedNet,
+    ResidualNet,
+    randomize,
+)
+
 from lastbit.frontend import from_onnx, from_torch
 from lastbit.passes.channel_groups import analyze_channels
 from lastbit.passes.flops import layer_flops
@@ -19,14 +28,6 @@ from lastbit.passes.prune_channels import (
     parse_prune_target,
     prune_channels,
     taylor_scores,
-)
-from prune_models import (
-    ConcatNet,
-    DepthwiseNet,
-    FlattenNet,
-    GroupedNet,
-    ResidualNet,
-    randomize,
 )
 
 MODELS = {"residual": ResidualNet, "depthwise": DepthwiseNet, "concat": ConcatNet, "flatten": FlattenNet,

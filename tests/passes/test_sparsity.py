@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from lastbit.frontend import from_torch
 from lastbit.passes.quantize_pow2 import QuantizePow2
 from lastbit.passes.sparsity import (
@@ -18,7 +19,6 @@ from lastbit.passes.sparsity import (
     rle_entries,
     storage_table,
 )
-
 from lastbit.squeeze import Squeeze
 
 

@@ -7,10 +7,10 @@ import textwrap
 
 import numpy as np
 import pytest
-from lastbit.targets import get_target
 
 from lastbit.api import compile as lastbit_compile
 from lastbit.squeeze import Squeeze
+from lastbit.targets import get_target
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,6 @@ def test_small_cnn_on_accel_sim_matches_x86_integer_path_bit_exactly(small_cnn, 
 def test_export_writes_programs_that_load_back_and_compute_the_same(small_cnn, squeeze, tmp_path):
     from lastbit.codegen.accel.export import load_programs
     from lastbit.codegen.accel.functional_sim import run_layer
-
     from lastbit.errors import ArtifactError
 
     model, x = small_cnn
