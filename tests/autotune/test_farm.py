@@ -18,6 +18,7 @@ def artifacts(tmp_path_factory):
     return {
         "quick": build_artifact(spin_kernel(10**5), tmp, "quick"),
         "slow": build_artifact(spin_kernel(2 * 10**8), tmp, "slow"),  # ~1 s per run here
+        "long": build_artifact(spin_kernel(15 * 10**8), tmp, "long"),  # ~8 s: surely mid-run when killed
         "hang": build_artifact(spin_kernel(1 << 62), tmp, "hang"),
         "crash": build_artifact(crash_kernel(), tmp, "crash"),
     }
@@ -60,20 +61,21 @@ def test_worker_killed_mid_measurement_is_retried_elsewhere(artifacts):
         victims = []
 
         def on_result(index, measurement):
-            # The quick candidate finished on one device; the other has just taken a ~1 s slow
-            # one. Kill it half a second later, once its session is surely set up and measuring.
+            # The first quick candidate finished on one device; the other has taken the ~8 s
+            # one. Kill it a second later, when its session is surely set up and measuring.
             if not victims:
                 other = [d for d in _devices(own) if d != measurement.device]
                 victims.extend(other)
-                threading.Timer(0.5, own.kill_device, args=(other[0],)).start()
+                threading.Timer(1.0, own.kill_device, args=(other[0],)).start()
 
-        results = runner.measure([artifacts["quick"]] + [artifacts["slow"]] * 3, on_result=on_result)
+        quick, long = artifacts["quick"], artifacts["long"]
+        results = runner.measure([quick, long, quick, quick], on_result=on_result)
         assert victims, "no result arrived"
         assert all(r.ok for r in results), [r.error for r in results]
         # Lost mid-measurement (retried) or while its session was opening (requeued): either
         # way the candidate moved to the surviving device.
         assert runner.stats.retried + runner.stats.requeued >= 1, runner.stats
-        assert all(r.device != victims[0] for r in results[1:] if r.attempts == 2)
+        assert results[1].device != victims[0]  # the long candidate finished on the survivor
 
 
 def _devices(farm) -> list[str]:
