@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from lastbit.errors import UnsupportedOpError
 from lastbit.graph import Graph
 
 __all__ = ["SKIP", "Rebuilder", "rebuild_main"]
@@ -108,7 +109,8 @@ def _emit_block(rb: Rebuilder, block, hook: Hook | None) -> None:
 
     for binding in block.bindings:
         if not isinstance(binding, relax.VarBinding):
-            raise NotImplementedError(f"binding of '{binding.var.name}' is a match_cast; not rebuilt")
+            raise UnsupportedOpError("relax.match_cast", binding.var.name,
+                                     "a structural squeeze cannot re-infer shapes through it")
         var = binding.var
         value = hook(rb, var, binding.value) if hook else None
         if value is SKIP:
