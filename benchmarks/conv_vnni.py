@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import time
 
 import numpy as np
+from results import median_ms
 
 # ResNet-18 (ImageNet, batch 1) conv layers: (C, H, O, kernel, stride, padding), times run per image
 LAYERS = {
@@ -44,17 +44,6 @@ def set_threads(n: int) -> None:
 
     tvm.get_global_func("runtime.config_threadpool")(1, n)
     torch.set_num_threads(n)
-
-
-def median_ms(fn, repeat: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
 
 
 def bench_layer(spec, repeat: int, rng) -> dict[int, dict]:

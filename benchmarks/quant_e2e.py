@@ -18,21 +18,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results import median_ms
 
 MODELS = ("resnet18", "mlp", "ffn")
 QUICK_MODELS = ("resnet20", "mlp")
 CALIBRATION_SAMPLES = 8
-
-
-def median_ms(fn, repeat: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
 
 
 def _onnx_bytes(module, example) -> bytes:

@@ -1,7 +1,11 @@
-"""bench/results.json holds one section per benchmark; each run replaces its own section atomically."""
+"""What every benchmark shares: bench/results.json, one section per benchmark that each run
+replaces atomically, and the one way latencies are measured (warm, median of repeats)."""
 
 import json
+import time
 from pathlib import Path
+
+import numpy as np
 
 from lastbit.fileio import atomic_write_json
 
@@ -17,3 +21,15 @@ def update_section(section: str, data: dict, path: Path = RESULTS) -> Path:
             results = {}  # a damaged file is rebuilt from the sections run now
     results[section] = data
     return atomic_write_json(path, results)
+
+
+def median_ms(fn, repeat: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` in ms over ``repeat`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)

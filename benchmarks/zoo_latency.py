@@ -10,21 +10,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results import median_ms
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "bench"
 QUICK_MODELS = ("lenet5", "resnet20", "mlp", "ffn")
-
-
-def median_ms(fn, repeat: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
 
 
 def onnx_session(module, example):
