@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lastbit.errors import ArtifactError, RunError, TargetError, UnsupportedOpError
-from lastbit.fileio import check_replaceable_dir, replace_dir
+from lastbit.fileio import check_replaceable_dir, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -400,9 +400,7 @@ def build_bundle(
     check_replaceable_dir(out_dir, MANIFEST_FILE, FORMAT, "a lastbit bundle")
     plan = extract_plan(mod)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         _build_kernels(mod, plan, target, cc, tmp / KERNELS_FILE)
         (tmp / PARAMS_FILE).write_bytes(plan.params_blob())
         (tmp / PLAN_FILE).write_text(plan.to_text())
@@ -410,11 +408,6 @@ def build_bundle(
         manifest = _manifest(plan, target, cc, name, tmp)
         manifest.update(extra_manifest or {})
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is meant to be copied around
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("bundle %s for %s written to %s", name, target.triple, out_dir)
     return out_dir
 
@@ -543,15 +536,8 @@ def copy_bundle(bundle_dir: "str | Path", out_dir: "str | Path") -> Path:
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir).absolute()
     load_manifest(bundle_dir)  # a damaged source is refused before anything is written
     check_replaceable_dir(out_dir, MANIFEST_FILE, FORMAT, "a lastbit bundle")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
-        os.chmod(tmp, 0o755)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +83,20 @@ def replace_dir(new: Path, dest: Path) -> None:
         os.rename(old, dest)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(out_dir: Path):
+    """Yield a fresh directory beside ``out_dir`` to fill; on success it replaces ``out_dir``
+    (made world-readable: outputs are meant to be copied around), on any failure it is
+    removed and ``out_dir`` is untouched. Check ``out_dir`` with :func:`check_replaceable_dir`
+    before the expensive work."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

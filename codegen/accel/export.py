@@ -11,9 +11,6 @@ the layers) is not in it: ``Artifact.run`` runs that in-process.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from lastbit.codegen.accel.compiler import AccelProgram, ConvLayer, DramLayout, 
 from lastbit.codegen.accel.config import AccelConfig
 from lastbit.codegen.accel.isa import decode, encode
 from lastbit.errors import ArtifactError
-from lastbit.fileio import check_replaceable_dir, replace_dir
+from lastbit.fileio import check_replaceable_dir, staged_dir
 
 __all__ = ["FORMAT", "export_programs", "load_programs"]
 
@@ -36,9 +33,7 @@ def export_programs(module, out_dir: str | Path, target: str, model: str) -> Pat
     into place; only an absent or empty folder, or an earlier export, is replaced."""
     out_dir = Path(out_dir)
     check_replaceable_dir(out_dir, MANIFEST, FORMAT, "an accelerator export")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         layers = []
         for i, layer in enumerate(module.layers):
             program = layer.program
@@ -56,11 +51,6 @@ def export_programs(module, out_dir: str | Path, target: str, model: str) -> Pat
         manifest = {"format": FORMAT, "target": target, "model": model, "config": module.config.to_json(),
                     "layers": layers, "host_layers": dict(module.skipped)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
