@@ -789,13 +789,22 @@ def _layout_rewriter_class():
             return True
 
         # ---- pooling -------------------------------------------------------------------
-        def _pool2d(self, var, call) -> bool:
+        def _blocked_pool_input(self, call):
+            """(blocked input, block, blocked layout) of an NCHW pooling whose input is already
+            blocked, else None (the pooling then stays in NCHW)."""
             src = self._blocked_of(call.args[0])
             a = call.attrs
             if src is None or a.layout != "NCHW" or (a.out_layout or "NCHW") != "NCHW":
-                return False
+                return None
             blocked, block = src
-            layout = f"NCHW{block}c"
+            return blocked, block, f"NCHW{block}c"
+
+        def _pool2d(self, var, call) -> bool:
+            src = self._blocked_pool_input(call)
+            if src is None:
+                return False
+            blocked, block, layout = src
+            a = call.attrs
             op = relax.op.nn.max_pool2d if call.op.name == "relax.nn.max_pool2d" else relax.op.nn.avg_pool2d
             expr = op(
                 blocked, pool_size=[int(p) for p in a.pool_size], strides=[int(s) for s in a.strides],
@@ -807,12 +816,11 @@ def _layout_rewriter_class():
             return True
 
         def _adaptive_pool2d(self, var, call) -> bool:
-            src = self._blocked_of(call.args[0])
-            a = call.attrs
-            if src is None or a.layout != "NCHW" or (a.out_layout or "NCHW") != "NCHW":
+            src = self._blocked_pool_input(call)
+            if src is None:
                 return False
-            blocked, block = src
-            layout = f"NCHW{block}c"
+            blocked, block, layout = src
+            a = call.attrs
             size = None if a.output_size is None else [int(s) for s in a.output_size]
             expr = relax.op.nn.adaptive_avg_pool2d(blocked, size, layout=layout, out_layout=layout)
             self._emit_blocked(var, expr, block)
