@@ -14,8 +14,6 @@ each criterion, and pruned then fine-tuned for one epoch on a slice of the train
 
 from __future__ import annotations
 
-import argparse
-import logging
 import time
 
 import numpy as np
@@ -125,16 +123,9 @@ def accuracy_rows(quick: bool) -> list[dict]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--models", nargs="*")
-    parser.add_argument("--repeat", type=int, default=None)
-    args = parser.parse_args(argv)
-    import torch
-    from results import update_section
+    from results import model_bench_args, update_section
 
-    torch.set_num_threads(2)
-    logging.basicConfig(level=logging.WARNING)
+    args = model_bench_args(argv, __doc__.splitlines()[0])
     names = args.models or (QUICK_MODELS if args.quick else FULL_MODELS)
     repeat = args.repeat or (10 if args.quick else 30)
     rows = []

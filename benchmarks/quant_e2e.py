@@ -9,9 +9,7 @@ goals: lastbit 3-bit ≤ 0.5× torch fp32 latency and ≤ onnxruntime int8.
 
 from __future__ import annotations
 
-import argparse
 import io
-import logging
 import os
 import tempfile
 import time
@@ -176,16 +174,9 @@ def bench_kernels(repeat: int, quick: bool) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--models", nargs="*")
-    parser.add_argument("--repeat", type=int, default=None)
-    args = parser.parse_args(argv)
-    import torch
-    from results import update_section
+    from results import model_bench_args, update_section
 
-    torch.set_num_threads(2)
-    logging.basicConfig(level=logging.WARNING)
+    args = model_bench_args(argv, __doc__)
     names = args.models or (QUICK_MODELS if args.quick else MODELS)
     repeat = args.repeat or (10 if args.quick else 30)
     rows = []

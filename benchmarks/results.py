@@ -1,7 +1,9 @@
 """What every benchmark shares: bench/results.json, one section per benchmark that each run
 replaces atomically, and the one way latencies are measured (warm, median of repeats)."""
 
+import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -33,3 +35,18 @@ def median_ms(fn, repeat: int, warmup: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return float(np.median(times) * 1e3)
+
+
+def model_bench_args(argv, description: str) -> argparse.Namespace:
+    """The options every per-model latency benchmark takes (--quick, --models, --repeat),
+    with torch on the same 2 threads as every other engine and quiet logging."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small models, fewer repeats")
+    parser.add_argument("--models", nargs="*")
+    parser.add_argument("--repeat", type=int, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    logging.basicConfig(level=logging.WARNING)
+    return args

@@ -3,9 +3,7 @@ onnxruntime fp32, measured in one process run.  Writes bench/results.json and a 
 
 from __future__ import annotations
 
-import argparse
 import io
-import logging
 import time
 from pathlib import Path
 
@@ -89,18 +87,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--models", nargs="*")
-    parser.add_argument("--repeat", type=int, default=None)
-    args = parser.parse_args(argv)
     import torch
-    from results import update_section
+    from results import model_bench_args, update_section
 
     from lastbit.frontend.models import ZOO
 
-    torch.set_num_threads(2)
-    logging.basicConfig(level=logging.WARNING)
+    args = model_bench_args(argv, __doc__)
     names = args.models or (QUICK_MODELS if args.quick else tuple(ZOO))
     repeat = args.repeat or (10 if args.quick else 30)
     rows = []
