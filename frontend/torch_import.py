@@ -51,10 +51,9 @@ def load_exported_program(path: "str | Path"):
 def from_exported_program(program, name: str = "model") -> Graph:
     """Translate a ``torch.export.ExportedProgram`` into a Graph."""
     from tvm import relax
-    from tvm.relax.frontend.torch import from_exported_program as relax_from_ep
 
     try:
-        mod = relax_from_ep(program, keep_params_as_input=True)
+        mod = _translate(program, name)
     except AssertionError as err:
         # The Relax frontend reports an unknown aten op as an assertion naming it.
         msg = str(err)
@@ -81,6 +80,55 @@ def from_exported_program(program, name: str = "model") -> Graph:
         for v in main.params[:num_input]
     ]
     return Graph(mod=mod, params=params, inputs=inputs, source_names=source_names, source="torch", name=name)
+
+
+def _translate(program, name: str):
+    """TVM's torch frontend (``from_exported_program(keep_params_as_input=True)``), with an
+    error in any node's converter reported as NodeImportError naming the node."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    from lastbit.errors import LastbitError, NodeImportError
+    from lastbit.frontend.node_errors import close_block_builder, node_import_error, tvm_error_summary
+
+    def naming_failures(convert):
+        def convert_node(node, *rest):
+            try:
+                return convert(node, *rest)
+            except LastbitError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any TVM failure becomes one line naming the node
+                raise node_import_error(str(node.target), node.name, _describe_args(node), err) from err
+        return convert_node
+
+    class NodeNamingImporter(ExportedProgramImporter):
+        def create_convert_map(self):
+            return {op: naming_failures(convert) for op, convert in super().create_convert_map().items()}
+
+    # What TVM's from_exported_program does first (lastbit models have no sparse tensors).
+    program = program.run_decompositions()
+    importer = NodeNamingImporter()
+    try:
+        return importer.from_exported_program(program, True, False, False, None)
+    except NodeImportError:
+        close_block_builder(importer.block_builder)  # raised inside the function being built
+        raise
+    except Exception as err:  # noqa: BLE001
+        if isinstance(err, (LastbitError, AssertionError)):
+            raise
+        raise ModelFormatError(f"{name}: TVM's torch frontend failed: {tvm_error_summary(err)}") from err
+
+
+def _describe_args(node) -> list[str]:
+    """``name dtype[shape]`` of each tensor argument of an FX node (from export's fake values)."""
+    described = []
+    for arg in node.all_input_nodes:
+        val = arg.meta.get("val")
+        if hasattr(val, "shape") and hasattr(val, "dtype"):
+            dims = ",".join(str(d) for d in val.shape)
+            described.append(f"{arg.name} {str(val.dtype).removeprefix('torch.')}[{dims}]")
+        else:
+            described.append(arg.name)
+    return described
 
 
 def _node_for_target(program, op: str) -> str:

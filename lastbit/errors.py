@@ -29,3 +29,12 @@ class ArtifactError(LastbitError):
 
 class RunError(LastbitError):
     """Running compiled code failed (wrong inputs, a crashed runner, a failed emulator)."""
+
+
+class NodeImportError(LastbitError):
+    """TVM's ONNX or torch frontend failed on one node; the message names its op type, the
+    node and its inputs (name, dtype, shape), so the input at fault can be seen in one line."""
+
+    def __init__(self, op: str, node: str, inputs: str, detail: str):
+        self.op, self.node, self.inputs, self.detail = op, node, inputs, detail
+        super().__init__(f"cannot import {op} node '{node}' (inputs: {inputs or 'none'}): {detail}")

@@ -85,10 +85,16 @@ class Graph:
         import tvm
         from tvm import relax
 
+        from lastbit.errors import ModelFormatError
+
         main = self.mod["main"]
-        n_in = len(self.inputs)
-        bindings = {}
-        for var, name in zip(main.params[n_in:], self.params):
-            bindings[var] = tvm.runtime.tensor(np.ascontiguousarray(self.params[name]))
+        param_vars = main.params[len(self.inputs):]
+        # By name, never by position: a weight bound to the wrong tensor fails far away
+        # (a conv "weight" of ndim 1) or, worse, not at all.
+        names = [var.name for var in param_vars]
+        if sorted(names) != sorted(self.params) or len(set(names)) != len(names):
+            raise ModelFormatError(f"{self.name}: the graph's parameters {names[:8]} do not match its "
+                                   f"weights {list(self.params)[:8]}")
+        bindings = {var: tvm.runtime.tensor(np.ascontiguousarray(self.params[var.name])) for var in param_vars}
         mod = relax.transform.BindParams("main", bindings)(self.mod)
         return mod

@@ -84,3 +84,22 @@ def test_pt2_round_trip(small_mlp, tmp_path):
     (tmp_path / "junk.pt2").write_bytes(b"not a zip")
     with pytest.raises(ModelFormatError, match="junk.pt2"):
         lastbit.pipeline.import_model(tmp_path / "junk.pt2")
+
+
+class _DilatedUnfold(torch.nn.Module):
+    """An op TVM's torch frontend has a converter for but fails on (dilated im2col)."""
+
+    def forward(self, x):
+        return torch.nn.functional.unfold(x, 3, dilation=2)
+
+
+def test_torch_frontend_error_names_node_in_one_line():
+    from lastbit.errors import NodeImportError
+
+    with pytest.raises(NodeImportError) as info:
+        from_torch(_DilatedUnfold(), (torch.randn(1, 3, 8, 8),))
+    message = str(info.value)
+    assert "\n" not in message
+    # unfold decomposes into index + permute; TVM's permute converter fails on it
+    assert "aten.permute" in message and "node 'permute'" in message
+    assert "float32[1,3,3,4,3,4]" in message  # its input, with shape
