@@ -5,7 +5,7 @@ Two kinds of knobs, because MetaSchedule replays a design space's *trace* with n
 decisions and never re-runs the Python that built it:
 
 * numeric knobs inside one loop structure (tile sizes, reduction unroll) are sampled
-  with ``sample_perfect_tile`` and mutated by the evolutionary search;
+  with ``sample_perfect_tile``, afresh for each candidate (``autotune/tuner.py``);
 * structural choices (unroll the kernel-width loop or not; parallelize small element-wise
   ops or not) are separate design spaces, one per choice.
 
@@ -157,7 +157,8 @@ def register_intrinsics(mod) -> None:
 
 def tuning_space(target):
     """A MetaSchedule ``ScheduleFn`` over :func:`design_spaces`, with no post-processors
-    (our templates emit final loops) and tile-size mutation for the evolutionary search."""
+    (our templates emit final loops).  The tuner samples it afresh for every candidate and
+    never mutates traces, so the tile-size mutator listed here goes unused."""
     from tvm.s_tir import meta_schedule as ms
 
     return ms.space_generator.ScheduleFn(

@@ -1,13 +1,17 @@
-"""``lastbit tune``: search our schedule templates with MetaSchedule's evolutionary search and
-XGBoost cost model, measure on a device farm, and keep every result in the tuning database.
+"""``lastbit tune``: AutoTVM-style search over our schedule templates, measured on a device
+farm, every result kept in the tuning database.
 
 Per task: the default schedule is measured first (it is the baseline of the summary table
 and a record like any other, so the database's best is never slower than the default);
-then rounds of candidates from ``EvolutionarySearch`` are built here, measured on all free
-devices of the farm key at once (``FarmRunner``), committed to the database as each result
-arrives, and fed back to the search and the cost model.  ``trials`` is the budget per task
-*including* what the database already holds, so ``--resume`` after an interruption carries
-on where it stopped and never measures a candidate twice (a candidate the search proposes
+then each round samples a pool of fresh candidates by re-running the task's template with
+new random decisions (``sample_perfect_tile`` / ``sample_categorical``), ranks the pool with
+MetaSchedule's XGBoost cost model once it has seen a round (the first round is random),
+measures the best few plus a random share on all free devices of the farm key at once
+(``FarmRunner``), commits each result to the database as it arrives, and updates the cost
+model.  There is no evolutionary search: our templates change loop structure with the tile
+sizes, so traces cannot be mutated (see ``Tuner._search``).  ``trials`` is the budget per
+task *including* what the database already holds, so ``--resume`` after an interruption
+carries on where it stopped and never measures a candidate twice (a candidate sampled
 again is answered from the database).
 """
 

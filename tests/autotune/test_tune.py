@@ -135,3 +135,16 @@ def test_cli_tune_then_compile_with_db(farm, tmp_path):
     assert (tmp_path / "out" / "manifest.json").is_file()
     usage = CliRunner().invoke(cli_main, ["tune", "mlp", "--db", db, "--tracker", farm.tracker])
     assert usage.exit_code == 2 and "--key" in usage.output
+
+
+def test_tuner_docstring_describes_the_search_it_runs():
+    """The module says what ``Tuner._search`` does: sampled templates ranked by XGBoost,
+    not MetaSchedule's EvolutionarySearch (which the tuner never uses)."""
+    import inspect
+
+    from lastbit.autotune import tuner
+
+    doc = tuner.__doc__
+    assert "XGBoost" in doc and "samples" in doc
+    assert "EvolutionarySearch" not in doc and "evolutionary search and" not in doc
+    assert "EvolutionarySearch" not in inspect.getsource(tuner).replace(doc, "")
