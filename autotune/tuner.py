@@ -363,7 +363,7 @@ def tune_model(model, target: "str | object" = "x86_64-linux-gnu", db_dir: "str 
                key: str | None = None, resume: bool = False, progress: bool = True, timeout_s: float = 10.0,
                per_round: int = 16, seed: int = 0, name: str | None = None, max_tasks: int | None = None,
                confirm: int = 3, on_round: Callable[[TuningTask, int], None] | None = None,
-               integer_only: bool = False) -> TuneResult:
+               integer_only: bool = False, trust_pickle: bool = False) -> TuneResult:
     """Tune every task of ``model`` (anything ``lastbit.compile`` takes) for ``target`` and
     store the records under ``db_dir``; ``lastbit.compile(..., db=db_dir)`` applies them.
 
@@ -372,6 +372,7 @@ def tune_model(model, target: "str | object" = "x86_64-linux-gnu", db_dir: "str 
     already holds records for the target needs ``resume=True``.  ``max_tasks`` keeps only
     the heaviest tasks (FLOPs × calls), for a quick look at a big model; ``integer_only``
     keeps only the integer kernels of quantized layers (tasks of kind ``int:<kernel>``).
+    ``trust_pickle`` as in ``lastbit.compile`` (a .pt2 file is unpickled when loaded).
     """
     from lastbit.pipeline import import_model, integer_lowering, lower, squeeze_passes
     from lastbit.targets import get_target
@@ -384,7 +385,7 @@ def tune_model(model, target: "str | object" = "x86_64-linux-gnu", db_dir: "str 
     if not resume and folder.is_dir() and any(folder.glob("database_*.json")):
         raise TuneError(f"tuning database {folder} already holds records for {target.triple}; "
                         f"pass resume=True (--resume) to continue it or choose another directory")
-    graph = import_model(model, example_inputs, name=name)
+    graph = import_model(model, example_inputs, name=name, trust_pickle=trust_pickle)
     torch_module = model if hasattr(model, "state_dict") else None
     for squeeze_pass in squeeze_passes(squeeze, torch_module):
         graph = squeeze_pass(graph)

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lastbit.errors import ModelFormatError, UnsupportedOpError
+from lastbit.errors import ModelFormatError, UnsupportedOpError, UntrustedModelError
 from lastbit.graph import Graph, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,24 @@ def from_torch(module, example_inputs: Sequence, name: str | None = None) -> Gra
     return from_exported_program(program, name=name or type(module).__name__)
 
 
-def load_exported_program(path: "str | Path"):
-    """Load a ``torch.export.save`` file (.pt2); weights only, no pickle of arbitrary objects."""
+def load_exported_program(path: "str | Path", trust_pickle: bool = False):
+    """Load a ``torch.export.save`` file (.pt2) with ``torch.export.load``.
+
+    That loader unpickles parts of the archive (it falls back to ``torch.load(weights_only=
+    False)`` and ``pickle.loads``), so a crafted .pt2 can run code when it is opened.  It is
+    refused unless ``trust_pickle=True`` (CLI: ``--trust-pickle``) says the file is trusted;
+    an ONNX export carries no code and needs no such flag.
+    """
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise ModelFormatError(f"{path}: no such file")
+    if not trust_pickle:
+        raise UntrustedModelError(
+            f"{path}: refusing to load a torch.export archive: torch.export.load unpickles it, which can run "
+            f"code from the file; pass trust_pickle=True (CLI: --trust-pickle) only for a file you trust, "
+            f"or export the model to ONNX")
     try:
         return torch.export.load(str(path))
     except Exception as err:  # torch raises several unrelated types for a bad archive

@@ -10,9 +10,11 @@ from lastbit.errors import (
     ArtifactError,
     LastbitError,
     ModelFormatError,
+    NodeImportError,
     RunError,
     TargetError,
     UnsupportedOpError,
+    UntrustedModelError,
 )
 from lastbit.graph import Graph, QuantInfo, TensorSpec
 from lastbit.passes.pow2_projection import QuantizationError
@@ -26,6 +28,7 @@ __all__ = [
     "Graph",
     "LastbitError",
     "ModelFormatError",
+    "NodeImportError",
     "QuantInfo",
     "QuantizationError",
     "RunError",
@@ -33,5 +36,6 @@ __all__ = [
     "TargetError",
     "TensorSpec",
     "UnsupportedOpError",
+    "UntrustedModelError",
     "compile",
 ]

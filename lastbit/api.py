@@ -34,6 +34,7 @@ def compile(  # noqa: A001 - the verb users expect
     dump_ir: "str | Path | None" = None,
     squeeze: "Squeeze | None" = None,
     db: "str | Path | None" = None,
+    trust_pickle: bool = False,
 ) -> "Artifact":
     """Compile ``model`` (torch module, ONNX path/proto, .pt2 path or Graph) for ``target``.
 
@@ -43,9 +44,11 @@ def compile(  # noqa: A001 - the verb users expect
     data and a torch module it fine-tunes it (ADMM), else it projects the weights.
     ``db`` is a tuning database folder written by ``lastbit tune``: functions it has records
     for get their best tuned schedule, the others the default one.
+    ``trust_pickle=True`` allows a .pt2 file: ``torch.export.load`` unpickles it, which can
+    run code from the file, so it is refused without this.
     """
     target = get_target(target)
-    graph = import_model(model, example_inputs, name=name)
+    graph = import_model(model, example_inputs, name=name, trust_pickle=trust_pickle)
     torch_module = model if _is_torch_module(model) else None
     compiled = compile_graph(graph, target, dump_ir=dump_ir, squeeze=squeeze, torch_module=torch_module, db=db)
     return Artifact(compiled, squeeze=squeeze, torch_module=torch_module)

@@ -25,6 +25,10 @@ def _load_model(spec: str, pretrained: bool = True):
     return module, (example,)
 
 
+_TRUST_PICKLE_HELP = ("Allow a .pt2 MODEL: torch.export.load unpickles it, which can run code from the file. "
+                      "Only for files you trust.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -47,9 +51,10 @@ def main(verbose: int) -> None:
 @click.option("--prune-criterion", default="l1", show_default=True, type=click.Choice(["l1", "bn"]), help="Channel importance: filter L1 norm or BN-γ.")
 @click.option("--lowrank", default=None, metavar="auto|ENERGY|flops:F", help="Split dense and k×k conv layers by truncated SVD.")
 @click.option("--sparsity", default=None, type=click.FloatRange(0, 1, max_open=True), help="Zero this share of each weight (stored run-length encoded).")
+@click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
 def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, untrained: bool, quant: str | None,
                 db_dir: Path | None, prune: str | None, prune_criterion: str, lowrank: str | None,
-                sparsity: float | None) -> None:
+                sparsity: float | None, trust_pickle: bool) -> None:
     """Compile MODEL (zoo name, .onnx or .pt2) for a target and export a deployable bundle."""
     import lastbit
 
@@ -59,7 +64,7 @@ def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, un
     module, example = _load_model(model, pretrained=not untrained)
     artifact = lastbit.compile(
         module, target=target, example_inputs=example, name=Path(model).stem, dump_ir=dump_ir, squeeze=squeeze,
-        db=db_dir,
+        db=db_dir, trust_pickle=trust_pickle,
     )
     artifact.export(out_dir)
     click.echo(artifact.report().format_table())
@@ -97,8 +102,9 @@ def _structural_squeeze(prune: str | None, criterion: str, lowrank: str | None, 
 @click.option("--timeout", "timeout_s", default=10.0, show_default=True, help="Seconds one measurement may take before it is marked failed.")
 @click.option("--untrained", is_flag=True, help="Zoo models: seeded random weights (tuning does not depend on the weights).")
 @click.option("--quant", default=None, metavar="SCHEME:BITS", help="Tune the quantized model, e.g. pow2:3.")
+@click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
 def tune_cmd(model: str, target: str, trials: int, db_dir: Path, tracker: str | None, key: str | None, resume: bool,
-             timeout_s: float, untrained: bool, quant: str | None) -> None:
+             timeout_s: float, untrained: bool, quant: str | None, trust_pickle: bool) -> None:
     """Tune the kernels of MODEL on a device farm and store every measurement in --db."""
     import lastbit
     from lastbit.autotune.tuner import tune_model
@@ -109,7 +115,8 @@ def tune_cmd(model: str, target: str, trials: int, db_dir: Path, tracker: str | 
     module, example = _load_model(model, pretrained=not untrained)
     try:
         result = tune_model(module, target, db_dir, trials=trials, example_inputs=example, squeeze=squeeze,
-                            tracker=tracker, key=key, resume=resume, timeout_s=timeout_s, name=Path(model).stem)
+                            tracker=tracker, key=key, resume=resume, timeout_s=timeout_s, name=Path(model).stem,
+                            trust_pickle=trust_pickle)
     except KeyboardInterrupt:
         click.echo(f"interrupted; every finished measurement is in {db_dir}: continue with --resume", err=True)
         sys.exit(130)

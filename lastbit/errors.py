@@ -19,6 +19,11 @@ class ModelFormatError(LastbitError):
     """A model file is malformed, truncated or of an unknown kind; the message names the file."""
 
 
+class UntrustedModelError(ModelFormatError):
+    """A model file whose loader can run code (a pickled .pt2) was not marked trusted
+    (``trust_pickle=True`` / ``--trust-pickle``)."""
+
+
 class TargetError(LastbitError):
     """An unknown target triple, or a target whose toolchain or runner is missing."""
 

@@ -38,8 +38,11 @@ class Compiled:
 
 
 # Phase 0. Import ---------------------------------------------------------------------------
-def import_model(model, example_inputs: Sequence | None = None, name: str | None = None) -> Graph:
-    """Turn a torch module, an ONNX file/proto, a torch.export .pt2 file or a Graph into a Graph."""
+def import_model(model, example_inputs: Sequence | None = None, name: str | None = None,
+                 trust_pickle: bool = False) -> Graph:
+    """Turn a torch module, an ONNX file/proto, a torch.export .pt2 file or a Graph into a Graph.
+
+    A .pt2 file is unpickled when loaded (it can run code): only with ``trust_pickle=True``."""
     from lastbit.frontend import from_exported_program, from_onnx, from_torch, load_exported_program
 
     if isinstance(model, Graph):
@@ -50,7 +53,7 @@ def import_model(model, example_inputs: Sequence | None = None, name: str | None
         if suffix == ".onnx":
             return from_onnx(path, name=name or path.stem)
         if suffix in (".pt2", ".pt"):
-            return from_exported_program(load_exported_program(path), name=name or path.stem)
+            return from_exported_program(load_exported_program(path, trust_pickle), name=name or path.stem)
         raise ModelFormatError(f"{path}: unknown model file type '{suffix}' (expected .onnx or .pt2)")
     if type(model).__name__ == "ModelProto":
         return from_onnx(model, name=name)

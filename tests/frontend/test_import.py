@@ -1,5 +1,8 @@
 """torch and ONNX import: names, shapes, and the errors bad models get."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -79,11 +82,60 @@ def test_pt2_round_trip(small_mlp, tmp_path):
     model, x = small_mlp
     path = tmp_path / "mlp.pt2"
     torch.export.save(torch.export.export(model, (x,)), str(path))
-    graph = lastbit.pipeline.import_model(path)
+    graph = lastbit.pipeline.import_model(path, trust_pickle=True)
     assert graph.inputs[0].shape == (1, 32)
     (tmp_path / "junk.pt2").write_bytes(b"not a zip")
     with pytest.raises(ModelFormatError, match="junk.pt2"):
-        lastbit.pipeline.import_model(tmp_path / "junk.pt2")
+        lastbit.pipeline.import_model(tmp_path / "junk.pt2", trust_pickle=True)
+
+
+class _Payload:
+    """Unpickling this touches ``marker``: stands in for any code a crafted file could run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _crafted_pt2(tmp_path, marker):
+    """A real .pt2 whose pickled sample inputs are replaced by a payload; torch.export.load
+    unpickles that entry (it retries with weights_only=False)."""
+    import io
+    import zipfile
+
+    good = tmp_path / "good.pt2"
+    torch.export.save(torch.export.export(torch.nn.Linear(4, 2), (torch.randn(1, 4),)), str(good))
+    payload = io.BytesIO()
+    torch.save(_Payload(marker), payload)
+    evil = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(evil, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            dst.writestr(item, payload.getvalue() if item.filename.endswith("sample_inputs/model.pt") else data)
+    return evil
+
+
+def test_pt2_with_pickle_payload_is_refused_without_running_it(tmp_path):
+    from lastbit.errors import UntrustedModelError
+
+    marker = tmp_path / "payload-ran"
+    evil = _crafted_pt2(tmp_path, marker)
+    with pytest.raises(UntrustedModelError, match="trust_pickle=True") as info:
+        lastbit.compile(evil)
+    assert "--trust-pickle" in str(info.value) and "evil.pt2" in str(info.value)
+    assert not marker.exists()
+    proc = subprocess.run([sys.executable, "-m", "lastbit.cli", "compile", str(evil), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--trust-pickle" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    # The file really is malicious: opting in runs the payload (which is why it is opt-in).
+    with pytest.raises(ModelFormatError):
+        lastbit.pipeline.import_model(evil, trust_pickle=True)
+    assert marker.exists()
 
 
 class _DilatedUnfold(torch.nn.Module):
