@@ -130,7 +130,7 @@ def farm_group() -> None:
 
 
 @farm_group.command("tracker")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 to serve other machines).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind. TVM RPC has no authentication: serve other machines only on a private network or through SSH tunnels (docs/AUTOTUNE.md), never 0.0.0.0 on an open one.")
 @click.option("--port", default=9190, show_default=True, type=int)
 def farm_tracker_cmd(host: str, port: int) -> None:
     """Run the RPC tracker until Ctrl-C."""
@@ -142,7 +142,7 @@ def farm_tracker_cmd(host: str, port: int) -> None:
 @farm_group.command("worker")
 @click.option("--tracker", required=True, metavar="HOST:PORT", help="The tracker to register with.")
 @click.option("--key", required=True, help="Device kind this worker measures for (e.g. x86-host, rpi4).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve sessions on.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve sessions on. Sessions run uploaded code without authentication: a private address only (docs/AUTOTUNE.md).")
 @click.option("--port", default=9090, show_default=True, type=int, help="First port to try (the next free one is used).")
 @click.option("--threads", default=None, type=int, help="TVM_NUM_THREADS for the kernels measured here.")
 @click.option("--device", type=click.Choice(["host", "accel-sim"]), default="host", show_default=True,

@@ -99,3 +99,21 @@ def test_tracker_restart_pauses_the_run_then_it_resumes(artifacts):
         assert restarted.is_set() and all(r.ok for r in results)
         assert runner.stats.tracker_reconnects >= 1
         own.wait_for_workers(1)  # the worker re-registered with the new tracker
+
+
+def test_farm_docs_never_advise_binding_rpc_to_every_interface():
+    """TVM RPC runs uploaded libraries without authentication: docs/AUTOTUNE.md and the CLI
+    help must not tell users to bind to 0.0.0.0, and must show the safe set-ups."""
+    import re
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from lastbit.cli import main
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "AUTOTUNE.md").read_text()
+    assert not re.search(r"--host\s+0\.0\.0\.0", doc)
+    assert "no authentication" in doc and "ssh -N -L 9190:127.0.0.1:9190 -R" in doc and "private network" in doc
+    for command in (["farm", "tracker", "--help"], ["farm", "worker", "--help"]):
+        help_text = CliRunner().invoke(main, command).output
+        assert "authentication" in help_text and "0.0.0.0 to serve" not in help_text
