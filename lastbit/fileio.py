@@ -9,6 +9,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -48,10 +49,16 @@ def atomic_save_npy(path: "str | Path", array: np.ndarray) -> Path:
 # --- whole directories (bundles, exports): built beside the destination, renamed into place ---
 
 
-def check_replaceable_dir(out_dir: Path, manifest: str, format_tag: str, what: str) -> None:
+def check_replaceable_dir(out_dir: Path, manifest: str, format_tag: str, what: str,
+                          owned_files: "Callable[[dict], Iterable[str]] | None" = None) -> None:
     """Only a missing or empty directory, or one holding an earlier output of the same kind
-    (its ``manifest`` JSON has ``"format": format_tag``), may be replaced: a mistyped
-    out_dir must never cost the user a directory of their own."""
+    and nothing else, may be replaced: a mistyped out_dir must never cost the user a
+    directory of their own, nor files they added to an earlier output.
+
+    An earlier output is recognised by its ``manifest`` JSON (``"format": format_tag``); the
+    files it owns are the manifest and ``owned_files(manifest)`` (default: the keys of its
+    ``"files"``).  Anything else in the folder makes this raise ArtifactError naming it.
+    """
     from lastbit.errors import ArtifactError
 
     if not out_dir.exists():
@@ -61,11 +68,21 @@ def check_replaceable_dir(out_dir: Path, manifest: str, format_tag: str, what: s
     if not any(out_dir.iterdir()):
         return
     try:
-        ours = json.loads((out_dir / manifest).read_text()).get("format") == format_tag
+        previous = json.loads((out_dir / manifest).read_text())
+        ours = previous.get("format") == format_tag
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:
         raise ArtifactError(f"{out_dir}: exists and is not {what}; refusing to replace it")
+    try:
+        owned = set(owned_files(previous) if owned_files else previous.get("files", {})) | {manifest}
+    except (KeyError, TypeError, AttributeError):
+        owned = {manifest}
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir() if p.name not in owned)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ArtifactError(f"{out_dir}: holds {what} plus files lastbit did not write ({shown}); replacing it "
+                            f"would delete them: move them out of the folder, or write to another one")
 
 
 def replace_dir(new: Path, dest: Path) -> None:

@@ -32,7 +32,7 @@ def export_programs(module, out_dir: str | Path, target: str, model: str) -> Pat
     """Write ``module`` (an offload.AccelModule) to ``out_dir``, built beside it and renamed
     into place; only an absent or empty folder, or an earlier export, is replaced."""
     out_dir = Path(out_dir)
-    check_replaceable_dir(out_dir, MANIFEST, FORMAT, "an accelerator export")
+    check_replaceable_dir(out_dir, MANIFEST, FORMAT, "an accelerator export", owned_files=_program_files)
     with staged_dir(out_dir) as tmp:
         layers = []
         for i, layer in enumerate(module.layers):
@@ -52,6 +52,11 @@ def export_programs(module, out_dir: str | Path, target: str, model: str) -> Pat
                     "layers": layers, "host_layers": dict(module.skipped)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
+
+
+def _program_files(manifest: dict) -> list[str]:
+    """The files an earlier export wrote, from its manifest (the rest of the folder is the user's)."""
+    return [entry[key] for entry in manifest["layers"] for key in ("program", "weights")]
 
 
 def load_programs(out_dir: str | Path) -> tuple[AccelConfig, list[AccelProgram], dict]:

@@ -359,11 +359,22 @@ def test_failed_build_leaves_nothing_and_keeps_the_old_bundle(mlp_case, tmp_path
 
 def test_rebuild_replaces_an_existing_bundle(mlp_case, cnn_case, tmp_path):
     dest = build_bundle(mlp_case[0], HOST, tmp_path / "b", name="first")
-    (dest / "stale.txt").write_text("from the old bundle")
     mod, inputs, expected = cnn_case
     build_bundle(mod, HOST, dest, name="second")
-    assert load_manifest(dest)["name"] == "second" and not (dest / "stale.txt").exists()
+    assert load_manifest(dest)["name"] == "second"
     assert_close(run_bundle(dest, inputs)[0], expected[0])
+    assert _leftovers(tmp_path, "b") == []
+
+
+def test_rebuild_refuses_a_bundle_folder_holding_the_users_files(mlp_case, tmp_path):
+    dest = build_bundle(mlp_case[0], HOST, tmp_path / "b", name="first")
+    (dest / "notes.txt").write_text("mine")
+    (dest / "inputs").mkdir()
+    with pytest.raises(ArtifactError) as info:
+        build_bundle(mlp_case[0], HOST, dest, name="second")
+    message = str(info.value)
+    assert str(dest) in message and "notes.txt" in message and "inputs/" in message and "move them out" in message
+    assert (dest / "notes.txt").read_text() == "mine" and load_manifest(dest)["name"] == "first"
     assert _leftovers(tmp_path, "b") == []
 
 

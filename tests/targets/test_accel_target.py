@@ -64,6 +64,10 @@ def test_export_writes_programs_that_load_back_and_compute_the_same(small_cnn, s
                                        loaded.layer.width)).astype(np.int8)
         assert np.array_equal(run_layer(loaded, x_q), run_layer(layer.program, x_q))
     accel.export(tmp_path / "out")  # an earlier export may be replaced …
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(ArtifactError, match="notes.txt"):  # … not with files the user added to it
+        accel.export(tmp_path / "out")
+    assert (out / "notes.txt").read_text() == "keep"
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(ArtifactError, match="refusing to replace"):  # … a user's folder may not
