@@ -68,6 +68,8 @@ class Artifact:
         self._compiled = compiled
         self._vm = None
         self._bundle_dir: Path | None = None
+        # Where run() builds the bundle for a non-host target; removed with the artifact.
+        self._bundle_tmp: tempfile.TemporaryDirectory | None = None
         self.squeeze = squeeze
         self._torch_module = torch_module
         self._accuracy: float | None = None
@@ -157,9 +159,22 @@ class Artifact:
 
     def _ensure_bundle(self) -> Path:
         if self._bundle_dir is None:
-            workdir = Path(tempfile.mkdtemp(prefix="lastbit-bundle-"))
-            self._bundle_dir = build_bundle(self.mod, self.target, workdir / "bundle", name=self.graph.name)
+            # A TemporaryDirectory is removed when the artifact is collected, or at exit.
+            tmp = tempfile.TemporaryDirectory(prefix="lastbit-bundle-")
+            try:
+                self._bundle_dir = build_bundle(self.mod, self.target, Path(tmp.name) / "bundle", name=self.graph.name)
+            except BaseException:
+                tmp.cleanup()
+                raise
+            self._bundle_tmp = tmp
         return self._bundle_dir
+
+    def close(self) -> None:
+        """Remove the bundle ``run`` built for a non-host target (done anyway when the
+        artifact is garbage-collected or the process exits); a later ``run`` rebuilds it."""
+        if self._bundle_tmp is not None:
+            self._bundle_tmp.cleanup()
+            self._bundle_tmp = self._bundle_dir = None
 
     # -- exporting and reporting ------------------------------------------------------------
     def export(self, out_dir: "str | Path") -> Path:

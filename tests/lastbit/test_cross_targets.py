@@ -83,6 +83,29 @@ def test_export_after_run_reuses_the_built_bundle(small_mlp, tmp_path):
     assert_close(run_bundle(out, [x.numpy()])[0], first, rtol=0)
 
 
+@pytest.mark.qemu
+def test_arm_run_leaves_no_temporary_bundle_behind(small_mlp, tmp_path, monkeypatch):
+    import gc
+    import tempfile
+
+    _skip_without_tools("aarch64-linux-gnu")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # only this test's temporary folders
+
+    def leftovers():
+        return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("lastbit-bundle-"))
+
+    model, x = small_mlp
+    artifact = lastbit.compile(model, "aarch64-linux-gnu", (x,))
+    first = artifact.run(x.numpy())
+    assert len(leftovers()) == 1  # the bundle lives as long as the artifact (export reuses it)
+    artifact.close()
+    assert leftovers() == []
+    assert_close(artifact.run(x.numpy()), first, rtol=0)  # rebuilt after close
+    del artifact
+    gc.collect()
+    assert leftovers() == []
+
+
 def test_missing_cross_toolchain_is_a_target_error(monkeypatch, small_mlp, tmp_path):
     model, x = small_mlp
     artifact = lastbit.compile(model, "aarch64-linux-gnu", (x,))
