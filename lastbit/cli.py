@@ -52,14 +52,16 @@ def main(verbose: int) -> None:
 @click.option("--lowrank", default=None, metavar="auto|ENERGY|flops:F", help="Split dense and k×k conv layers by truncated SVD.")
 @click.option("--sparsity", default=None, type=click.FloatRange(0, 1, max_open=True), help="Zero this share of each weight (stored run-length encoded).")
 @click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
+@click.option("--keep-first-last/--no-keep-first-last", default=True, show_default=True,
+              help="With --quant: keep the first and last weighted layers at int8.")
 def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, untrained: bool, quant: str | None,
                 db_dir: Path | None, prune: str | None, prune_criterion: str, lowrank: str | None,
-                sparsity: float | None, trust_pickle: bool) -> None:
+                sparsity: float | None, trust_pickle: bool, keep_first_last: bool) -> None:
     """Compile MODEL (zoo name, .onnx or .pt2) for a target and export a deployable bundle."""
     import lastbit
 
     structural = _structural_squeeze(prune, prune_criterion, lowrank, sparsity)
-    squeeze = lastbit.Squeeze.from_cli(quant, **structural) if quant else \
+    squeeze = lastbit.Squeeze.from_cli(quant, keep_first_last=keep_first_last, **structural) if quant else \
         (lastbit.Squeeze(**structural) if structural else None)
     module, example = _load_model(model, pretrained=not untrained)
     artifact = lastbit.compile(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,9 @@ class Squeeze:
     keep_first_last
         Keep the first and last weighted layers (in dataflow order) off the low-bit code set:
         they are the most sensitive layers and hold few of the weights, so the ADMM paper and
-        its peers keep them at 8 bit. They are stored on ``first_last_codes``.
+        its peers keep them at 8 bit. They are stored on ``first_last_codes``. When they hold
+        more than a fifth of the weights (a one-layer model, a language-model head) a warning
+        says so; ``keep_first_last=False`` (CLI ``--no-keep-first-last``) quantizes them too.
     first_last_codes
         Code set of the kept first/last layers: "int8" (default; symmetric, one α per output
         channel, 8 bits in the report, kernel "int8") or None to leave them float32.
@@ -209,6 +212,9 @@ class Squeeze:
         if not sep or not scheme or not width:
             raise QuantizationError(f"quantization spec {spec!r}: expected SCHEME:BITS, e.g. pow2:3")
         width = width.strip()
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", width):
+            raise QuantizationError(f"quantization spec {spec!r} is malformed: expected SCHEME:BITS or "
+                                    f"SCHEME:CODESET with one colon, e.g. pow2:3 or pow2:ternary")
         if width.isdigit():
             return cls(scheme=scheme.strip().lower(), bits=int(width), **overrides)
         return cls(scheme=scheme.strip().lower(), codes=width, **overrides)

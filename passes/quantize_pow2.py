@@ -229,6 +229,23 @@ def calibration_inputs(data: Any, limit: int) -> np.ndarray | None:
 # --- the pass --------------------------------------------------------------------------------
 
 
+# Above this share of the weights, keeping the first/last layers at 8 bits defeats the
+# low-bit squeeze (a one-layer model, a language-model head): say so.
+FIRST_LAST_WARN_SHARE = 0.2
+
+
+def _warn_if_first_last_dominate(graph: Graph, layers: list, keep: set[str], first_last: str | None,
+                                 codes: str) -> None:
+    sizes = {layer.weight: int(graph.params[layer.weight].size) for layer in layers}
+    total = sum(sizes.values())
+    kept = sum(sizes[w] for w in keep)
+    if total and kept / total > FIRST_LAST_WARN_SHARE:
+        names = ", ".join(sorted(graph.source_names.get(w, w) for w in keep))
+        log.warning("%s: the first and last weighted layers (%s) hold %.0f%% of the weights and stay on %s, "
+                    "not %s (keep_first_last); Squeeze(keep_first_last=False) (CLI: --no-keep-first-last) "
+                    "quantizes them too", graph.name, names, 100 * kept / total, first_last or "float32", codes)
+
+
 class QuantizePow2:
     """Graph -> Graph: replace each conv/dense weight parameter by int8 codes and an α.
 
@@ -270,6 +287,7 @@ class QuantizePow2:
         if self.squeeze.keep_first_last and layers:
             keep = {layers[0].weight, layers[-1].weight}
             log.info("keeping first/last weighted layers %s: %s", first_last or "float32", sorted(keep))
+            _warn_if_first_last_dominate(graph, layers, keep, first_last, self.codes.name)
         by_weight: dict[str, list[WeightedLayer]] = {}
         for layer in layers:
             by_weight.setdefault(layer.weight, []).append(layer)

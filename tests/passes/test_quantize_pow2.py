@@ -350,6 +350,36 @@ def test_bad_cli_spec_is_a_quantization_error(spec):
         Squeeze.from_cli(spec)
 
 
+@pytest.mark.parametrize("spec", ["pow2:3:x", "pow2:3 4", "pow2:tern/ary"])
+def test_malformed_cli_spec_is_reported_as_malformed(spec):
+    with pytest.raises(QuantizationError, match="malformed") as info:
+        Squeeze.from_cli(spec)
+    assert repr(spec) in str(info.value) and "unknown code set" not in str(info.value)
+
+
+class _WideMiddle(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.middle, self.last = torch.nn.Linear(8, 256), torch.nn.Linear(256, 256), torch.nn.Linear(256, 4)
+
+    def forward(self, x):
+        return self.last(torch.relu(self.middle(torch.relu(self.first(x)))))
+
+
+def test_warns_when_first_and_last_layers_hold_most_weights(caplog):
+    torch.manual_seed(0)
+    one_layer = from_torch(torch.nn.Sequential(torch.nn.Linear(64, 32)).eval(), (torch.randn(1, 64),))
+    with caplog.at_level(logging.WARNING, logger="lastbit.passes.quantize_pow2"):
+        QuantizePow2(Squeeze(bits=3))(one_layer)
+    warned = [r.getMessage() for r in caplog.records if "keep_first_last=False" in r.getMessage()]
+    assert len(warned) == 1 and "100%" in warned[0] and "int8" in warned[0] and "--no-keep-first-last" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lastbit.passes.quantize_pow2"):
+        QuantizePow2(Squeeze(bits=3, keep_first_last=False))(one_layer)  # the user chose: no warning
+        QuantizePow2(Squeeze(bits=3))(from_torch(_WideMiddle().eval(), (torch.randn(1, 8),)))  # first+last: 5%
+    assert not [r for r in caplog.records if "keep_first_last" in r.getMessage()]
+
+
 def dense_graph(weight: np.ndarray, reshape_to: tuple[int, int] | None = None) -> Graph:
     """x[1, K] @ permute_dims(W[N, K]) (or @ reshape(W) when reshape_to is given)."""
     from tvm import relax
