@@ -48,7 +48,8 @@ def main(verbose: int) -> None:
 @click.option("--quant", default=None, metavar="SCHEME:BITS", help="Quantize weights data-free, e.g. pow2:3 (or pow2:ternary).")
 @click.option("--db", "db_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None, help="Tuning database from `lastbit tune`: use its best schedules.")
 @click.option("--prune", default=None, metavar="RATIO|flops:F", help="Remove this share of every channel group (0.5), or keep F of the FLOPs (flops:0.5).")
-@click.option("--prune-criterion", default="l1", show_default=True, type=click.Choice(["l1", "bn"]), help="Channel importance: filter L1 norm or BN-γ.")
+@click.option("--prune-criterion", default="l1", show_default=True, type=click.Choice(["l1", "bn", "taylor"]), help="Channel importance: filter L1 norm, BN-γ, or Taylor |w·∂L/∂w| (needs --data and a zoo model).")
+@click.option("--data", "data_spec", default=None, metavar="NAME[:N]", help="Labelled data for squeezing: a built-in dataset (fashion-mnist, mnist5k, digits), its first N training samples (default 2048). Taylor pruning needs it; with --quant on a zoo model it fine-tunes (ADMM) and the report gives accuracy on it.")
 @click.option("--lowrank", default=None, metavar="auto|ENERGY|flops:F", help="Split dense and k×k conv layers by truncated SVD.")
 @click.option("--sparsity", default=None, type=click.FloatRange(0, 1, max_open=True), help="Zero this share of each weight (stored run-length encoded).")
 @click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
@@ -56,11 +57,18 @@ def main(verbose: int) -> None:
               help="With --quant: keep the first and last weighted layers at int8.")
 def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, untrained: bool, quant: str | None,
                 db_dir: Path | None, prune: str | None, prune_criterion: str, lowrank: str | None,
-                sparsity: float | None, trust_pickle: bool, keep_first_last: bool) -> None:
+                sparsity: float | None, trust_pickle: bool, keep_first_last: bool, data_spec: str | None) -> None:
     """Compile MODEL (zoo name, .onnx or .pt2) for a target and export a deployable bundle."""
     import lastbit
 
     structural = _structural_squeeze(prune, prune_criterion, lowrank, sparsity)
+    if prune is not None and prune_criterion == "taylor" and data_spec is None:
+        raise click.UsageError("--prune-criterion taylor needs labelled data: add --data fashion-mnist "
+                               "(or mnist5k, digits; NAME:N for the first N samples)")
+    if data_spec is not None:
+        if not quant and not structural:
+            raise click.UsageError("--data is used by --quant, --prune, --lowrank or --sparsity; give one of them")
+        structural["data"] = _labelled_data(data_spec)
     squeeze = lastbit.Squeeze.from_cli(quant, keep_first_last=keep_first_last, **structural) if quant else \
         (lastbit.Squeeze(**structural) if structural else None)
     module, example = _load_model(model, pretrained=not untrained)
@@ -71,6 +79,19 @@ def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, un
     artifact.export(out_dir)
     click.echo(artifact.report().format_table())
     click.echo(f"bundle written to {out_dir}")
+
+
+def _labelled_data(spec: str, default_samples: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """--data NAME[:N]: the first N training samples of a built-in dataset as (X, y)."""
+    from lastbit.frontend.datasets import load
+
+    name, sep, count = spec.partition(":")
+    if sep and not (count.isdigit() and int(count) > 0):
+        raise click.BadParameter(f"{spec!r}: expected NAME or NAME:N with N a positive sample count",
+                                 param_hint="--data")
+    n = int(count) if sep else default_samples
+    images, labels = load(name.strip(), "train")
+    return images[:n], labels[:n]
 
 
 def _structural_squeeze(prune: str | None, criterion: str, lowrank: str | None, sparsity: float | None) -> dict:
@@ -184,7 +205,7 @@ def run_cmd(bundle: Path, inputs: tuple[Path, ...], out_path: Path | None) -> No
     """Run an exported BUNDLE on .npy inputs (natively or under qemu-user)."""
     from lastbit.codegen.bundle import run_bundle
 
-    arrays = [np.load(p, allow_pickle=False) for p in inputs]
+    arrays = [_load_npy(p) for p in inputs]
     outputs = run_bundle(bundle, arrays)
     for i, out in enumerate(outputs):
         top = np.argsort(out.reshape(-1))[::-1][:5]
@@ -194,6 +215,22 @@ def run_cmd(bundle: Path, inputs: tuple[Path, ...], out_path: Path | None) -> No
 
         atomic_save_npy(out_path, outputs[0])
         click.echo(f"output 0 written to {out_path}")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """One --input file: a .npy array (np.save), never unpickled; anything else is a RunError."""
+    from lastbit.errors import RunError
+
+    try:
+        value = np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 - numpy raises ValueError, OSError, EOFError, UnpicklingError
+        reason = (str(err).splitlines() or ["unreadable"])[0]
+        raise RunError(f"--input {path}: not a .npy array file ({type(err).__name__}: {reason}); "
+                       f"save each input with numpy.save") from err
+    if not isinstance(value, np.ndarray):  # an .npz archive
+        value.close()
+        raise RunError(f"--input {path}: an .npz archive, not one array; save each input as its own .npy file")
+    return value
 
 
 @main.command("targets")

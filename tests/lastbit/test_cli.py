@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -42,3 +43,31 @@ def test_errors_exit_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown target 'nowhere-linux'")
     assert not (tmp_path / "o").exists()
+
+
+def test_run_input_that_is_not_npy_is_one_line_error(tmp_path):
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (tmp_path / "x.txt").write_text("1 2 3\n")
+    np.savez(tmp_path / "x.npz", a=np.zeros(3))
+    for bad in ("x.txt", "x.npz"):
+        proc = subprocess.run([sys.executable, "-m", "lastbit.cli", "run", str(bundle), "--input", str(tmp_path / bad)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+        assert proc.stderr.startswith(f"error: --input {tmp_path / bad}") and ".npy" in proc.stderr
+
+
+def test_taylor_pruning_from_the_cli_with_a_builtin_dataset(tmp_path):
+    result = CliRunner().invoke(main, ["compile", "lenet5", "--untrained", "--prune", "0.25", "--prune-criterion",
+                                       "taylor", "--data", "fashion-mnist:64", "-o", str(tmp_path / "out")])
+    if "dataset-fashion-mnist" in result.output + str(result.exception):
+        pytest.skip("Fashion-MNIST is not installed (make system-deps)")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert (tmp_path / "out" / "manifest.json").is_file()
+    missing = CliRunner().invoke(main, ["compile", "lenet5", "--untrained", "--prune", "0.25", "--prune-criterion",
+                                        "taylor", "-o", str(tmp_path / "out2")])
+    assert missing.exit_code == 2 and "--data fashion-mnist" in missing.output
+    bad = CliRunner().invoke(main, ["compile", "lenet5", "--untrained", "--prune", "0.25", "--data", "digits:x",
+                                    "-o", str(tmp_path / "out3")])
+    assert bad.exit_code == 2 and "NAME:N" in bad.output
