@@ -55,9 +55,11 @@ def main(verbose: int) -> None:
 @click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
 @click.option("--keep-first-last/--no-keep-first-last", default=True, show_default=True,
               help="With --quant: keep the first and last weighted layers at int8.")
+@click.option("--check", "check_source", is_flag=True, help="Run the compiled model and the source (onnxruntime for .onnx, torch for zoo models) on random input and print the largest difference; warns when the outputs are constant (the check would prove nothing).")
 def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, untrained: bool, quant: str | None,
                 db_dir: Path | None, prune: str | None, prune_criterion: str, lowrank: str | None,
-                sparsity: float | None, trust_pickle: bool, keep_first_last: bool, data_spec: str | None) -> None:
+                sparsity: float | None, trust_pickle: bool, keep_first_last: bool, data_spec: str | None,
+                check_source: bool) -> None:
     """Compile MODEL (zoo name, .onnx or .pt2) for a target and export a deployable bundle."""
     import lastbit
 
@@ -79,6 +81,10 @@ def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, un
     artifact.export(out_dir)
     click.echo(artifact.report().format_table())
     click.echo(f"bundle written to {out_dir}")
+    if check_source:
+        from lastbit.check import check_against_source
+
+        click.echo(check_against_source(artifact, module).format())
 
 
 def _labelled_data(spec: str, default_samples: int = 2048) -> tuple[np.ndarray, np.ndarray]:
@@ -210,6 +216,11 @@ def run_cmd(bundle: Path, inputs: tuple[Path, ...], out_path: Path | None) -> No
     for i, out in enumerate(outputs):
         top = np.argsort(out.reshape(-1))[::-1][:5]
         click.echo(f"output {i}: shape {out.shape}, dtype {out.dtype}, top-5 indices {top.tolist()}")
+    from lastbit.check import degenerate_reason
+
+    degenerate = degenerate_reason(outputs)
+    if degenerate:
+        click.echo(f"warning: {degenerate}: the top-5 indices mean nothing", err=True)
     if out_path is not None:
         from lastbit.fileio import atomic_save_npy
 
