@@ -209,9 +209,9 @@ def farm_status_cmd(tracker: str) -> None:
 @click.option("--output", "-o", "out_path", type=click.Path(path_type=Path), default=None, help="Save the first output as .npy.")
 def run_cmd(bundle: Path, inputs: tuple[Path, ...], out_path: Path | None) -> None:
     """Run an exported BUNDLE on .npy inputs (natively or under qemu-user)."""
+    arrays = [_load_npy(p) for p in inputs]  # before importing TVM: a bad file fails fast
     from lastbit.codegen.bundle import run_bundle
 
-    arrays = [_load_npy(p) for p in inputs]
     outputs = run_bundle(bundle, arrays)
     for i, out in enumerate(outputs):
         top = np.argsort(out.reshape(-1))[::-1][:5]

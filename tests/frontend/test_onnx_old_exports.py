@@ -90,7 +90,7 @@ def _check_against_onnxruntime(path, x):
 
 
 @pytest.mark.parametrize("opset,constant_of_shape,shapes_as_inputs", [
-    (7, False, False), (9, True, False), (9, True, True),
+    (7, False, False), (8, False, False), (9, True, False), (9, True, True),
 ])
 def test_old_cnn_export_matches_onnxruntime(tmp_path, opset, constant_of_shape, shapes_as_inputs):
     torch.manual_seed(0)
