@@ -74,7 +74,7 @@ def pareto_choices(costs: Sequence[Sequence[float]], proxies: Sequence[Sequence[
         raise ValueError(f"{len(costs)} cost rows but {len(proxies)} proxy rows")
     front: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())]
     for l, (c_row, p_row) in enumerate(zip(costs, proxies)):
-        if len(c_row) != len(p_row) or not c_row:
+        if len(c_row) != len(p_row) or len(c_row) == 0:
             raise ValueError(f"layer {l}: {len(c_row)} costs, {len(p_row)} proxies")
         # an option another one beats in both can be in no optimum: drop it before the product
         live = [j for j in range(len(c_row))
