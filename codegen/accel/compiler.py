@@ -19,6 +19,7 @@ before it overwrites that accumulator half.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -207,9 +208,10 @@ def unpack_nibbles(data: np.ndarray) -> np.ndarray:
 # --- tiling ----------------------------------------------------------------------------------
 
 
-def _distinct_tiles(extent: int, limit: int = 255) -> list[int]:
+@functools.lru_cache(maxsize=4096)
+def _distinct_tiles(extent: int, limit: int = 255) -> tuple[int, ...]:
     """Tile sizes that give distinct tile counts: ceil(extent / k) for k = 1 .. extent."""
-    return sorted({math.ceil(extent / k) for k in range(1, extent + 1) if math.ceil(extent / k) <= limit})
+    return tuple(sorted({math.ceil(extent / k) for k in range(1, extent + 1) if math.ceil(extent / k) <= limit}))
 
 
 def _fits(layer: ConvLayer, cfg: AccelConfig, t: Tiling) -> bool:
@@ -229,10 +231,10 @@ def tiling_candidates(layer: ConvLayer, cfg: AccelConfig) -> list[Tiling]:
     ob = math.ceil(layer.out_channels / cfg.rows)
     cb = math.ceil(layer.in_channels / cfg.cols)
     found = []
+    ob_tiles = _distinct_tiles(ob)[::-1]  # largest first
     for oh, ow, tcb in itertools.product(_distinct_tiles(layer.out_h), _distinct_tiles(layer.out_w),
                                          _distinct_tiles(cb)):
-        tob = next((b for b in sorted(_distinct_tiles(ob), reverse=True)
-                    if _fits(layer, cfg, Tiling(oh, ow, b, tcb))), None)
+        tob = next((b for b in ob_tiles if _fits(layer, cfg, Tiling(oh, ow, b, tcb))), None)
         if tob is None:
             continue
         found += [Tiling(oh, ow, tob, tcb, order) for order in ("ws", "is")]

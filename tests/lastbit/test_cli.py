@@ -42,3 +42,25 @@ def test_errors_exit_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown target 'nowhere-linux'")
     assert not (tmp_path / "o").exists()
+
+
+def test_accel_dse_sweeps_and_searches(small_mlp, tmp_path):
+    import json
+
+    model, x = small_mlp
+    onnx_path = tmp_path / "mlp.onnx"
+    torch.onnx.export(model, (x,), str(onnx_path), dynamo=False, input_names=["x"])
+    out = tmp_path / "dse"
+    args = ["accel-dse", str(onnx_path), "--sweep", "rows=4,8", "--sweep", "pe=shift-add,mac8", "--base", "small",
+            "--budget-energy", "1000", "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "Pareto front" in result.output and "joint search:" in result.output
+    sweep = json.loads((out / "dse.json").read_text())
+    assert len(sweep["table"]) == 4 and sweep["front"]
+    joint = json.loads((out / "joint.json").read_text())
+    assert joint["best"]["energy_pj"] <= 1000e6 and len(joint["best"]["code_sets"]) == sweep["layers"]
+    assert {"dse.png", "joint.png"} <= {p.name for p in out.iterdir()}
+    bad = CliRunner().invoke(main, ["accel-dse", str(onnx_path), "--sweep", "rows=0", "-o", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "rows: 0 is not a positive integer" in str(bad.exception)
+    assert not (tmp_path / "bad").exists()
