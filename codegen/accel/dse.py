@@ -179,7 +179,7 @@ def model_layers(graph, default_code_set: str | None = None) -> tuple[list[Model
 
     A quantized layer keeps its code set; a float one gets ``default_code_set`` and carries
     its float weight (what an accuracy proxy needs)."""
-    from lastbit.codegen.accel.offload import _op, _sole_user, _users
+    from lastbit.codegen.accel.offload import _users
     from lastbit.passes.quantize_pow2 import weighted_layers
     from tvm import relax
 
@@ -211,15 +211,17 @@ def model_layers(graph, default_code_set: str | None = None) -> tuple[list[Model
         else:
             skipped[name] = f"{wl.kind} layer with input {data}: not offloaded"
             continue
-        layer = replace(layer, relu=_followed_by_relu(wl.relax_var, var2val, users, _op, _sole_user))
+        layer = replace(layer, relu=_followed_by_relu(wl.relax_var, var2val, users))
         cs = info.code_set if info else default_code_set
         found.append(ModelLayer(name, layer, cs, None if info else np.asarray(weight, np.float32)))
     return found, skipped
 
 
-def _followed_by_relu(var, var2val, users, _op, _sole_user) -> bool:
+def _followed_by_relu(var, var2val: dict, users: dict) -> bool:
     """A ReLU after an optional bias add and batch-norm fuses into the layer (offload.py)."""
     from tvm import relax
+
+    from lastbit.codegen.accel.offload import _op, _sole_user
 
     end = var
     for _ in range(4):
