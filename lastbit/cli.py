@@ -244,6 +244,52 @@ def _load_npy(path: Path) -> np.ndarray:
     return value
 
 
+@main.command("accel-dse")
+@click.argument("model")
+@click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for dse.json/png (and joint.json/png).")
+@click.option("--quant", default="pow2:3", show_default=True, metavar="SCHEME:BITS", help="The uniform quantization the sweep costs (data-free).")
+@click.option("--sweep", "sweep_items", multiple=True, metavar="AXIS=V1,V2", help="Swept axis (repeatable): rows, cols, input_kib, weight_kib, acc_kib, dram_bytes_per_cycle, pe. Default: 20 array shapes x weight KiB x DRAM B/cycle x PE kind.")
+@click.option("--base", default="default", show_default=True, help="Accelerator preset the unswept parameters come from.")
+@click.option("--budget-energy", "budget_energy_uj", type=float, default=None, help="Joint search: least accuracy proxy within this energy per inference (µJ).")
+@click.option("--budget-area", "budget_area_mm2", type=float, default=None, help="Joint search: least energy within this area (mm², PE + SRAM), no worse proxy than --quant.")
+@click.option("--max-proxy", type=float, default=None, help="Joint search: cap on the summed accuracy-drop proxy.")
+@click.option("--code-sets", default="ternary,pow2-4,int8", show_default=True, help="Per-layer choices of the joint search.")
+@click.option("--untrained", is_flag=True, help="Zoo models: seeded random weights (hardware cost does not depend on them).")
+def accel_dse_cmd(model: str, out_dir: Path, quant: str, sweep_items: tuple[str, ...], base: str,
+                  budget_energy_uj: float | None, budget_area_mm2: float | None, max_proxy: float | None,
+                  code_sets: str, untrained: bool) -> None:
+    """Sweep accelerator shapes for MODEL (cycles x energy x area, Pareto front); with a budget,
+    choose per-layer code sets and the array together."""
+    import lastbit
+    from lastbit.codegen.accel import preset
+    from lastbit.codegen.accel.dse import DEFAULT_SWEEP, SweepSpec
+    from lastbit.codegen.accel.explore import explore_model
+    from lastbit.pipeline import import_model
+
+    spec = SweepSpec.parse(sweep_items, preset(base)) if sweep_items else SweepSpec(DEFAULT_SWEEP, preset(base))
+    squeeze = lastbit.Squeeze.from_cli(quant, mode="data-free")
+    module, example = _load_model(model, pretrained=not untrained)
+    graph = import_model(module, example, name=Path(model).stem)
+    run = explore_model(graph, squeeze, spec, energy_budget_pj=None if budget_energy_uj is None else budget_energy_uj * 1e6,
+                        area_budget_mm2=budget_area_mm2, max_proxy=max_proxy,
+                        code_sets=[c.strip() for c in code_sets.split(",") if c.strip()], progress=True)
+    paths = run.write(out_dir, title=f"{Path(model).stem} ({quant})")
+    click.echo(f"{'config':<40} {'Mcycles':>9} {'energy uJ':>10} {'area mm2':>9}")
+    for row in run.sweep.front_rows:
+        click.echo(f"{row['name']:<40} {row['cycles'] / 1e6:>9.2f} {row['energy_pj'] / 1e6:>10.1f} {row['area_mm2']:>9.3f}")
+    click.echo(f"Pareto front: {len(run.sweep.front)} of {len(run.sweep.rows)} configs "
+               f"({run.sweep.wall_s:.1f} s of simulation)")
+    if run.joint is not None:
+        best = run.joint.best
+        if best is None:
+            click.echo("joint search: no array and code-set assignment meets the budget")
+        else:
+            counts = {cs: list(best["code_sets"].values()).count(cs) for cs in sorted(set(best["code_sets"].values()))}
+            click.echo(f"joint search: {best['name']}, energy {best['energy_pj'] / 1e6:.1f} uJ, proxy {best['proxy']:.4f}, "
+                       f"layers {counts}")
+    click.echo("written: " + ", ".join(str(p) for p in paths.values()))
+
+
 @main.command("targets")
 def targets_cmd() -> None:
     """List the known target triples."""

@@ -19,6 +19,7 @@ before it overwrites that accumulator half.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -33,7 +34,7 @@ from lastbit.errors import LastbitError
 log = logging.getLogger(__name__)
 
 __all__ = ["AccelCompileError", "AccelProgram", "ConvLayer", "Tiling", "compile_layer", "encode_weights",
-           "tiling_candidates"]
+           "schedule_layer", "tiling_candidates"]
 
 _ALIGN = 64
 _MAX_SHIFT = 6  # a 4-bit field: sign + 3-bit exponent e, value ±2^(e-1), e = 0 is zero
@@ -207,9 +208,10 @@ def unpack_nibbles(data: np.ndarray) -> np.ndarray:
 # --- tiling ----------------------------------------------------------------------------------
 
 
-def _distinct_tiles(extent: int, limit: int = 255) -> list[int]:
+@functools.lru_cache(maxsize=4096)
+def _distinct_tiles(extent: int, limit: int = 255) -> tuple[int, ...]:
     """Tile sizes that give distinct tile counts: ceil(extent / k) for k = 1 .. extent."""
-    return sorted({math.ceil(extent / k) for k in range(1, extent + 1) if math.ceil(extent / k) <= limit})
+    return tuple(sorted({math.ceil(extent / k) for k in range(1, extent + 1) if math.ceil(extent / k) <= limit}))
 
 
 def _fits(layer: ConvLayer, cfg: AccelConfig, t: Tiling) -> bool:
@@ -229,10 +231,10 @@ def tiling_candidates(layer: ConvLayer, cfg: AccelConfig) -> list[Tiling]:
     ob = math.ceil(layer.out_channels / cfg.rows)
     cb = math.ceil(layer.in_channels / cfg.cols)
     found = []
+    ob_tiles = _distinct_tiles(ob)[::-1]  # largest first
     for oh, ow, tcb in itertools.product(_distinct_tiles(layer.out_h), _distinct_tiles(layer.out_w),
                                          _distinct_tiles(cb)):
-        tob = next((b for b in sorted(_distinct_tiles(ob), reverse=True)
-                    if _fits(layer, cfg, Tiling(oh, ow, b, tcb))), None)
+        tob = next((b for b in ob_tiles if _fits(layer, cfg, Tiling(oh, ow, b, tcb))), None)
         if tob is None:
             continue
         found += [Tiling(oh, ow, tob, tcb, order) for order in ("ws", "is")]
@@ -311,24 +313,35 @@ def compile_layer(layer: ConvLayer, codes: np.ndarray, config: AccelConfig, tili
     want = (layer.out_channels, layer.in_channels, *layer.kernel)
     if codes.shape != want:
         raise AccelCompileError(f"{layer.name}: codes have shape {codes.shape}, the layer needs {want}")
+    weights = encode_weights(codes, config)
+    tiling, estimate, dram, instructions = schedule_layer(layer, config, tiling)
+    assert dram.bias - dram.weight >= weights.size  # schedule_layer sizes the region from the geometry
+    log.debug("%s: tiling %s, %d instructions, estimate %.0f cycles", layer.name, tiling, len(instructions), estimate)
+    return AccelProgram(layer, config, tiling, instructions, dram, weights, estimated_cycles=estimate)
+
+
+def schedule_layer(layer: ConvLayer, config: AccelConfig, tiling: Tiling | None = None
+                   ) -> tuple[Tiling, float, DramLayout, list[Instruction]]:
+    """Tiling, estimate, DRAM layout and instruction stream of a layer, without its weights:
+    the schedule depends on the geometry only, so cost models (``dse.layer_cost``) skip
+    encoding the codes. ``compile_layer`` is this plus the packed weight region."""
+    check_layer(layer)
     if tiling is None:
         tiling, estimate = choose_tiling(layer, config)
     else:
         if not _fits(layer, config, tiling):
             raise AccelCompileError(f"{layer.name}: tiling {tiling} does not fit accelerator '{config.name}'")
         estimate = estimate_cycles(layer, config, tiling)
-    weights = encode_weights(codes, config)
+    kh, kw = layer.kernel
     ob, cb = math.ceil(layer.out_channels / config.rows), math.ceil(layer.in_channels / config.cols)
-    sizes = [layer.batch * cb * layer.height * layer.width * config.cols, weights.size, ob * config.acc_entry_bytes,
-             layer.batch * ob * layer.out_h * layer.out_w * config.acc_entry_bytes]
+    sizes = [layer.batch * cb * layer.height * layer.width * config.cols, ob * cb * kh * kw * config.weight_entry_bytes,
+             ob * config.acc_entry_bytes, layer.batch * ob * layer.out_h * layer.out_w * config.acc_entry_bytes]
     offsets, at = [], 0
     for size in sizes:
         offsets.append(at)
         at += -(-size // _ALIGN) * _ALIGN
     dram = DramLayout(*offsets, total=at)
-    instructions = _emit(layer, config, tiling, dram)
-    log.debug("%s: tiling %s, %d instructions, estimate %.0f cycles", layer.name, tiling, len(instructions), estimate)
-    return AccelProgram(layer, config, tiling, instructions, dram, weights, estimated_cycles=estimate)
+    return tiling, estimate, dram, _emit(layer, config, tiling, dram)
 
 
 def _emit(layer: ConvLayer, cfg: AccelConfig, t: Tiling, dram: DramLayout) -> list[Instruction]:

@@ -17,8 +17,11 @@ barrel shifter we cost like an 8-bit adder (the table has no shifter; a 3-stage 
 a 14-bit value is a few dozen muxes); an int8 MAC PE is an 8-bit multiply plus a 32-bit
 accumulate; an fp32 MAC a float multiply plus a float add. SRAM energy per 64 bits is
 interpolated in log(size) between the three table points (clamped outside them), writes
-cost like reads, DRAM uses the low end, 1.3 nJ per 64 bits. Area covers the PE array only
-(the table gives no SRAM area).
+cost like reads, DRAM uses the low end, 1.3 nJ per 64 bits. ``EnergyReport.pe_area_mm2`` covers the PE array only (the
+table gives no SRAM area); ``accelerator_area_mm2`` adds the three buffers for design-space
+exploration, at the 45 nm 6T bit cell of Intel's 45 nm process, 0.346 µm² (K. Mistry et
+al., "A 45nm logic technology ...", IEDM 2007), over an assumed 70 % array efficiency
+(decoders, sense amplifiers: our choice), about 0.5 µm² per bit.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from dataclasses import asdict, dataclass
 from lastbit.codegen.accel.config import AccelConfig
 from lastbit.codegen.accel.timing_sim import TimingReport
 
-__all__ = ["HOROWITZ_45NM", "PE_OPS", "EnergyReport", "estimate_energy", "pe_area_um2", "pe_energy_pj"]
+__all__ = ["HOROWITZ_45NM", "PE_OPS", "EnergyReport", "accelerator_area_mm2", "estimate_energy", "pe_area_um2",
+           "pe_energy_pj", "sram_area_mm2"]
 
 # operation -> (energy pJ, area µm²), Horowitz ISSCC 2014, 45 nm
 HOROWITZ_45NM: dict[str, tuple[float, float]] = {
@@ -42,6 +46,8 @@ HOROWITZ_45NM: dict[str, tuple[float, float]] = {
 }
 SRAM_PJ_PER_64BIT = ((8 * 1024, 10.0), (32 * 1024, 20.0), (1024 * 1024, 100.0))
 DRAM_PJ_PER_64BIT = 1300.0
+SRAM_BITCELL_UM2 = 0.346  # Intel 45 nm 6T cell, Mistry et al., IEDM 2007
+SRAM_ARRAY_EFFICIENCY = 0.7  # bit cells over macro area (our assumption)
 
 # what one PE does per cycle, as operations of the table
 PE_OPS: dict[str, tuple[str, ...]] = {
@@ -57,6 +63,18 @@ def pe_energy_pj(pe: str) -> float:
 
 def pe_area_um2(pe: str) -> float:
     return sum(HOROWITZ_45NM[op][1] for op in PE_OPS[pe])
+
+
+def sram_area_mm2(size_bytes: int) -> float:
+    """Area of an SRAM macro of ``size_bytes`` (bit cells over the array efficiency)."""
+    return size_bytes * 8 * SRAM_BITCELL_UM2 / SRAM_ARRAY_EFFICIENCY / 1e6
+
+
+def accelerator_area_mm2(config: AccelConfig) -> dict[str, float]:
+    """PE array, buffers and their sum, in mm² (what design-space exploration trades)."""
+    pe = config.pes * pe_area_um2(config.pe) / 1e6
+    sram = sum(sram_area_mm2(kib * 1024) for kib in (config.input_kib, config.weight_kib, config.acc_kib))
+    return {"pe_mm2": pe, "sram_mm2": sram, "total_mm2": pe + sram}
 
 
 def sram_pj_per_64bit(size_bytes: int) -> float:

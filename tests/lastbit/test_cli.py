@@ -74,3 +74,25 @@ def test_taylor_pruning_from_the_cli_with_a_builtin_dataset(tmp_path):
     bad = CliRunner().invoke(main, ["compile", "lenet5", "--untrained", "--prune", "0.25", "--data", "digits:x",
                                     "-o", str(tmp_path / "out3")])
     assert bad.exit_code == 2 and "NAME:N" in bad.output
+
+
+def test_accel_dse_sweeps_and_searches(small_mlp, tmp_path):
+    import json
+
+    model, x = small_mlp
+    onnx_path = tmp_path / "mlp.onnx"
+    torch.onnx.export(model, (x,), str(onnx_path), dynamo=False, input_names=["x"])
+    out = tmp_path / "dse"
+    args = ["accel-dse", str(onnx_path), "--sweep", "rows=4,8", "--sweep", "pe=shift-add,mac8", "--base", "small",
+            "--budget-energy", "1000", "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "Pareto front" in result.output and "joint search:" in result.output
+    sweep = json.loads((out / "dse.json").read_text())
+    assert len(sweep["table"]) == 4 and sweep["front"]
+    joint = json.loads((out / "joint.json").read_text())
+    assert joint["best"]["energy_pj"] <= 1000e6 and len(joint["best"]["code_sets"]) == sweep["layers"]
+    assert {"dse.png", "joint.png"} <= {p.name for p in out.iterdir()}
+    bad = CliRunner().invoke(main, ["accel-dse", str(onnx_path), "--sweep", "rows=0", "-o", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "rows: 0 is not a positive integer" in str(bad.exception)
+    assert not (tmp_path / "bad").exists()
