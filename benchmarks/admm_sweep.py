@@ -306,8 +306,8 @@ def main(argv=None) -> dict:
         schedule = {k: chosen["schedule"][k] for k in schedule}
         print("schedule:", chosen["schedule"], flush=True)
 
-    out = stage("distill", _admm_jobs(models, codes, distill, {**BASE, **structure, **schedule}, "distill")
-                + _admm_jobs(models, codes, [{}], {**BASE, **structure, **schedule}, "distill"))
+    # the no-teacher run first in every cell, so a stage cut short still has its baselines
+    out = stage("distill", _admm_jobs(models, codes, [{}] + distill, {**BASE, **structure, **schedule}, "distill"))
     if out:
         chosen["distill"] = _winner([r for r in out if r.get("distill_weight")], ("temperature", "distill_weight"))
         print("distill:", chosen["distill"], flush=True)
