@@ -413,9 +413,9 @@ def project_module(
 # Defaults from benchmarks/admm_sweep.py on ResNet-8/20 (BatchNorm), Fashion-MNIST, at the accuracy
 # table's budgets; the rows (an H200 run, cut short by its time limit) are bench/admm_sweep_gpu.json
 # and `admm_sweep.py --summarize bench/admm_sweep_gpu.json` re-derives these winners:
-# - W-step: proximal SGD scored what extragradient did (mean 81.8 vs 81.6 over 8 cells) at half
-#   the cost, so ADMM now costs what STE does per batch.
-# - α per output channel: no better on average (81.7 vs 81.8); per tensor stays.
+# - W-step: proximal SGD scored at least what extragradient did (mean over 8 cells 81.8 vs 80.5
+#   per tensor, 81.5 vs 81.5 per channel) at half the cost: ADMM now costs what STE does per batch.
+# - α per output channel: no better on average (81.5 vs 81.8); per tensor stays.
 # - BatchNorm frozen (eval mode) during fine-tuning diverged at lr 0.01 in every cell; batch
 #   statistics stay, with the fixed phase and the final re-estimation handling their drift.
 # - Schedule (grid ρ0 {1, 5, 20} × growth {1.15, 1.3, 1.6} × G-steps {9, 20} × fixed {0.1, 0.25}):
@@ -476,7 +476,8 @@ def admm_finetune(
     w_step="sgd" takes one gradient per batch instead of two: v = μv + ∇f(W), W ← prox(W − ηv)
     (proximal heavy-ball SGD), half the cost of extragradient, so the same number of batches
     costs what STE does. freeze_bn keeps every BatchNorm in eval mode (running statistics fixed,
-    γ and β still train): conv + BN is then the per-channel affine map the deployed model folds.
+    γ and β still train): conv + BN is then the per-channel affine map the deployed model folds,
+    and the statistics are not re-estimated at the end (bn_batches is ignored).
     G-step and dual every `update_every` batches ("auto", the default: ADMM_G_STEPS of them
     spread evenly over the ADMM phase, see :func:`auto_update_every`; or "epoch"): G = Π(W + λ),
     λ += W − G, then ρ ← ρ·rho_growth with λ rescaled by ρ_old/ρ_new so ρ·λ is kept. The W-step
