@@ -96,7 +96,7 @@ def _structural_squeeze(prune: str | None, criterion: str, lowrank: str | None, 
 @click.option("--max-drop", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Predicted accuracy drop budget, in points.")
 @click.option("--data", "dataset", default="fashion-mnist", show_default=True, help="Dataset for sensitivity, fine-tuning and accuracy.")
 @click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for config.json, pareto.json/png and the bundle.")
-@click.option("--calibration-samples", default=512, show_default=True, type=click.IntRange(min=16), help="Test-split samples the sensitivities are measured on.")
+@click.option("--calibration-samples", default=512, show_default=True, type=click.IntRange(min=16), help="Train-split samples the sensitivities are measured on.")
 @click.option("--measure-share", default=0.3, show_default=True, type=click.FloatRange(0, 1), help="Share of the layer choices measured on the target (the rest predicted).")
 @click.option("--cache", "cache_path", default=None, type=click.Path(path_type=Path, dir_okay=False), help="Measurement cache (JSON; default: beside the weight cache).")
 @click.option("--finetune-epochs", default=0, show_default=True, type=click.IntRange(min=0), help="ADMM fine-tune the chosen configuration this long and measure its accuracy.")
@@ -113,8 +113,9 @@ def codesign_cmd(model: str, target: str, objective: str, max_drop: float, datas
     module, example = _load_model(model, pretrained=not untrained)
     if example is None:
         raise click.UsageError("codesign needs a zoo model (a torch module): it measures sensitivities in torch")
-    test = load(dataset, "test")
-    calibration = (test.images[:calibration_samples], test.labels[:calibration_samples])
+    train, test = load(dataset, "train"), load(dataset, "test")
+    pick = np.random.default_rng(0).choice(len(train.labels), min(calibration_samples, len(train.labels)), replace=False)
+    calibration = (train.images[pick], train.labels[pick])
     result = run_codesign(module, example[0], target, calibration, out_dir, objective=objective, max_drop=max_drop,
                           cache_path=cache_path or cache_dir().parent / "codesign-costs.json",
                           measure_share=measure_share, name=Path(model).stem)
@@ -122,7 +123,6 @@ def codesign_cmd(model: str, target: str, objective: str, max_drop: float, datas
         raise click.ClickException(f"no configuration predicts a drop within {max_drop} points")
     data = calibration[0]  # without fine-tuning: data-free codes, activation scales calibrated
     if finetune_epochs:
-        train = load(dataset, "train")
         data = (train.images, train.labels)
     graph = import_model(module, example, name=Path(model).stem)
     artifact = finetune_config(module, example[0], graph, result.chosen.config, data, target, epochs=max(finetune_epochs, 1),

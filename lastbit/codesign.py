@@ -565,7 +565,8 @@ class CodesignResult:
 def run_codesign(module, example, target: str, calibration: tuple[np.ndarray, np.ndarray], out_dir: "str | Path",
                  objective: str = "latency", max_drop: float = 1.0, cache_path: "str | Path | None" = None,
                  measure_share: float = 0.3, max_measure: int | None = None, codes: Sequence[str] = CODES,
-                 name: str = "model", progress: bool = True, source: CostSource | None = None) -> CodesignResult:
+                 ranks: bool = True, name: str = "model", progress: bool = True,
+                 source: CostSource | None = None) -> CodesignResult:
     """Sites → measured/predicted costs → sensitivities → exact search → Pareto front; writes
     ``config.json`` (the chosen point), ``pareto.json`` and ``pareto.png`` into ``out_dir``."""
     from lastbit.codesign_cost import cost_source
@@ -589,7 +590,7 @@ def run_codesign(module, example, target: str, calibration: tuple[np.ndarray, np
     graph = import_model(module, (example,), name=name)
     lanes = _channel_multiple(t)
     site_codes = [c for c in codes if not (c == FLOAT_CODES and t.runner == "sim")]  # float layers do not run there
-    sites = model_sites(graph, lanes, codes=site_codes)
+    sites = model_sites(graph, lanes, codes=site_codes, ranks=ranks)
     groups = site_groups(sites)
     cache = CostCache(cache_path or (out_dir / "cost-cache.json"))
     costs = measure_costs(groups, source, cache, measure_share, max_measure, progress=progress)
