@@ -12,6 +12,7 @@ additive model HAWQ-V3 and HAQ use); benchmarks/codesign.py checks it on whole m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,7 +26,8 @@ from lastbit.errors import LastbitError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AccelSimCost", "CostCache", "CostModel", "CostPoint", "CostSource", "HostLatency", "cost_source"]
+__all__ = ["AccelSimCost", "CostCache", "CostModel", "CostPoint", "CostSource", "HostLatency", "cost_source",
+           "tvm_threads"]
 
 
 @dataclass(frozen=True)
@@ -143,20 +145,42 @@ def _compile_point(point: CostPoint, target: str):
     return lastbit.compile(module, target, (x,), name="codesign-layer", squeeze=squeeze), x.numpy()
 
 
+@contextlib.contextmanager
+def tvm_threads(n: int | None):
+    """TVM's CPU thread pool at ``n`` threads inside the block (None: unchanged), then back
+    at TVM_NUM_THREADS. On a loaded machine a 2-thread pool stalls for milliseconds waiting
+    for a descheduled worker, far longer than a small layer runs; one thread does not."""
+    if n is None:
+        yield
+        return
+    import os
+
+    import tvm
+
+    config = tvm.get_global_func("runtime.config_threadpool")
+    config(1, int(n))
+    try:
+        yield
+    finally:
+        config(1, int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)))
+
+
 class HostLatency:
-    """Median wall-clock latency (ms) of the one-layer model compiled for this host."""
+    """Latency (ms) of the one-layer model compiled for this host: the least of ``rounds``
+    medians of ``repeat`` calls, on ``threads`` TVM threads (1 by default: see tvm_threads)."""
 
     metrics = ("latency_ms",)
 
-    def __init__(self, target: str = "x86_64-linux-gnu", repeat: int = 10, rounds: int = 15):
-        self.target, self.repeat, self.rounds = target, repeat, rounds
-        self.name = f"{target}/latency"
+    def __init__(self, target: str = "x86_64-linux-gnu", repeat: int = 10, rounds: int = 15, threads: int | None = 1):
+        self.target, self.repeat, self.rounds, self.threads = target, repeat, rounds, threads
+        self.name = f"{target}/latency" + (f"/{threads}t" if threads else "")
 
     def measure(self, point: CostPoint) -> dict[str, float] | None:
         artifact, x = _compile_point(point, self.target)
         # the least of many short medians: on a shared machine load only ever adds time, and
         # a short window is likelier to run undisturbed than one long one
-        ms = min(artifact.latency_ms(x, repeat=self.repeat, warmup=1) for _ in range(self.rounds))
+        with tvm_threads(self.threads):
+            ms = min(artifact.latency_ms(x, repeat=self.repeat, warmup=1) for _ in range(self.rounds))
         return {"latency_ms": ms}
 
 
@@ -219,8 +243,15 @@ class CostCache:
         self.entries[self.key(source, point)] = value
 
     def save(self) -> None:
+        """Write the cache atomically, merged with what another run wrote there meanwhile."""
         from lastbit.fileio import atomic_write_json
 
+        if self.path.is_file():
+            try:
+                on_disk = json.loads(self.path.read_text()).get("entries", {})
+                self.entries = {**on_disk, **self.entries}
+            except (json.JSONDecodeError, AttributeError):
+                pass
         atomic_write_json(self.path, {"format": "lastbit-cost-cache/1", "entries": self.entries})
 
 

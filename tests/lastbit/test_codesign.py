@@ -96,3 +96,25 @@ def test_measurements_are_cached_and_the_rest_predicted(tmp_path):
     again = _CountingSource()
     table2 = measure_costs(groups, again, CostCache(tmp_path / "costs.json"), measure_share=0.5, progress=False)
     assert again.calls == 0 and table2.measured == table.measured
+
+
+def test_restructured_torch_module_matches_the_compiled_structural_squeeze(small_cnn):
+    """finetune_config prunes/splits the torch module itself; it must give the model the
+    graph passes give, so the fine-tuned weights fit the compiled layers."""
+    import torch
+
+    import lastbit
+    from lastbit.codesign import restructure_module
+    from lastbit.layer_config import LayerChoice, LayerConfig
+    from lastbit.pipeline import import_model
+    from lastbit.squeeze import Squeeze
+    from tests.conftest import assert_close
+
+    model, x = small_cnn
+    config = LayerConfig({"conv1": LayerChoice("fp32", keep=0.5), "conv2": LayerChoice("fp32", rank=2)})
+    graph = import_model(model, (x,))
+    restructured = restructure_module(model, graph, config, lanes=16)
+    assert restructured.conv1.out_channels == 4 and restructured.conv2.svd0.out_channels == 2
+    art = lastbit.compile(model, "x86_64-linux-gnu", (x,), squeeze=Squeeze(layers=config))
+    with torch.no_grad():
+        assert_close(art.run(x), restructured(x).numpy(), rtol=1e-4)
