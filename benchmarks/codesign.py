@@ -23,6 +23,7 @@ import argparse
 import logging
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -59,7 +60,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer measurements and choices, no fine-tuning")
     parser.add_argument("--max-drop", type=float, default=1.0, help="predicted accuracy drop budget (points)")
-    parser.add_argument("--out", default="bench/codesign", help="folder for config.json, pareto.json/png")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "bench" / "codesign"),
+                        help="folder for config.json, pareto.json/png (default bench/codesign)")
     parser.add_argument("--untrained", action="store_true", help="seeded random weights: a smoke run, nothing recorded")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
