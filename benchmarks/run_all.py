@@ -11,6 +11,7 @@ import accel_dse  # noqa: E402
 import accel_sim  # noqa: E402
 import admm_sweep  # noqa: E402
 import arm_insn_count  # noqa: E402
+import codesign  # noqa: E402
 import conv_vnni  # noqa: E402
 import gemv_lowbit  # noqa: E402
 import prune_latency  # noqa: E402
@@ -20,7 +21,20 @@ import zoo_latency  # noqa: E402
 
 import autotune  # noqa: E402 - benchmarks/autotune.py (first on sys.path), not the package
 
-BENCHMARKS = [zoo_latency, admm_sweep, quant_accuracy, accel_sim, accel_dse, gemv_lowbit, prune_latency, quant_e2e, conv_vnni, arm_insn_count, autotune]
+BENCHMARKS = [
+    zoo_latency,
+    admm_sweep,
+    quant_accuracy,
+    accel_sim,
+    accel_dse,
+    gemv_lowbit,
+    prune_latency,
+    quant_e2e,
+    conv_vnni,
+    arm_insn_count,
+    autotune,
+    codesign,
+]
 
 
 def main() -> None:

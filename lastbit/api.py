@@ -204,6 +204,8 @@ class Artifact:
                 if layer.name in offloaded:
                     layer.kernel = f"accel {report.accelerator['config']['name']} shift-add"
         sq = self.squeeze
+        if sq is not None and sq.layers is not None:
+            report.layer_choices = sq.layers.to_dict()["layers"]
         if sq is not None and sq.data is not None and sq.has_labels and self.target.is_host:
             if self._accuracy is None:
                 self._accuracy = self.accuracy(sq.data)

@@ -52,24 +52,27 @@ def main(verbose: int) -> None:
 @click.option("--data", "data_spec", default=None, metavar="NAME[:N]", help="Labelled data for squeezing: a built-in dataset (fashion-mnist, mnist5k, digits), its first N training samples (default 2048). Taylor pruning needs it; with --quant on a zoo model it fine-tunes (ADMM) and the report gives accuracy on it.")
 @click.option("--lowrank", default=None, metavar="auto|ENERGY|flops:F", help="Split dense and k×k conv layers by truncated SVD.")
 @click.option("--sparsity", default=None, type=click.FloatRange(0, 1, max_open=True), help="Zero this share of each weight (stored run-length encoded).")
+@click.option("--layers", "layers_json", default=None, type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Per-layer code set / keep / rank (JSON, e.g. from `lastbit codesign`).")
 @click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
 @click.option("--keep-first-last/--no-keep-first-last", default=True, show_default=True,
               help="With --quant: keep the first and last weighted layers at int8.")
 @click.option("--check", "check_source", is_flag=True, help="Run the compiled model and the source (onnxruntime for .onnx, torch for zoo models) on random input and print the largest difference; warns when the outputs are constant (the check would prove nothing).")
 def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, untrained: bool, quant: str | None,
                 db_dir: Path | None, prune: str | None, prune_criterion: str, lowrank: str | None,
-                sparsity: float | None, trust_pickle: bool, keep_first_last: bool, data_spec: str | None,
-                check_source: bool) -> None:
+                sparsity: float | None, layers_json: Path | None, trust_pickle: bool, keep_first_last: bool,
+                data_spec: str | None, check_source: bool) -> None:
     """Compile MODEL (zoo name, .onnx or .pt2) for a target and export a deployable bundle."""
     import lastbit
 
     structural = _structural_squeeze(prune, prune_criterion, lowrank, sparsity)
+    if layers_json is not None:
+        structural["layers"] = layers_json
     if prune is not None and prune_criterion == "taylor" and data_spec is None:
         raise click.UsageError("--prune-criterion taylor needs labelled data: add --data fashion-mnist "
                                "(or mnist5k, digits; NAME:N for the first N samples)")
     if data_spec is not None:
         if not quant and not structural:
-            raise click.UsageError("--data is used by --quant, --prune, --lowrank or --sparsity; give one of them")
+            raise click.UsageError("--data is used by --quant, --prune, --lowrank, --sparsity or --layers; give one of them")
         structural["data"] = _labelled_data(data_spec)
     squeeze = lastbit.Squeeze.from_cli(quant, keep_first_last=keep_first_last, **structural) if quant else \
         (lastbit.Squeeze(**structural) if structural else None)
@@ -118,6 +121,58 @@ def _structural_squeeze(prune: str | None, criterion: str, lowrank: str | None, 
     if sparsity:
         options["sparsity"] = sparsity
     return options
+
+
+@main.command("codesign")
+@click.argument("model")
+@click.option("--target", "-t", default="x86_64-linux-gnu", show_default=True, help="Target triple whose cost is measured.")
+@click.option("--objective", type=click.Choice(["latency", "energy", "bytes"]), default="latency", show_default=True, help="What the search minimises.")
+@click.option("--max-drop", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Predicted accuracy drop budget, in points.")
+@click.option("--data", "dataset", default="fashion-mnist", show_default=True, help="Dataset for sensitivity, fine-tuning and accuracy.")
+@click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for config.json, pareto.json/png and the bundle.")
+@click.option("--calibration-samples", default=512, show_default=True, type=click.IntRange(min=16), help="Train-split samples the sensitivities are measured on.")
+@click.option("--measure-share", default=0.3, show_default=True, type=click.FloatRange(0, 1), help="Share of the layer choices measured on the target (the rest predicted).")
+@click.option("--cache", "cache_path", default=None, type=click.Path(path_type=Path, dir_okay=False), help="Measurement cache (JSON; default: beside the weight cache).")
+@click.option("--finetune-epochs", default=0, show_default=True, type=click.IntRange(min=0), help="ADMM fine-tune the chosen configuration this long and measure its accuracy.")
+@click.option("--untrained", is_flag=True, help="Zoo models: seeded random weights.")
+def codesign_cmd(model: str, target: str, objective: str, max_drop: float, dataset: str, out_dir: Path,
+                 calibration_samples: int, measure_share: float, cache_path: Path | None, finetune_epochs: int,
+                 untrained: bool) -> None:
+    """Choose each layer's code set, keep ratio and rank of MODEL from TARGET's measured cost under an accuracy budget."""
+    from lastbit.codesign import finetune_config, run_codesign
+    from lastbit.frontend.datasets import load
+    from lastbit.frontend.training import cache_dir
+    from lastbit.pipeline import import_model
+
+    module, example = _load_model(model, pretrained=not untrained)
+    if example is None:
+        raise click.UsageError("codesign needs a zoo model (a torch module): it measures sensitivities in torch")
+    train, test = load(dataset, "train"), load(dataset, "test")
+    pick = np.random.default_rng(0).choice(len(train.labels), min(calibration_samples, len(train.labels)), replace=False)
+    calibration = (train.images[pick], train.labels[pick])
+    result = run_codesign(module, example[0], target, calibration, out_dir, objective=objective, max_drop=max_drop,
+                          cache_path=cache_path or cache_dir().parent / "codesign-costs.json",
+                          measure_share=measure_share, name=Path(model).stem)
+    if result.chosen is None:
+        raise click.ClickException(f"no configuration predicts a drop within {max_drop} points")
+    data = calibration[0]  # without fine-tuning: data-free codes, activation scales calibrated
+    if finetune_epochs:
+        data = (train.images, train.labels)
+    graph = import_model(module, example, name=Path(model).stem)
+    artifact = finetune_config(module, example[0], graph, result.chosen.config, data, target, epochs=max(finetune_epochs, 1),
+                               name=Path(model).stem)
+    artifact.export(out_dir / "bundle")
+    click.echo(artifact.report().format_table())
+    if finetune_epochs and artifact.target.is_host:
+        click.echo(f"accuracy after fine-tuning: {artifact.accuracy((test.images, test.labels)):.2%} on the test split")
+    scores = ", ".join(f"{m}: Spearman {s['spearman']:.3f}, R² {s['r2']:.3f}" for m, s in result.cost_scores.items())
+    click.echo(f"chosen: predicted {objective} {result.chosen.cost:.4g}, drop {result.chosen.drop:.2f} pt, "
+               f"{result.chosen.bytes / 1e3:.1f} KB weights; {len(result.front)} Pareto points")
+    for name, cand in result.uniform.items():
+        click.echo(f"  {name:<28} predicted {objective} {cand.cost:.4g}, drop {cand.drop:.2f} pt")
+    click.echo(f"cost model (held out): {scores or 'too few measurements'}; {result.measured_points} measured, "
+               f"{result.predicted_points} predicted; search {result.timings['total']:.0f} s")
+    click.echo(f"written to {out_dir}: config.json, pareto.json, pareto.png, bundle/")
 
 
 @main.command("tune")

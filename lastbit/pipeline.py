@@ -82,17 +82,21 @@ def squeeze_passes(squeeze=None, torch_module=None, target: Target | None = None
     passes: list = []
     if squeeze is None:
         return passes
-    if squeeze.prune is not None:
+    if squeeze.layers is not None:  # per-layer choices: an unknown layer name fails before any pass
+        from lastbit.layer_config import CheckLayerConfig
+
+        passes.append(CheckLayerConfig(squeeze.layers))
+    if squeeze.prune_target is not None:
         from lastbit.passes.prune_channels import PruneChannels
 
-        passes.append(PruneChannels(squeeze.prune, squeeze.prune_criterion, torch_module=torch_module,
+        passes.append(PruneChannels(squeeze.prune_target, squeeze.prune_criterion, torch_module=torch_module,
                                     data=squeeze.data, batch_size=squeeze.batch_size,
                                     finetune_epochs=squeeze.prune_epochs, lr=squeeze.lr,
                                     round_to=_channel_multiple(target)))
-    if squeeze.rank is not None:
+    if squeeze.rank_target is not None:
         from lastbit.passes.lowrank import parse_rank
 
-        low_rank = parse_rank(squeeze.rank)
+        low_rank = parse_rank(squeeze.rank_target)
         low_rank.round_to = _channel_multiple(target)
         passes.append(low_rank)
     if squeeze.sparsity:

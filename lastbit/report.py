@@ -50,6 +50,8 @@ class Report:
     # Weights stored sparse-aware (passes/sparsity.py: dense, bitmap or run-length codes per
     # tensor, whichever is smallest); None when no weight has a zero worth encoding.
     encoded_bytes: int | None = None
+    # Squeeze(layers=...): each named layer's choice {"codes", "keep", "rank"}, by layer name.
+    layer_choices: dict[str, dict] | None = None
 
     @property
     def encoded_compression(self) -> float | None:
@@ -85,6 +87,7 @@ class Report:
         if self.accelerator and "total" in self.accelerator:
             rows += accelerator_lines(self.accelerator)
         rows += squeeze_lines(self)
+        rows += layer_choice_lines(self)
         return "\n".join(rows)
 
 
@@ -104,6 +107,17 @@ def squeeze_lines(report: Report) -> list[str]:
     if report.encoded_bytes is not None:
         rows.append(f"sparse storage: {report.encoded_bytes / 1e6:.3f} MB "
                     f"({report.encoded_compression:.1f}x smaller than fp32, sparsity and codes together)")
+    return rows
+
+
+def layer_choice_lines(report: Report) -> list[str]:
+    """The per-layer configuration (Squeeze(layers=...)): code set, keep ratio, rank per layer."""
+    if not report.layer_choices:
+        return []
+    rows = [f"per-layer squeeze ({len(report.layer_choices)} layer(s)):",
+            f"  {'layer':<32} {'codes':<8} {'keep':>5} {'rank':>5}"]
+    for name, c in report.layer_choices.items():
+        rows.append(f"  {name[:32]:<32} {c['codes']:<8} {c['keep']:>5.2f} {c['rank'] if c['rank'] is not None else '-':>5}")
     return rows
 
 

@@ -78,6 +78,11 @@ class Squeeze:
     rank
         Low-rank splitting of dense and k×k conv layers (``passes/lowrank.py``), after
         pruning: "auto" (energy 0.9), an energy in (0, 1], "flops:F" or a fixed int rank.
+    layers
+        Per-layer choices (``lastbit/layer_config.py``): {layer: LayerChoice(codes, keep, rank)},
+        a LayerConfig or a JSON file path. A named layer gets its own code set ("fp32": left
+        float), prunes its channel group to ``keep`` and splits at ``rank``; the others get
+        the global setting above. Pruning and ranks go either here or in prune/rank.
     sparsity
         Unstructured sparsity (``passes/sparsity.py``), before quantization: the share of
         each conv/dense weight set to zero; the report stores the codes run-length encoded.
@@ -107,6 +112,7 @@ class Squeeze:
     prune_epochs: int = 0
     rank: Any = None
     sparsity: float | None = None
+    layers: Any = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         if self.data is not None and not hasattr(self.data, "shape") and iter_once(self.data):
@@ -135,6 +141,10 @@ class Squeeze:
             raise QuantizationError(f"activation_percentile must be in (0, 100], got {self.activation_percentile!r}")
         if self.calibration_samples < 1:
             raise QuantizationError(f"calibration_samples must be ≥ 1, got {self.calibration_samples!r}")
+        if self.layers is not None:
+            from lastbit.layer_config import parse_layers
+
+            object.__setattr__(self, "layers", parse_layers(self.layers))
         self._check_structural()
 
     def _check_structural(self) -> None:
@@ -162,6 +172,10 @@ class Squeeze:
         if self.sparsity is not None and (isinstance(self.sparsity, bool) or
                                           not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1):
             raise SparsityError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}")
+        if self.layers is not None and self.layers.prune_ratios and self.prune is not None:
+            raise PruneError("give pruning either per layer (layers=..., keep) or globally (prune=...), not both")
+        if self.layers is not None and self.layers.ranks and self.rank is not None:
+            raise QuantizationError("give low-rank ranks either per layer (layers=..., rank) or globally (rank=...), not both")
         if self.mode == "admm" and self.restructures:
             raise QuantizationError("mode='admm' fine-tunes the unpruned torch module; it cannot be combined "
                                     "with prune, rank or sparsity (use mode='data-free')")
@@ -169,16 +183,37 @@ class Squeeze:
     @property
     def restructures(self) -> bool:
         """Whether pruning, low-rank splitting or sparsity changes the weights before quantization."""
-        return self.prune is not None or self.rank is not None or bool(self.sparsity)
+        return self.prune_target is not None or self.rank_target is not None or bool(self.sparsity)
+
+    @property
+    def prune_target(self) -> Any:
+        """What the pruning pass gets: ``prune``, or the per-layer ratios of ``layers`` (None: no pruning)."""
+        if self.prune is not None:
+            return self.prune
+        return (self.layers.prune_ratios or None) if self.layers is not None else None
+
+    @property
+    def rank_target(self) -> Any:
+        """What the low-rank pass gets: ``rank``, or a LowRank with the per-layer ranks of ``layers``."""
+        if self.rank is not None or self.layers is None or not self.layers.ranks:
+            return self.rank
+        from lastbit.passes.lowrank import LowRank
+
+        return LowRank(ranks=self.layers.ranks)
 
     @property
     def quantizes(self) -> bool:
         """Whether this Squeeze quantizes weights at all."""
+        return self.bits is not None or self.codes is not None or (self.layers is not None and self.layers.quantizes)
+
+    @property
+    def global_quantizes(self) -> bool:
+        """Whether layers the per-layer configuration does not name are quantized (bits/codes given)."""
         return self.bits is not None or self.codes is not None
 
     @property
     def code_set(self) -> CodeSet:
-        if not self.quantizes:
+        if not self.global_quantizes:
             raise QuantizationError("this Squeeze quantizes nothing (give bits= or codes=)")
         return code_set(self.codes if self.codes is not None else self.bits)
 

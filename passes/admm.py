@@ -47,6 +47,7 @@ QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2
 # (X, y) arrays — numpy or torch, batched here — or any re-iterable of (x, y) batches (a DataLoader).
 TrainingData = tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor] | Iterable[tuple[torch.Tensor, torch.Tensor]]
 SkipSpec = str | Sequence[str] | None
+LayerCodes = dict[str, "str | CodeSet | None"]  # module name -> code set; None / "fp32": float32
 LR_SCHEDULES = ("constant", "cosine")
 # The skipped (first/last) layers are stored as symmetric int8, as the paper and its peers keep them at 8 bit.
 SKIP_CODES_DEFAULT = "int8"
@@ -80,6 +81,8 @@ class AdmmResult:
     skip_code_set: CodeSet | None = None
     skip_alphas: dict[str, np.ndarray] = field(default_factory=dict)
     skip_codes: dict[str, np.ndarray] = field(default_factory=dict)
+    # The code set of each quantized weight (all ``code_set`` unless layer_codes mixed them).
+    layer_code_sets: dict[str, CodeSet] = field(default_factory=dict)
 
     @property
     def quantized(self) -> list[str]:
@@ -247,20 +250,35 @@ class _Quantizer:
     """The quantized weights of one model and their projections G = α·q."""
 
     def __init__(self, model: nn.Module, codes: CodeSet, per_channel: bool, skip: SkipSpec,
-                 skip_codes: str | CodeSet | None = None):
+                 skip_codes: str | CodeSet | None = None, layer_codes: LayerCodes | None = None):
         self.codes = codes
         names, self.skipped = quantizable_layers(model, skip)
+        # Per-layer code sets (mixed precision) override the global set and the skip list;
+        # a layer given None / "fp32" stays float32 and is stored as such (not on skip_codes).
+        layer_codes = {k.removesuffix(".weight"): v for k, v in (layer_codes or {}).items()}
+        every = set(names) | set(self.skipped)
+        unknown = sorted(set(layer_codes) - every)
+        if unknown:
+            raise QuantizationError(f"layer_codes names {unknown[0]!r}, which is not a conv/linear layer; "
+                                    f"layers: {sorted(every)}")
+        floats = {n for n, c in layer_codes.items() if c is None or c == "fp32"}
+        ordered = [n for n, _ in model.named_modules() if n in every]
+        names = [n for n in ordered if n not in floats and (n in layer_codes or n in names)]
+        self.skipped = [n for n in self.skipped if n not in layer_codes]
+        self.code_sets = {f"{n}.weight": code_set(layer_codes[n]) if n in layer_codes else codes for n in names}
         modules = dict(model.named_modules())
         self.weights = {f"{n}.weight": modules[n].weight for n in names}
         self.axis = 0 if per_channel else None
         # Skipped (first/last) layers: trained as float, stored on their own code set at the end.
         self.skip_codes = None if skip_codes is None else code_set(skip_codes)
         self.skipped_weights = {f"{n}.weight": modules[n].weight for n in self.skipped}
-        self._mags = torch.from_numpy(codes.magnitudes.astype(np.float32))
+        self._mags = {n: torch.from_numpy(cs.magnitudes.astype(np.float32)) for n, cs in self.code_sets.items()}
         self._alpha: dict[str, torch.Tensor] = {}
 
-    def project(self, v: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        q, alpha = project_pow2(v.detach().cpu().numpy(), self.codes, axis=self.axis)
+    def project(self, v: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """Π(v) onto the code set of weight ``name`` (the global set when None)."""
+        cs = self.code_sets.get(name, self.codes) if name is not None else self.codes
+        q, alpha = project_pow2(v.detach().cpu().numpy(), cs, axis=self.axis)
         # float32 α times float32 codes: bit-identical to the numpy product the graph pass will see.
         g = torch.from_numpy(alpha).to(v.device) * torch.from_numpy(q.astype(np.float32)).to(v.device)
         return g, q, alpha
@@ -273,10 +291,10 @@ class _Quantizer:
         `project` (exact)."""
         alpha = self._alpha.get(name)
         if alpha is None:
-            g, _, a = self.project(v)
+            g, _, a = self.project(v, name)
             self._alpha[name] = torch.from_numpy(a).to(v.device)
             return g
-        g, self._alpha[name] = refine_projection(v.detach(), self._mags.to(v.device), alpha, self.axis is not None)
+        g, self._alpha[name] = refine_projection(v.detach(), self._mags[name].to(v.device), alpha, self.axis is not None)
         return g
 
     def finish(self, model: nn.Module, targets: dict[str, torch.Tensor], method: str, history: list[EpochStats]) -> AdmmResult:
@@ -285,7 +303,7 @@ class _Quantizer:
         skip_alphas, skip_codes = {}, {}
         with torch.no_grad():
             for name, w in self.weights.items():
-                g, codes[name], alphas[name] = self.project(targets[name])
+                g, codes[name], alphas[name] = self.project(targets[name], name)
                 w.copy_(g)
             if self.skip_codes is not None:
                 for name, w in self.skipped_weights.items():
@@ -294,7 +312,8 @@ class _Quantizer:
                     w.copy_(torch.from_numpy(alpha).to(w.device) * torch.from_numpy(q.astype(np.float32)).to(w.device))
                     skip_alphas[name], skip_codes[name] = alpha, q
         return AdmmResult(model, self.codes, alphas, codes, self.skipped, method, history,
-                          skip_code_set=self.skip_codes, skip_alphas=skip_alphas, skip_codes=skip_codes)
+                          skip_code_set=self.skip_codes, skip_alphas=skip_alphas, skip_codes=skip_codes,
+                          layer_code_sets=dict(self.code_sets))
 
 
 def _prepare(module: nn.Module, device: str | torch.device | None) -> tuple[nn.Module, torch.device]:
@@ -464,8 +483,12 @@ def admm_finetune(
     device: str | torch.device = "cpu",
     seed: int = 0,
     momentum: float = 0.9,
+    layer_codes: LayerCodes | None = None,
 ) -> AdmmResult:
     """Scaled ADMM fine-tuning onto W ∈ α·codes; returns a copy whose quantized weights are exactly α·codes.
+
+    layer_codes ({module name: code set}, None / "fp32" for float32) gives named layers their
+    own code set (mixed precision), over ``codes`` and ``skip``.
 
     W-step, per mini-batch, on f(W) + ρ/2·‖W − G + λ‖² over all parameters (only the quantized
     weights carry the penalty): extragradient with heavy-ball momentum on f — predictor
@@ -518,7 +541,7 @@ def admm_finetune(
         update_every = auto_update_every(total, fixed_fraction) if total else "epoch"
     admm_steps = total - int(round(fixed_fraction * total)) if total else None
     model, dev = _prepare(module, device)
-    quant = _Quantizer(model, cs, per_channel, skip, skip_codes)
+    quant = _Quantizer(model, cs, per_channel, skip, skip_codes, layer_codes)
     objective = _Objective(_teacher(distill_from, module, dev), temperature, distill_weight)
     batches = _epoch_source(data, batch_size, shuffle=True, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -527,7 +550,7 @@ def admm_finetune(
     quantized_ids = {id(w) for w in weights.values()}
 
     with torch.no_grad():
-        g = {n: quant.project(w)[0] for n, w in weights.items()}
+        g = {n: quant.project(w, n)[0] for n, w in weights.items()}
         lam = {n: torch.zeros_like(w) for n, w in weights.items()}
     state = {"rho": rho, "eta": lr, "frozen": False}
 
@@ -556,7 +579,7 @@ def admm_finetune(
             for n, w in weights.items():
                 if not bool(torch.isfinite(w).all()):  # blown up between two loss checks
                     raise QuantizationError(f"ADMM diverged: {n} is not finite at a G-step; lower lr (or rho)")
-                g[n] = quant.project(w + lam[n])[0]
+                g[n] = quant.project(w + lam[n], n)[0]
                 lam[n].add_(w - g[n])
                 sq_res += float(torch.sum((w - g[n]) ** 2))
                 sq_w += float(torch.sum(w * w))
@@ -578,7 +601,7 @@ def admm_finetune(
         """W = Π(W + λ) for good: from here on only the other parameters train."""
         with torch.no_grad():
             for n, w in weights.items():
-                g[n] = quant.project(w + lam[n])[0]
+                g[n] = quant.project(w + lam[n], n)[0]
                 w.copy_(g[n])
                 lam[n].zero_()
         state["frozen"] = True
@@ -777,7 +800,7 @@ def ste_finetune(
             if n_batches == 0:
                 raise QuantizationError("training data is empty")
             with torch.no_grad():
-                g = {n: quant.project(w)[0] for n, w in weights.items()}
+                g = {n: quant.project(w, n)[0] for n, w in weights.items()}
                 sq_res = sum(float(torch.sum((w - g[n]) ** 2)) for n, w in weights.items())
                 sq_w = sum(float(torch.sum(w * w)) for w in weights.values())
             residual = math.sqrt(sq_res / sq_w) if sq_w > 0 else 0.0

@@ -138,17 +138,24 @@ class LowRankSplit:
 class LowRank:
     """Graph -> Graph: split dense and k×k conv layers into two low-rank layers.
 
-    Exactly one of ``energy``, ``flops`` (per-layer FLOP budget) or ``rank`` (fixed) picks the
-    rank (rounded to multiples of ``round_to``, the SIMD width in floats, except a fixed
-    rank); ``min_params`` and ``max_flop_share`` decide which layers are worth it. ``splits``
+    Exactly one of ``energy``, ``flops`` (per-layer FLOP budget), ``rank`` (fixed) or ``ranks``
+    ({layer: rank}, per layer, from ``Squeeze(layers=...)``) picks the rank (rounded to
+    multiples of ``round_to``, the SIMD width in floats, except a fixed rank);
+    ``min_params`` and ``max_flop_share`` decide which layers are worth it, except for the
+    layers ``ranks`` names: those are split as asked (only the named ones). ``splits``
     lists every layer considered afterwards (the report's per-layer FLOPs before/after).
     """
 
     def __init__(self, energy: float | None = None, flops: float | None = None, rank: int | None = None,
                  conv_mode: str = "kxk-1x1", min_params: int = MIN_LAYER_PARAMS,
-                 max_flop_share: float = MAX_FLOP_SHARE, round_to: int = RANK_ROUND_TO):
-        if sum(v is not None for v in (energy, flops, rank)) != 1:
-            raise LowRankError("give exactly one of energy, flops or rank")
+                 max_flop_share: float = MAX_FLOP_SHARE, round_to: int = RANK_ROUND_TO,
+                 ranks: "dict[str, int] | None" = None):
+        if sum(v is not None for v in (energy, flops, rank, ranks)) != 1:
+            raise LowRankError("give exactly one of energy, flops, rank or ranks")
+        for layer, r in (ranks or {}).items():
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise LowRankError(f"layer {layer!r}: rank must be an int ≥ 1, got {r!r}")
+        self.ranks = dict(ranks) if ranks is not None else None
         if conv_mode not in CONV_MODES:
             raise LowRankError(f"unknown conv_mode {conv_mode!r}; known: {', '.join(CONV_MODES)}")
         self.energy, self.flops, self.rank = energy, flops, rank
@@ -158,7 +165,9 @@ class LowRank:
         self.round_to = round_to
         self.splits: list[LowRankSplit] = []
 
-    def _choose_rank(self, s: np.ndarray, flops: int, per_rank: int) -> int:
+    def _choose_rank(self, s: np.ndarray, flops: int, per_rank: int, name: str = "") -> int:
+        if self.ranks is not None:
+            return min(self.ranks[name], len(s))
         if self.rank is not None:
             return min(self.rank, len(s))
         step = max(1, self.round_to)
@@ -206,6 +215,8 @@ class LowRank:
         def skip(why: str, flops: int = 0, full: int = 0):
             return LowRankSplit(name, layer.kind, full, full, flops, flops, skipped=why), None
 
+        if self.ranks is not None and name not in self.ranks:
+            return skip("no rank asked for this layer")
         if layer.unsupported:
             return skip(layer.unsupported)
         if n_uses > 1:
@@ -240,12 +251,12 @@ class LowRank:
         else:
             return skip(f"{layer.kind} layers are not split")
         full = min(matrix.shape)
-        if w.size < self.min_params:
+        if w.size < self.min_params and self.ranks is None:
             return skip(f"small layer ({w.size} params < {self.min_params})", flops, full)
         s = np.linalg.svd(np.asarray(matrix, dtype=np.float64), compute_uv=False)
-        rank = self._choose_rank(s, flops, per_rank)
+        rank = self._choose_rank(s, flops, per_rank, name)
         after = rank * per_rank
-        if self.rank is None and after > self.max_flop_share * flops:
+        if self.rank is None and self.ranks is None and after > self.max_flop_share * flops:
             return skip(f"rank {rank} of {full} would keep {after / flops:.0%} of the FLOPs", flops, full)
         if layer.kind == "dense":
             a, b = split_dense(matrix, rank)
@@ -304,7 +315,9 @@ def _split_conv_calls(rb, var, attrs, x, first, second, conv_mode: str):
     strides = [int(v) for v in attrs.strides]
     padding = [int(v) for v in attrs.padding]  # top, left, bottom, right
     dilation = [int(v) for v in attrs.dilation]
-    common = {"data_layout": "NCHW", "kernel_layout": "OIHW", "out_layout": "NCHW"}
+    # out_dtype spelled out as the importers do: the integer lowering declines a conv whose
+    # out_dtype is unset ("None"), so split layers would otherwise lose their integer kernels
+    common = {"data_layout": "NCHW", "kernel_layout": "OIHW", "out_layout": "NCHW", "out_dtype": "float32"}
     if conv_mode == "separable":
         vertical = relax.op.nn.conv2d(x, first, strides=[strides[0], 1], padding=[padding[0], 0, padding[2], 0],
                                       dilation=[dilation[0], 1], **common)

@@ -254,12 +254,15 @@ class QuantizePow2:
     ``keep_first_last`` the first and last weighted layers go on ``first_last_codes``
     ("int8", code_set "int8", 8 bits, per output channel) instead, or stay float32. Layers it
     cannot quantize (non-float32, a weight reshaped before a per-channel layer, a kernel
-    layout without an output axis) stay float and the reason is logged.
+    layout without an output axis) stay float and the reason is logged. A layer that
+    ``Squeeze.layers`` names gets its own code set ("fp32": stays float), over the global one
+    and ``keep_first_last``; without a global code set, the layers it does not name stay float.
     """
 
     def __init__(self, squeeze):
         self.squeeze = squeeze
-        self.codes = squeeze.code_set
+        self.codes = squeeze.code_set if squeeze.global_quantizes else None
+        self.layer_choices = squeeze.layers
 
     def __call__(self, graph: Graph) -> Graph:
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # weight -> (codes, alpha)
@@ -294,9 +297,15 @@ class QuantizePow2:
         self._layers = {w: [layer.relax_var for layer in ls] for w, ls in by_weight.items()}
         plan: dict[str, QuantInfo] = {}
         for weight, uses in by_weight.items():
-            if weight in keep and first_last is None:
+            choice = self._layer_choice(graph, weight)
+            if choice is not None:
+                if choice.codes == "fp32":
+                    continue
+                cs = code_set(choice.codes)
+                per_channel = self.squeeze.per_channel and all(u.axis is not None for u in uses)
+            elif self.codes is None or (weight in keep and first_last is None):
                 continue
-            if weight in keep:
+            elif weight in keep:
                 # the kept layers go on their own (int8) grid, per output channel where it can be told
                 cs, per_channel = code_set(first_last), all(u.axis is not None for u in uses)
             else:
@@ -307,6 +316,14 @@ class QuantizePow2:
                 continue
             plan[weight] = self._quantize_weight(graph, weight, uses, cs, per_channel)
         return plan
+
+    def _layer_choice(self, graph: Graph, weight: str):
+        """The per-layer choice (``Squeeze.layers``) for the layer of ``weight``, or None."""
+        if self.layer_choices is None:
+            return None
+        from lastbit.passes.flops import layer_key
+
+        return self.layer_choices.get(layer_key(graph, weight))
 
     def _skip_reason(self, uses: list[WeightedLayer], per_channel: bool) -> str:
         for layer in uses:

@@ -52,13 +52,40 @@ class AdmmFinetune:
                 module_name = graph.source_names.get(weight, weight).removesuffix(".weight")
                 if module_name in torch_layers:
                     skip.append(module_name)
-        log.info("ADMM fine-tuning %s onto %s (%d epochs), keeping %s off it", graph.name, sq.code_set.name, sq.epochs, skip)
+        layer_codes = self._layer_codes(graph)
+        codes = sq.code_set if sq.global_quantizes else "int8"  # without a global set every layer is named
+        log.info("ADMM fine-tuning %s onto %s (%d epochs), keeping %s off it%s", graph.name,
+                 sq.code_set.name if sq.global_quantizes else "per-layer code sets", sq.epochs, skip,
+                 f", {len(layer_codes)} layer(s) on their own code set" if layer_codes else "")
         before = {n: b.detach().clone() for n, b in self.torch_module.named_buffers()}
         self.result = admm_finetune(
-            self.torch_module, sq.data, sq.code_set, per_channel=sq.per_channel, skip=skip,
-            skip_codes=sq.first_last_codes, **sq.admm_kwargs()
+            self.torch_module, sq.data, codes, per_channel=sq.per_channel, skip=skip,
+            skip_codes=sq.first_last_codes, layer_codes=layer_codes, **sq.admm_kwargs()
         )
         return self._write_back(graph, before)
+
+    def _layer_codes(self, graph: Graph) -> dict:
+        """{torch module: code set or "fp32"} for Squeeze.layers; without a global code set, the
+        layers it does not name stay float32 (as QuantizePow2 leaves them)."""
+        from lastbit.passes.admm import quantizable_layers
+        from lastbit.passes.flops import layer_key
+        from lastbit.passes.quantize_pow2 import weighted_layers
+
+        sq = self.squeeze
+        if sq.layers is None:
+            return {}
+        torch_layers = set(sum(quantizable_layers(self.torch_module, skip=None), []))
+        codes = {}
+        for layer in weighted_layers(graph):
+            module_name = graph.source_names.get(layer.weight, layer.weight).removesuffix(".weight")
+            if module_name not in torch_layers:
+                continue
+            choice = sq.layers.get(layer_key(graph, layer.weight))
+            if choice is not None:
+                codes[module_name] = choice.codes
+            elif not sq.global_quantizes:
+                codes[module_name] = "fp32"
+        return codes
 
     def _write_back(self, graph: Graph, buffers_before: dict) -> Graph:
         module = self.result.module

@@ -150,6 +150,23 @@ def test_skip_by_name_and_projection_keeps_skipped_layers(float_model):
         project_module(float_model, "ternary", skip=("fc9",))
 
 
+def test_layer_codes_mix_code_sets_and_leave_fp32_layers_float(digits, float_model):
+    train, _ = digits
+    result = admm_finetune(float_model, train, "ternary", layer_codes={"0": "int8", "2": "binary", "4": "fp32"},
+                           **FAST)
+    assert sorted(result.alphas) == ["0.weight", "2.weight"] and result.skipped == [] and not result.skip_codes
+    assert {n: cs.name for n, cs in result.layer_code_sets.items()} == {"0.weight": "int8", "2.weight": "binary"}
+    for name, levels in (("0.weight", 255), ("2.weight", 2)):
+        assert len(np.unique(result.codes[name])) <= levels
+        params = dict(result.module.named_parameters())
+        expected = torch.from_numpy(result.alphas[name]) * torch.from_numpy(result.codes[name].astype(np.float32))
+        assert torch.equal(params[name].detach(), expected)
+    assert np.isin(result.codes["2.weight"], [-1, 1]).all()
+    assert len(np.unique(result.module[4].weight.detach().numpy())) > 100  # left float32
+    with pytest.raises(QuantizationError, match="'fc9'"):
+        admm_finetune(float_model, train, "ternary", layer_codes={"fc9": "int8"}, **FAST)
+
+
 def test_per_channel(digits, float_model):
     train, _ = digits
     result = admm_finetune(float_model, train, "pow2-4", per_channel=True, skip=(), **FAST)

@@ -1,0 +1,615 @@
+"""Co-design search: each layer's code set, keep ratio and rank chosen from the target's own
+measured cost and a per-layer accuracy sensitivity, exactly, under an accuracy-drop budget.
+
+    sites   = model_sites(graph, lanes)                     # layers and what can change
+    costs   = measure_costs(sites, source, cache, ...)      # measured + XGBoost-predicted
+    drops   = layer_sensitivity(module, graph, sites, data) # single-layer loss change
+    result  = search(sites, costs, drops, objective, max_drop)  # multiple-choice knapsack (DP)
+
+Layers whose costs depend on each other — a pruned conv and the layers that read its
+channels — form one group whose options are the product of theirs, so the knapsack stays
+exact. ``run_codesign`` is the whole flow the ``lastbit codesign`` command runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lastbit.codesign_cost import CostCache, CostModel, CostPoint, CostSource
+from lastbit.errors import LastbitError
+from lastbit.graph import Graph
+from lastbit.layer_config import FLOAT_CODES, LayerChoice, LayerConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CODES", "KEEPS", "CodesignResult", "LayerSite", "OBJECTIVES", "finetune_config", "layer_sensitivity",
+           "measure_costs", "model_sites", "restructure_module", "run_codesign", "search"]
+
+CODES = ("binary", "ternary", "pow2-2", "pow2-4", "int8", FLOAT_CODES)
+KEEPS = (1.0, 0.75, 0.5, 0.25)
+OBJECTIVES = {"latency": "latency_ms", "energy": "energy_pj", "bytes": "weight_bytes"}
+
+
+@dataclass
+class LayerSite:
+    """A weighted layer of the model and the choices it offers."""
+
+    name: str
+    op: str
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    in_hw: tuple[int, int]
+    batch: int
+    keeps: tuple[float, ...] = (1.0,)  # distinct kept shares of its output group (1.0 first)
+    kept_channels: tuple[int, ...] = ()  # channels each keep leaves
+    ranks: tuple[int | None, ...] = (None,)
+    input_from: str | None = None  # the prunable layer whose keep sets our input channels
+    codes: tuple[str, ...] = CODES
+
+    def choices(self) -> list[LayerChoice]:
+        return [LayerChoice(c, k, r) for k in self.keeps for r in self.ranks for c in self.codes]
+
+    def point(self, choice: LayerChoice, in_channels: int | None = None) -> CostPoint:
+        out = self.kept_channels[self.keeps.index(choice.keep)] if self.kept_channels else self.out_channels
+        cin = in_channels if in_channels is not None else self.in_channels
+        rank = None
+        if choice.rank is not None:
+            rank = min(choice.rank, out, cin * self.kernel[0] * self.kernel[1])
+        return CostPoint(self.op, cin, out, self.kernel, self.stride, self.padding, self.in_hw, self.batch,
+                         choice.codes, rank, bn_relu=self.op == "conv2d")
+
+
+def model_sites(graph: Graph, lanes: int = 8, codes: Sequence[str] = CODES, keeps: Sequence[float] = KEEPS,
+                ranks: bool = True) -> list[LayerSite]:
+    """The weighted layers of ``graph`` with their options: every code set; the keep ratios
+    that give distinct channel counts (after the pruning pass rounds to ``lanes``) for a layer
+    that alone produces a prunable channel group; half the full rank for k×k convs."""
+    from lastbit.passes.channel_groups import analyze_channels
+    from lastbit.passes.flops import layer_key
+    from lastbit.passes.prune_channels import aligned_removal
+    from lastbit.passes.quantize_pow2 import weighted_layers
+
+    analysis = analyze_channels(graph)
+    sole_producer: dict[str, Any] = {}
+    for group in analysis.groups:
+        if not group.reason and len(group.producers) == 1 and not group.pinned:
+            sole_producer[group.producers[0].weight] = group
+    sites: list[LayerSite] = []
+    site_layers = []
+    for layer in weighted_layers(graph):
+        w = graph.params[layer.weight]
+        name = layer_key(graph, layer.weight)
+        data_shape = [int(d) for d in layer.call.args[0].ty.shape]
+        if layer.kind == "conv2d":
+            a = layer.call.attrs
+            if int(a.groups) != 1:
+                raise LastbitError(f"codesign: layer {name} is a grouped conv (groups={int(a.groups)}), not supported yet")
+            site = LayerSite(name, "conv2d", int(w.shape[1]), int(w.shape[0]), (int(w.shape[2]), int(w.shape[3])),
+                             tuple(int(s) for s in a.strides), (int(a.padding[0]), int(a.padding[1])),
+                             (data_shape[2], data_shape[3]), data_shape[0], codes=tuple(codes))
+        elif layer.kind == "dense" and w.ndim == 2 and layer.axis is not None:
+            out = int(w.shape[layer.axis])
+            site = LayerSite(name, "dense", int(w.size // out), out, (1, 1), (1, 1), (0, 0), (1, 1),
+                             int(np.prod(data_shape[:-1])), codes=tuple(codes))
+        else:
+            log.info("codesign: %s (%s) keeps its global setting", name, layer.kind)
+            continue
+        group = sole_producer.get(layer.weight)
+        if group is not None:
+            channels, seen = len(group.channels), {}
+            for k in keeps:
+                kept = channels - aligned_removal(channels, (1 - k) * channels, channels - 1, lanes)
+                seen.setdefault(kept, kept / channels)  # the share the pass really keeps
+            site.keeps = tuple(seen.values())
+            site.kept_channels = tuple(seen)
+        full = min(site.out_channels, site.in_channels * site.kernel[0] * site.kernel[1])
+        half = (full // 2) // 8 * 8
+        if ranks and site.op == "conv2d" and site.kernel != (1, 1) and half >= 8:
+            site.ranks = (None, half)
+        sites.append(site)
+        site_layers.append(layer)
+    producers = {layer_key(graph, w): g for w, g in sole_producer.items()}
+    for site, layer in zip(sites, site_layers):
+        labels = analysis.param_labels.get(layer.weight)
+        if labels is None or len(labels) < 2:
+            continue
+        in_axis = 1 if site.op == "conv2d" or layer.axis == 0 else 0  # torch Linear [out, in]; ONNX [in, out]
+        inputs = set(analysis.find(labels[in_axis]).tolist())
+        for producer, group in producers.items():
+            if producer != site.name and inputs & set(group.channels):
+                site.input_from = producer
+    return sites
+
+
+# --- groups of dependent layers --------------------------------------------------------------
+
+
+@dataclass
+class SiteGroup:
+    """Layers chosen together: a prunable layer and the layers that read its channels."""
+
+    sites: list[LayerSite]
+    options: list[tuple[LayerChoice, ...]] = field(default_factory=list)
+
+    def points(self, option: tuple[LayerChoice, ...]) -> list[CostPoint]:
+        choice_of = {s.name: c for s, c in zip(self.sites, option)}
+        points = []
+        for site, choice in zip(self.sites, option):
+            cin = None
+            if site.input_from in choice_of:
+                producer = next(s for s in self.sites if s.name == site.input_from)
+                keep = choice_of[site.input_from].keep
+                cin = producer.kept_channels[producer.keeps.index(keep)] * (site.in_channels // producer.out_channels)
+            points.append(site.point(choice, cin))
+        return points
+
+
+def site_groups(sites: list[LayerSite]) -> list[SiteGroup]:
+    """Join each layer that reads a prunable layer's channels to that layer's group."""
+    index = {s.name: i for i, s in enumerate(sites)}
+    parent = list(range(len(sites)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for s in sites:
+        producer = sites[index[s.input_from]] if s.input_from in index else None
+        if producer is not None and len(producer.keeps) > 1:
+            parent[root(index[s.name])] = root(index[s.input_from])
+    members: dict[int, list[LayerSite]] = {}
+    for i, s in enumerate(sites):
+        members.setdefault(root(i), []).append(s)
+    groups = []
+    for group_sites in members.values():
+        options = list(itertools.product(*[s.choices() for s in group_sites]))
+        groups.append(SiteGroup(group_sites, options))
+    return groups
+
+
+# --- cost ------------------------------------------------------------------------------------
+
+
+@dataclass
+class CostTable:
+    """Every point the search needs, its metrics, and whether each was measured or predicted."""
+
+    values: dict[CostPoint, dict[str, float]]
+    measured: set[CostPoint]
+    model_scores: dict[str, float] = field(default_factory=dict)
+    measure_s: float = 0.0
+
+
+def measure_costs(groups: list[SiteGroup], source: CostSource, cache: CostCache, measure_share: float = 0.3,
+                  max_measure: int | None = None, seed: int = 0, progress: bool = True) -> CostTable:
+    """Measure a share of the points (always int8 and fp32 at full size for every layer),
+    reuse cached ones, fit the XGBoost cost model on all measurements and predict the rest."""
+    from tqdm.auto import tqdm
+
+    points: list[CostPoint] = []
+    anchors: set[CostPoint] = set()
+    seen: set[CostPoint] = set()
+    for group in groups:
+        for option in group.options:
+            for site, choice, point in zip(group.sites, option, group.points(option)):
+                if point not in seen:
+                    seen.add(point)
+                    points.append(point)
+                full = choice.keep == 1.0 and choice.rank is None and point.in_channels == site.in_channels
+                if full and choice.codes in ("int8", FLOAT_CODES):
+                    anchors.add(point)
+    rng = np.random.default_rng(seed)
+    cached = [p for p in points if cache.get(source, p)[0]]
+    want = set(anchors) | set(cached)
+    rest = [p for p in points if p not in want]
+    n_more = max(0, int(round(measure_share * len(points))) - len(want))
+    if max_measure is not None:
+        n_more = min(n_more, max(0, max_measure - len(want)))
+    for i in rng.permutation(len(rest))[:n_more]:
+        want.add(rest[i])
+    todo = [p for p in points if p in want and not cache.get(source, p)[0]]
+    start = time.perf_counter()
+    with tqdm(total=len(todo), desc=f"measuring on {source.name}", disable=not progress or not todo) as bar:
+        for i, point in enumerate(todo):
+            cache.put(source, point, source.measure(point))
+            bar.update(1)
+            if i % 10 == 9:
+                cache.save()
+    if todo:
+        cache.save()
+    measure_s = time.perf_counter() - start
+    values: dict[CostPoint, dict[str, float]] = {}
+    measured, unsupported = set(), set()
+    for p in want:
+        value = cache.get(source, p)[1]
+        if value is None:
+            unsupported.add(p)  # the target cannot run this choice: never predicted either
+        else:
+            values[p] = dict(value)
+            measured.add(p)
+    table = CostTable(values, measured, measure_s=measure_s)
+    unmeasured = [p for p in points if p not in want]
+    metrics = [m for m in source.metrics if measured and all(m in values[p] for p in measured)]
+    train = sorted(measured, key=lambda p: p.key())
+    for metric in metrics:
+        y = np.array([values[p][metric] for p in train])
+        if len(train) >= 8:
+            table.model_scores[metric] = CostModel.held_out_scores(train, y, seed=seed)
+        if unmeasured:
+            pred = CostModel(seed).fit(train, y).predict(unmeasured)
+            for p, v in zip(unmeasured, pred):
+                values.setdefault(p, {})[metric] = float(v)
+    for p in points:  # analytic, never measured
+        if p in values:
+            values[p]["weight_bytes"] = float(p.weight_bytes)
+    return table
+
+
+# --- accuracy --------------------------------------------------------------------------------
+
+
+def restructure_module(module, graph: Graph, config: LayerConfig, lanes: int = 8):
+    """A copy of the torch ``module`` with the config's pruning and low-rank splits applied for
+    real (the channels the pruning pass would remove cut out, split layers replaced by two),
+    so it can be fine-tuned and compiled with only the code sets left to apply."""
+    import copy
+    from collections import OrderedDict
+
+    import torch
+    from torch import nn
+
+    from lastbit.passes.channel_groups import analyze_channels
+    from lastbit.passes.lowrank import split_conv
+    from lastbit.passes.prune_channels import PruneTarget, choose_channels
+    from lastbit.passes.prune_finetune import shrink_module
+
+    shrunk = copy.deepcopy(module)
+    if config.prune_ratios:
+        analysis = analyze_channels(graph)
+        removed = choose_channels(graph, analysis, PruneTarget(per_layer=config.prune_ratios), "l1", round_to=lanes)
+        shrunk = shrink_module(module, graph, analysis, removed)
+    modules = dict(shrunk.named_modules())
+    for name, rank in config.ranks.items():
+        conv = modules.get(name)
+        if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
+            raise LastbitError(f"restructure: rank for {name!r} needs a plain nn.Conv2d, got {type(conv).__name__}")
+        w = conv.weight.detach().numpy()
+        r = min(rank, w.shape[0], int(np.prod(w.shape[1:])))
+        first, second = split_conv(w, r)
+        svd0 = nn.Conv2d(conv.in_channels, r, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False)
+        svd1 = nn.Conv2d(r, conv.out_channels, 1, bias=conv.bias is not None)
+        with torch.no_grad():
+            svd0.weight.copy_(torch.from_numpy(first))
+            svd1.weight.copy_(torch.from_numpy(second))
+            if conv.bias is not None:
+                svd1.bias.copy_(conv.bias)
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else shrunk
+        setattr(parent, child, nn.Sequential(OrderedDict(svd0=svd0, svd1=svd1)))
+    return shrunk.eval()
+
+
+def codes_only(config: LayerConfig) -> LayerConfig:
+    return LayerConfig({n: LayerChoice(c.codes) for n, c in config.layers.items()})
+
+
+def layer_sensitivity(module, graph: Graph, sites: list[LayerSite], x: np.ndarray, y: np.ndarray, lanes: int = 8,
+                      progress: bool = True) -> tuple[dict[str, dict[tuple[str, Any], float]], dict[str, float]]:
+    """Loss change on (x, y) when one layer alone takes one factor of a choice (a code set, a
+    keep ratio, a rank); the rest of the model stays as trained. Returns
+    ({layer: {("codes"|"keep"|"rank", value): Δloss}}, {"slope": points per unit loss, "base_*"}).
+    The drop of a whole choice is the slope times the sum of its factors' loss changes."""
+    from tqdm.auto import tqdm
+
+    from lastbit.passes.sensitivity import additive_drop_model, lowrank_weight, quantized_weight, score, swapped_weight
+
+    base = score(module, x, y)
+    jobs = []
+    for site in sites:
+        jobs += [(site, "codes", c) for c in site.codes if c != FLOAT_CODES]
+        jobs += [(site, "keep", k) for k in site.keeps if k < 1.0]
+        jobs += [(site, "rank", r) for r in site.ranks if r is not None]
+    modules = dict(module.named_modules())
+    deltas: dict[str, dict[tuple[str, Any], float]] = {s.name: {} for s in sites}
+    loss_d, acc_d = [], []
+    for site, kind, value in tqdm(jobs, desc="layer sensitivity", disable=not progress):
+        if kind == "keep":
+            pruned = restructure_module(module, graph, LayerConfig({site.name: LayerChoice(FLOAT_CODES, keep=value)}),
+                                        lanes)
+            s = score(pruned, x, y)
+        else:
+            w = modules[site.name].weight.detach().numpy()
+            new = quantized_weight(w, value) if kind == "codes" else lowrank_weight(w, value)
+            with swapped_weight(module, site.name, new):
+                s = score(module, x, y)
+        deltas[site.name][(kind, value)] = s.loss - base.loss
+        loss_d.append(s.loss - base.loss)
+        acc_d.append(100.0 * (base.accuracy - s.accuracy))
+    slope = additive_drop_model(np.array(loss_d), np.array(acc_d))
+    return deltas, {"slope": slope, "base_loss": base.loss, "base_accuracy": base.accuracy}
+
+
+def choice_drop(deltas: dict[tuple[str, Any], float], choice: LayerChoice, slope: float) -> float:
+    """Predicted accuracy drop (points) of one layer's choice: slope × Σ factor loss changes."""
+    total = 0.0
+    if choice.codes != FLOAT_CODES:
+        total += max(deltas.get(("codes", choice.codes), 0.0), 0.0)
+    if choice.keep < 1.0:
+        total += max(deltas.get(("keep", choice.keep), 0.0), 0.0)
+    if choice.rank is not None:
+        total += max(deltas.get(("rank", choice.rank), 0.0), 0.0)
+    return slope * total
+
+
+# --- the search ------------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """One searched configuration with its predicted cost, drop and bytes."""
+
+    config: LayerConfig
+    cost: float
+    drop: float
+    bytes: float
+    latency_ms: float | None = None
+
+    def to_json(self) -> dict:
+        return {"cost": self.cost, "predicted_drop": self.drop, "weight_bytes": self.bytes,
+                "latency_ms": self.latency_ms, "layers": self.config.to_dict()["layers"]}
+
+
+@dataclass
+class SearchTables:
+    """Per group: each option's config entries, cost (objective), drop, bytes, latency."""
+
+    groups: list[SiteGroup]
+    cost: list[np.ndarray]
+    drop: list[np.ndarray]
+    bytes: list[np.ndarray]
+    latency: list[np.ndarray]
+
+
+def option_tables(groups: list[SiteGroup], costs: CostTable, deltas, slope: float, metric: str) -> SearchTables:
+    """The knapsack's inputs: for every option of every group, the objective, drop, bytes."""
+    cost, drop, nbytes, latency = [], [], [], []
+    for group in groups:
+        c, d, b, lat = [], [], [], []
+        for option in group.options:
+            pts = group.points(option)
+            vals = [costs.values.get(p) for p in pts]
+            ok = all(v is not None and metric in v for v in vals)
+            c.append(sum(v[metric] for v in vals) if ok else np.inf)
+            lat.append(sum(v.get("latency_ms", np.nan) for v in vals) if ok else np.inf)
+            b.append(float(sum(p.weight_bytes for p in pts)))
+            d.append(sum(choice_drop(deltas[s.name], ch, slope) for s, ch in zip(group.sites, option)))
+        cost.append(np.array(c))
+        drop.append(np.array(d))
+        nbytes.append(np.array(b))
+        latency.append(np.array(lat))
+    return SearchTables(groups, cost, drop, nbytes, latency)
+
+
+def search(tables: SearchTables, max_drop: float, bins: int = 2000) -> Candidate | None:
+    """The least-cost configuration whose predicted drop is within ``max_drop`` (exact up to
+    the drop rounding of passes/knapsack.py)."""
+    from lastbit.passes.knapsack import solve_knapsack
+
+    table = solve_knapsack(tables.cost, tables.drop, max_drop, bins)
+    return _candidate(tables, table.pick(max_drop))
+
+
+def _candidate(tables: SearchTables, picks: list[int] | None) -> Candidate | None:
+    if picks is None:
+        return None
+    layers, cost, drop, nbytes, lat = {}, 0.0, 0.0, 0.0, 0.0
+    for g, (group, i) in enumerate(zip(tables.groups, picks)):
+        for site, choice in zip(group.sites, group.options[i]):
+            layers[site.name] = choice
+        cost += tables.cost[g][i]
+        drop += tables.drop[g][i]
+        nbytes += tables.bytes[g][i]
+        lat += tables.latency[g][i]
+    return Candidate(LayerConfig(layers), float(cost), float(drop), float(nbytes), float(lat))
+
+
+def pareto_front(tables: SearchTables, max_drop: float, steps: int = 40, bins: int = 2000) -> list[Candidate]:
+    """Non-dominated (drop, latency, bytes) configurations: the knapsack minimising the
+    objective and the one minimising bytes, each at ``steps`` budgets up to 3 × max_drop."""
+    from lastbit.passes.knapsack import pareto_mask, solve_knapsack
+
+    top = 3.0 * max_drop if max_drop > 0 else 1.0
+    found: dict[str, Candidate] = {}
+    for objective in (tables.cost, tables.bytes):
+        table = solve_knapsack(objective, tables.drop, top, bins)
+        for budget in np.linspace(0.0, top, steps):
+            cand = _candidate(tables, table.pick(float(budget)))
+            if cand is not None:
+                found.setdefault(cand.config.to_json(), cand)
+    cands = list(found.values())
+    if not cands:
+        return []
+    pts = np.array([[c.drop, c.latency_ms if np.isfinite(c.latency_ms) else c.cost, c.bytes] for c in cands])
+    keep = pareto_mask(pts)
+    return sorted([c for c, k in zip(cands, keep) if k], key=lambda c: c.drop)
+
+
+def plot_front(front: list[Candidate], chosen: Candidate | None, path: Path, title: str,
+               uniform: dict[str, Candidate] | None = None) -> Path:
+    """Predicted drop × cost, bytes as colour, as a PNG (written atomically)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lastbit.fileio import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    xs = [c.drop for c in front]
+    ys = [c.latency_ms if c.latency_ms is not None and np.isfinite(c.latency_ms) else c.cost for c in front]
+    sc = ax.scatter(xs, ys, c=[c.bytes / 1e3 for c in front], cmap="viridis", s=24, label="Pareto front")
+    fig.colorbar(sc, ax=ax, label="weight KB")
+    if chosen is not None:
+        ax.scatter([chosen.drop], [chosen.latency_ms if np.isfinite(chosen.latency_ms) else chosen.cost],
+                   marker="*", s=220, c="red", label="chosen")
+    for name, c in (uniform or {}).items():
+        y = c.latency_ms if c.latency_ms is not None and np.isfinite(c.latency_ms) else c.cost
+        ax.scatter([c.drop], [y], marker="x", s=60, c="black")
+        ax.annotate(name, (c.drop, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("predicted accuracy drop (points)")
+    ax.set_ylabel("predicted cost (sum of per-layer)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def evaluate_config(tables: SearchTables, config: LayerConfig) -> Candidate:
+    """Predicted cost/drop/bytes of a given configuration (e.g. a uniform baseline): each
+    group's option matching the config (a layer the config omits takes int8, full, no rank)."""
+    picks = []
+    for group in tables.groups:
+        want = tuple(config.layers.get(s.name, LayerChoice()) for s in group.sites)
+        want = tuple(LayerChoice(c.codes, _nearest(s.keeps, c.keep), c.rank if c.rank in s.ranks else None)
+                     for s, c in zip(group.sites, want))
+        picks.append(group.options.index(want))
+    return _candidate(tables, picks)
+
+
+def _nearest(options: tuple[float, ...], keep: float) -> float:
+    return min(options, key=lambda k: abs(k - keep))
+
+
+def uniform_configs(sites: list[LayerSite]) -> dict[str, LayerConfig]:
+    """The uniform baselines of the issue: int8 everywhere; 3-bit (pow2-4) with the first and
+    last layers at int8 (the project's default Squeeze(bits=3)); and that with every prunable
+    group at keep 0.7 (rounded to the keeps each layer offers)."""
+    first_last = {sites[0].name, sites[-1].name}
+
+    def three_bit(name: str) -> str:
+        return "int8" if name in first_last else "pow2-4"
+
+    return {
+        "uniform int8": LayerConfig({s.name: LayerChoice("int8") for s in sites}),
+        "uniform 3-bit": LayerConfig({s.name: LayerChoice(three_bit(s.name)) for s in sites}),
+        # keep 0.7 on every layer prunes every group by 30 % like Squeeze(prune=0.3); the search
+        # tables only price the groups a layer prunes alone (evaluate_config rounds the others to 1)
+        "uniform 3-bit + 30% prune": LayerConfig({s.name: LayerChoice(three_bit(s.name), 0.7) for s in sites}),
+    }
+
+
+# --- fine-tuning and the whole flow --------------------------------------------------------------
+
+
+def finetune_config(module, example, graph: Graph, config: LayerConfig, data, target: str = "x86_64-linux-gnu",
+                    epochs: int = 1, lanes: int = 8, name: str = "model", **admm):
+    """Compile ``config`` for real: pruning and low-rank applied to the torch module, then ADMM
+    fine-tuning onto the per-layer code sets (``data`` (X, y); X alone or None: data-free
+    projection, X calibrating the activation scales)."""
+    import lastbit
+
+    from lastbit.squeeze import data_has_labels
+
+    restructured = restructure_module(module, graph, config, lanes)
+    mode = "admm" if data_has_labels(data) else "data-free"  # X alone only calibrates activations
+    squeeze = lastbit.Squeeze(layers=codes_only(config), data=data, mode=mode, epochs=epochs,
+                              admm_options=admm)
+    return lastbit.compile(restructured, target, (example,), name=name, squeeze=squeeze)
+
+
+@dataclass
+class CodesignResult:
+    """What ``run_codesign`` found and where it wrote it."""
+
+    chosen: Candidate | None
+    front: list[Candidate]
+    uniform: dict[str, Candidate]
+    cost_scores: dict[str, Any]
+    timings: dict[str, float]
+    sites: list[LayerSite]
+    sensitivity: dict[str, float]
+    measured_points: int
+    predicted_points: int
+
+    def to_json(self) -> dict:
+        return {
+            "chosen": self.chosen.to_json() if self.chosen else None,
+            "pareto_front": [c.to_json() for c in self.front],
+            "uniform": {k: v.to_json() for k, v in self.uniform.items()},
+            "cost_model": self.cost_scores,
+            "timings_s": self.timings,
+            "sensitivity": self.sensitivity,
+            "measured_points": self.measured_points,
+            "predicted_points": self.predicted_points,
+        }
+
+
+def run_codesign(module, example, target: str, calibration: tuple[np.ndarray, np.ndarray], out_dir: "str | Path",
+                 objective: str = "latency", max_drop: float = 1.0, cache_path: "str | Path | None" = None,
+                 measure_share: float = 0.3, max_measure: int | None = None, codes: Sequence[str] = CODES,
+                 ranks: bool = True, name: str = "model", progress: bool = True,
+                 source: CostSource | None = None) -> CodesignResult:
+    """Sites → measured/predicted costs → sensitivities → exact search → Pareto front; writes
+    ``config.json`` (the chosen point), ``pareto.json`` and ``pareto.png`` into ``out_dir``."""
+    from lastbit.codesign_cost import cost_source
+    from lastbit.fileio import atomic_write_json
+    from lastbit.pipeline import _channel_multiple, import_model
+    from lastbit.targets import get_target
+
+    if objective not in OBJECTIVES:
+        raise LastbitError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+    if not max_drop >= 0:
+        raise LastbitError(f"max_drop must be ≥ 0 points, got {max_drop!r}")
+    out_dir = Path(out_dir)
+    t = get_target(target)
+    source = source or cost_source(t.triple)
+    metric = OBJECTIVES[objective]
+    if metric not in (*source.metrics, "weight_bytes"):
+        raise LastbitError(f"objective {objective!r} needs {metric}, which {source.name} does not measure "
+                           f"({', '.join(source.metrics)})")
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    graph = import_model(module, (example,), name=name)
+    lanes = _channel_multiple(t)
+    site_codes = [c for c in codes if not (c == FLOAT_CODES and t.runner == "sim")]  # float layers do not run there
+    sites = model_sites(graph, lanes, codes=site_codes, ranks=ranks)
+    groups = site_groups(sites)
+    cache = CostCache(cache_path or (out_dir / "cost-cache.json"))
+    costs = measure_costs(groups, source, cache, measure_share, max_measure, progress=progress)
+    timings["measure"] = costs.measure_s
+    t0 = time.perf_counter()
+    deltas, sens = layer_sensitivity(module, graph, sites, *calibration, lanes=lanes, progress=progress)
+    timings["sensitivity"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tables = option_tables(groups, costs, deltas, sens["slope"], metric)
+    chosen = search(tables, max_drop)
+    front = pareto_front(tables, max_drop)
+    uniform = {k: evaluate_config(tables, c) for k, c in uniform_configs(sites).items()}
+    timings["search"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - start
+    result = CodesignResult(chosen, front, uniform, costs.model_scores, timings, sites, sens,
+                            measured_points=len(costs.measured), predicted_points=len(costs.values) - len(costs.measured))
+    if chosen is not None:
+        chosen.config.to_json(out_dir / "config.json")
+    atomic_write_json(out_dir / "pareto.json", {"model": name, "target": t.triple, "objective": objective,
+                                                "max_drop": max_drop, **result.to_json()})
+    plot_front(front, chosen, out_dir / "pareto.png", f"{name} on {t.triple}: {objective} vs predicted drop", uniform)
+    return result

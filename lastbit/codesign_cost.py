@@ -1,0 +1,304 @@
+"""What a layer costs on a target for one per-layer choice: measured (host latency, accelerator
+cycles and energy), cached on disk, and predicted by an XGBoost model for choices not measured.
+
+A :class:`CostPoint` is one layer's *effective* shape under a choice (channels after pruning,
+the rank of a split, the code set), so two layers of the same shape share a measurement. A
+:class:`CostSource` measures points on one target; new targets plug in by implementing it
+(``name``, ``metrics``, ``measure``). :class:`HostLatency` compiles a one-layer model through
+the normal pipeline and times it; :class:`AccelSimCost` runs the same one-layer model through
+the accelerator's compiler and timing simulator. The per-layer sum is the model's cost (the
+additive model HAWQ-V3 and HAQ use); benchmarks/codesign.py checks it on whole models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from lastbit.errors import LastbitError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AccelSimCost", "CostCache", "CostModel", "CostPoint", "CostSource", "HostLatency", "cost_source",
+           "tvm_threads"]
+
+
+@dataclass(frozen=True)
+class CostPoint:
+    """One layer under one choice, by the shape the compiled layer will have."""
+
+    op: str  # "conv2d" or "dense"
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    in_hw: tuple[int, int] = (1, 1)
+    batch: int = 1
+    codes: str = "int8"  # code set or "fp32"
+    rank: int | None = None  # split into a k×k conv with `rank` filters + a 1×1 conv (dense: two factors)
+    bn_relu: bool = True  # conv followed by batch-norm and ReLU (folded into the integer epilogue)
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        if self.op == "dense":
+            return (1, 1)
+        return tuple((self.in_hw[i] + 2 * self.padding[i] - self.kernel[i]) // self.stride[i] + 1 for i in (0, 1))
+
+    @property
+    def macs(self) -> int:
+        positions = self.batch * self.out_hw[0] * self.out_hw[1]
+        k = self.kernel[0] * self.kernel[1]
+        if self.rank is None:
+            return positions * self.out_channels * self.in_channels * k
+        return positions * self.rank * (self.in_channels * k + self.out_channels)
+
+    @property
+    def params(self) -> int:
+        k = self.kernel[0] * self.kernel[1]
+        if self.rank is None:
+            return self.out_channels * self.in_channels * k
+        return self.rank * (self.in_channels * k + self.out_channels)
+
+    @property
+    def bits(self) -> int:
+        from lastbit.passes.pow2_projection import code_set
+
+        return 32 if self.codes == "fp32" else code_set(self.codes).bits
+
+    @property
+    def weight_bytes(self) -> int:
+        """Packed codes + one float32 α per output channel (per half when split), or fp32 weights."""
+        if self.codes == "fp32":
+            return 4 * self.params
+        alphas = self.out_channels + (self.rank or 0)
+        return math.ceil(self.params * self.bits / 8) + 4 * alphas
+
+    def features(self) -> list[float]:
+        """What the cost model sees: shape, work, bytes, code width, split."""
+        act_bytes = self.batch * self.in_channels * self.in_hw[0] * self.in_hw[1]
+        return [
+            1.0 if self.op == "conv2d" else 0.0, self.in_channels, self.out_channels, self.kernel[0] * self.kernel[1],
+            self.stride[0], self.in_hw[0] * self.in_hw[1], self.out_hw[0] * self.out_hw[1],
+            math.log1p(self.macs), math.log1p(self.params), math.log1p(self.weight_bytes), math.log1p(act_bytes),
+            self.bits, 1.0 if self.codes == "fp32" else 0.0, self.rank or 0, 1.0 if self.rank else 0.0,
+        ]
+
+    def torch_module(self):
+        """A one-layer torch model with this shape (seeded weights; cost does not depend on them)."""
+        import torch
+        from torch import nn
+
+        torch.manual_seed(0)
+        if self.op == "dense":
+            if self.rank is None:
+                return nn.Linear(self.in_channels, self.out_channels).eval()
+            return nn.Sequential(nn.Linear(self.in_channels, self.rank, bias=False),
+                                 nn.Linear(self.rank, self.out_channels)).eval()
+        conv = dict(stride=self.stride, padding=self.padding, bias=not self.bn_relu)
+        if self.rank is None:
+            layers = [nn.Conv2d(self.in_channels, self.out_channels, self.kernel, **conv)]
+        else:
+            layers = [nn.Conv2d(self.in_channels, self.rank, self.kernel, stride=self.stride, padding=self.padding,
+                                bias=False), nn.Conv2d(self.rank, self.out_channels, 1, bias=not self.bn_relu)]
+        if self.bn_relu:
+            layers += [nn.BatchNorm2d(self.out_channels), nn.ReLU()]
+        return nn.Sequential(*layers).eval()
+
+    def example(self):
+        import torch
+
+        shape = (self.batch, self.in_channels) if self.op == "dense" else (self.batch, self.in_channels, *self.in_hw)
+        return torch.rand(shape, generator=torch.Generator().manual_seed(1))
+
+
+class CostSource(Protocol):
+    """Measures :class:`CostPoint`\\ s on one target. ``measure`` returns {metric: value} or
+    None when the target cannot run that choice (e.g. a float layer on the accelerator)."""
+
+    name: str  # part of the cache key: "x86_64-linux-gnu/latency"
+    metrics: tuple[str, ...]
+
+    def measure(self, point: CostPoint) -> dict[str, float] | None: ...
+
+
+def _compile_point(point: CostPoint, target: str):
+    import lastbit
+
+    module, x = point.torch_module(), point.example()
+    squeeze = None
+    if point.codes != "fp32":
+        # every layer on the chosen set (no first/last exception: this model is one layer);
+        # a few samples calibrate static activation scales, as a compiled model has them
+        calib = np.random.default_rng(0).random((4 * point.batch, *x.shape[1:])).astype(np.float32)
+        squeeze = lastbit.Squeeze(codes=point.codes, keep_first_last=False, data=calib, calibration_samples=4 * point.batch)
+    return lastbit.compile(module, target, (x,), name="codesign-layer", squeeze=squeeze), x.numpy()
+
+
+@contextlib.contextmanager
+def tvm_threads(n: int | None):
+    """TVM's CPU thread pool at ``n`` threads inside the block (None: unchanged), then back
+    at TVM_NUM_THREADS. On a loaded machine a 2-thread pool stalls for milliseconds waiting
+    for a descheduled worker, far longer than a small layer runs; one thread does not."""
+    if n is None:
+        yield
+        return
+    import os
+
+    import tvm
+
+    config = tvm.get_global_func("runtime.config_threadpool")
+    config(1, int(n))
+    try:
+        yield
+    finally:
+        config(1, int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)))
+
+
+class HostLatency:
+    """Latency (ms) of the one-layer model compiled for this host: the least of ``rounds``
+    medians of ``repeat`` calls, on ``threads`` TVM threads (1 by default: see tvm_threads)."""
+
+    metrics = ("latency_ms",)
+
+    def __init__(self, target: str = "x86_64-linux-gnu", repeat: int = 10, rounds: int = 15, threads: int | None = 1):
+        self.target, self.repeat, self.rounds, self.threads = target, repeat, rounds, threads
+        self.name = f"{target}/latency" + (f"/{threads}t" if threads else "")
+
+    def measure(self, point: CostPoint) -> dict[str, float] | None:
+        artifact, x = _compile_point(point, self.target)
+        # the least of many short medians: on a shared machine load only ever adds time, and
+        # a short window is likelier to run undisturbed than one long one
+        with tvm_threads(self.threads):
+            ms = min(artifact.latency_ms(x, repeat=self.repeat, warmup=1) for _ in range(self.rounds))
+        return {"latency_ms": ms}
+
+
+class AccelSimCost:
+    """Cycles and energy of the one-layer model on a simulated accelerator (codegen/accel's
+    compiler and timing simulator); a float layer does not run there (None)."""
+
+    metrics = ("cycles", "energy_pj", "latency_ms")
+
+    def __init__(self, target: str = "accel-sim"):
+        self.target = target
+        self.name = f"{target}/cycles"
+
+    def measure(self, point: CostPoint) -> dict[str, float] | None:
+        if point.codes == "fp32":
+            return None
+        artifact, _ = _compile_point(point, self.target)
+        summary = artifact.report().accelerator
+        if not summary or "total" not in summary:
+            return None
+        total = summary["total"]
+        return {"cycles": float(total["cycles"]), "energy_pj": float(total["energy_pj"]),
+                "latency_ms": float(total["latency_ms"])}
+
+
+def cost_source(target: str) -> CostSource:
+    """The cost source that serves ``target``: the host measures latency, accelerator targets
+    simulate. ARM targets plug in here once their cycle model exists."""
+    from lastbit.targets import get_target
+
+    t = get_target(target)
+    if t.runner == "sim":
+        return AccelSimCost(t.triple)
+    if t.is_host:
+        return HostLatency(t.triple)
+    raise LastbitError(f"no cost source for target '{t.triple}' yet (host latency and accel-sim are supported)")
+
+
+class CostCache:
+    """Measurements on disk (JSON), keyed by cost source and point, so a rerun reuses them."""
+
+    def __init__(self, path: "str | Path"):
+        self.path = Path(path)
+        self.entries: dict[str, dict | None] = {}
+        if self.path.is_file():
+            try:
+                self.entries = json.loads(self.path.read_text()).get("entries", {})
+            except (json.JSONDecodeError, AttributeError):
+                log.warning("cost cache %s is unreadable; starting it again", self.path)
+
+    @staticmethod
+    def key(source: CostSource, point: CostPoint) -> str:
+        return f"{source.name}|{point.key()}"
+
+    def get(self, source: CostSource, point: CostPoint) -> tuple[bool, dict | None]:
+        k = self.key(source, point)
+        return (k in self.entries), self.entries.get(k)
+
+    def put(self, source: CostSource, point: CostPoint, value: dict | None) -> None:
+        self.entries[self.key(source, point)] = value
+
+    def save(self) -> None:
+        """Write the cache atomically, merged with what another run wrote there meanwhile."""
+        from lastbit.fileio import atomic_write_json
+
+        if self.path.is_file():
+            try:
+                on_disk = json.loads(self.path.read_text()).get("entries", {})
+                self.entries = {**on_disk, **self.entries}
+            except (json.JSONDecodeError, AttributeError):
+                pass
+        atomic_write_json(self.path, {"format": "lastbit-cost-cache/1", "entries": self.entries})
+
+
+class CostModel:
+    """XGBoost regression of log(cost) on :meth:`CostPoint.features`, fitted on measured points."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.model = None
+
+    def fit(self, points: list[CostPoint], values: np.ndarray) -> "CostModel":
+        import xgboost
+
+        x = np.array([p.features() for p in points], dtype=np.float64)
+        y = np.log(np.maximum(np.asarray(values, dtype=np.float64), 1e-12))
+        self.model = xgboost.XGBRegressor(n_estimators=300, max_depth=4, learning_rate=0.08, subsample=0.9,
+                                          random_state=self.seed, n_jobs=1)
+        self.model.fit(x, y)
+        return self
+
+    def predict(self, points: list[CostPoint]) -> np.ndarray:
+        if self.model is None:
+            raise LastbitError("the cost model is not fitted")
+        x = np.array([p.features() for p in points], dtype=np.float64)
+        return np.exp(self.model.predict(x))
+
+    @staticmethod
+    def held_out_scores(points: list[CostPoint], values: np.ndarray, folds: int = 5,
+                        seed: int = 0) -> dict[str, float]:
+        """K-fold cross-validation: every measurement predicted by a model fitted without it,
+        then Spearman rank correlation and R² of predicted vs measured cost over all of them
+        (and R² in log space). Pooling the folds scores every point, not one small split."""
+        from scipy.stats import spearmanr
+
+        values = np.asarray(values, dtype=np.float64)
+        n = len(points)
+        folds = max(2, min(folds, n // 2))
+        order = np.random.default_rng(seed).permutation(n)
+        pred = np.empty(n)
+        for k in range(folds):
+            test = order[k::folds]
+            train = np.setdiff1d(order, test)
+            model = CostModel(seed).fit([points[i] for i in train], values[train])
+            pred[test] = model.predict([points[i] for i in test])
+        true = values
+        r2 = 1.0 - float(np.sum((pred - true) ** 2)) / max(float(np.sum((true - true.mean()) ** 2)), 1e-30)
+        lt, lp = np.log(true), np.log(pred)
+        r2_log = 1.0 - float(np.sum((lp - lt) ** 2)) / max(float(np.sum((lt - lt.mean()) ** 2)), 1e-30)
+        return {"spearman": float(spearmanr(pred, true).statistic), "r2": r2, "r2_log": r2_log,
+                "folds": int(folds), "points": int(n)}

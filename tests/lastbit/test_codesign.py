@@ -1,0 +1,120 @@
+"""The co-design search on a toy model with synthetic costs and sensitivities: it finds the
+brute-force optimum (a pruned layer and its reader chosen together), reuses cached
+measurements, and predicts the unmeasured choices with the cost model."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from lastbit.codesign import (
+    CostTable,
+    LayerSite,
+    choice_drop,
+    measure_costs,
+    option_tables,
+    search,
+    site_groups,
+)
+from lastbit.codesign_cost import CostCache, CostPoint
+
+
+def _toy_sites():
+    codes = ("ternary", "pow2-4", "int8", "fp32")
+    a = LayerSite("a", "conv2d", 8, 16, (3, 3), (1, 1), (1, 1), (8, 8), 1, keeps=(1.0, 0.5), kept_channels=(16, 8),
+                  ranks=(None, 8), codes=codes)
+    b = LayerSite("b", "conv2d", 16, 16, (3, 3), (1, 1), (1, 1), (8, 8), 1, input_from="a", codes=codes)
+    c = LayerSite("c", "dense", 16, 10, (1, 1), (1, 1), (0, 0), (1, 1), 1, codes=codes)
+    return [a, b, c]
+
+
+def _toy_cost(p: CostPoint) -> dict:
+    # MACs scaled by a code-width factor: fewer bits are cheaper, fp32 dearest
+    factor = {"ternary": 0.4, "pow2-4": 0.6, "int8": 1.0, "fp32": 2.0}[p.codes]
+    return {"latency_ms": p.macs * factor * 1e-6 + 0.01}
+
+
+_DELTAS = {  # loss change per factor: the synthetic sensitivity
+    "a": {("codes", "ternary"): 0.5, ("codes", "pow2-4"): 0.1, ("codes", "int8"): 0.0, ("keep", 0.5): 0.3,
+          ("rank", 8): 0.4},
+    "b": {("codes", "ternary"): 0.05, ("codes", "pow2-4"): 0.02, ("codes", "int8"): 0.0},
+    "c": {("codes", "ternary"): 0.9, ("codes", "pow2-4"): 0.2, ("codes", "int8"): 0.01},
+}
+
+
+def _brute_force(sites, budget, slope):
+    best, best_config = np.inf, None
+    for combo in itertools.product(*[s.choices() for s in sites]):
+        drop = sum(choice_drop(_DELTAS[s.name], ch, slope) for s, ch in zip(sites, combo))
+        if drop > budget + 1e-9:
+            continue
+        cin_b = sites[0].kept_channels[sites[0].keeps.index(combo[0].keep)]
+        cost = sum(_toy_cost(p)["latency_ms"] for p in (sites[0].point(combo[0]), sites[1].point(combo[1], cin_b),
+                                                       sites[2].point(combo[2])))
+        if cost < best:
+            best, best_config = cost, combo
+    return best, best_config
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.5, 1.0, 2.0])
+def test_search_finds_the_brute_force_optimum(budget):
+    sites = _toy_sites()
+    groups = site_groups(sites)
+    assert sorted(len(g.sites) for g in groups) == [1, 2]  # a and its reader b are one group
+    points = {p for g in groups for o in g.options for p in g.points(o)}
+    costs = CostTable({p: {**_toy_cost(p), "weight_bytes": float(p.weight_bytes)} for p in points}, set(points))
+    slope = 2.0
+    tables = option_tables(groups, costs, _DELTAS, slope, "latency_ms")
+    found = search(tables, budget, bins=4000)
+    expected, combo = _brute_force(sites, budget, slope)
+    assert found.cost == pytest.approx(expected)
+    assert found.drop <= budget + 1e-9
+    assert [found.config[s.name] for s in sites] == list(combo)
+
+
+class _CountingSource:
+    name = "toy/latency"
+    metrics = ("latency_ms",)
+
+    def __init__(self):
+        self.calls = 0
+
+    def measure(self, point):
+        self.calls += 1
+        return _toy_cost(point)
+
+
+def test_measurements_are_cached_and_the_rest_predicted(tmp_path):
+    groups = site_groups(_toy_sites())
+    source = _CountingSource()
+    cache = CostCache(tmp_path / "costs.json")
+    table = measure_costs(groups, source, cache, measure_share=0.5, progress=False)
+    n_points = len({p for g in groups for o in g.options for p in g.points(o)})
+    assert source.calls == len(table.measured) < n_points
+    assert len(table.values) == n_points  # every point has a cost: measured or predicted
+    assert table.model_scores["latency_ms"]["spearman"] > 0.5  # MACs × code factor is easy to learn
+    again = _CountingSource()
+    table2 = measure_costs(groups, again, CostCache(tmp_path / "costs.json"), measure_share=0.5, progress=False)
+    assert again.calls == 0 and table2.measured == table.measured
+
+
+def test_restructured_torch_module_matches_the_compiled_structural_squeeze(small_cnn):
+    """finetune_config prunes/splits the torch module itself; it must give the model the
+    graph passes give, so the fine-tuned weights fit the compiled layers."""
+    import torch
+
+    import lastbit
+    from lastbit.codesign import restructure_module
+    from lastbit.layer_config import LayerChoice, LayerConfig
+    from lastbit.pipeline import import_model
+    from lastbit.squeeze import Squeeze
+    from tests.conftest import assert_close
+
+    model, x = small_cnn
+    config = LayerConfig({"conv1": LayerChoice("fp32", keep=0.5), "conv2": LayerChoice("fp32", rank=2)})
+    graph = import_model(model, (x,))
+    restructured = restructure_module(model, graph, config, lanes=16)
+    assert restructured.conv1.out_channels == 4 and restructured.conv2.svd0.out_channels == 2
+    art = lastbit.compile(model, "x86_64-linux-gnu", (x,), squeeze=Squeeze(layers=config))
+    with torch.no_grad():
+        assert_close(art.run(x), restructured(x).numpy(), rtol=1e-4)
