@@ -47,14 +47,15 @@ def main(verbose: int) -> None:
 @click.option("--prune-criterion", default="l1", show_default=True, type=click.Choice(["l1", "bn"]), help="Channel importance: filter L1 norm or BN-γ.")
 @click.option("--lowrank", default=None, metavar="auto|ENERGY|flops:F", help="Split dense and k×k conv layers by truncated SVD.")
 @click.option("--sparsity", default=None, type=click.FloatRange(0, 1, max_open=True), help="Zero this share of each weight (stored run-length encoded).")
+@click.option("--act-bits", default=8, show_default=True, type=int, help="Activation bits of the low-bit layers (1..8; with --quant).")
 def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, untrained: bool, quant: str | None,
                 db_dir: Path | None, prune: str | None, prune_criterion: str, lowrank: str | None,
-                sparsity: float | None) -> None:
+                sparsity: float | None, act_bits: int) -> None:
     """Compile MODEL (zoo name, .onnx or .pt2) for a target and export a deployable bundle."""
     import lastbit
 
     structural = _structural_squeeze(prune, prune_criterion, lowrank, sparsity)
-    squeeze = lastbit.Squeeze.from_cli(quant, **structural) if quant else \
+    squeeze = lastbit.Squeeze.from_cli(quant, act_bits=act_bits, **structural) if quant else \
         (lastbit.Squeeze(**structural) if structural else None)
     module, example = _load_model(model, pretrained=not untrained)
     artifact = lastbit.compile(
