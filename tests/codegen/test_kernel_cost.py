@@ -24,7 +24,7 @@ def test_table_rows_win_over_the_analytic_estimate():
     cost = kernel_cost.kernel_cost("int8", layer, ARM, table)
     assert cost.source == "table" and cost.cost == pytest.approx(2.0 * 512 * 256)
     fallback = kernel_cost.kernel_cost("int8", layer, "x86_64-linux-gnu", table)
-    assert fallback.source == "analytic" and fallback.cost == pytest.approx(kernel_cost.ANALYTIC["int8"] * 512 * 256)
+    assert fallback.source == "analytic" and fallback.cost == pytest.approx(kernel_cost.ANALYTIC["int8"]["dense"] * 512 * 256)
 
 
 def test_bitserial_work_grows_with_activation_and_weight_planes():
@@ -85,3 +85,16 @@ def test_lowering_picks_the_kernel_the_cost_says_is_cheaper(monkeypatch, cheap):
     note = "; ".join(choices[1].passed_over)
     assert "int8: 2.0× the cost (table)" in note  # 1.0 / 0.5
     assert "shift-add: " in note  # passed over too (cost or the reason it cannot serve)
+
+
+@pytest.mark.parametrize("triple", [ARM, "armv7a-linux-gnueabihf"])
+def test_shipped_costs_keep_the_measured_arm_choices(triple):
+    """3-bit codes: reference-int before the generic int8 conv (4× the instructions under qemu);
+    ternary × 2-bit activations: bitserial before both."""
+    conv = IntLayer("conv2d", "pow2-4", 3, (1, 32, 14, 14), (32, 32, 3, 3), padding=(1, 1, 1, 1))
+    ranked = kernel_cost.rank_candidates(["reference-int", "int8"], conv, triple)
+    assert ranked[0].kernel == "reference-int"
+    ternary = IntLayer("conv2d", "ternary", 2, (1, 32, 14, 14), (32, 32, 3, 3), padding=(1, 1, 1, 1),
+                       act_bits=2, act_unsigned=True)
+    ranked = kernel_cost.rank_candidates(["reference-int", "bitserial", "int8"], ternary, triple)
+    assert ranked[0].kernel == "bitserial"
