@@ -14,9 +14,10 @@ is its own PrimFunc, never fused with what follows: a residual add fused after i
 would let LLVM contract the two into an FMA and the result would depend on the target.
 Everything not quantized stays float and goes through the fp32 path.
 
-Which kernel serves a layer: ``Target.kernels[op]`` lists the candidates, then come ``int8``
-and ``reference-int``; of the registered kernels whose ``supports(layer, features)`` returns
-None, the cheapest by ``codegen/kernel_cost.py`` wins (ties: list order).  A layer no kernel serves (or one the
+Which kernel serves a layer: ``Target.kernels[op]`` lists the candidates; of the registered
+ones whose ``supports(layer, features)`` returns None, the cheapest by
+``codegen/kernel_cost.py`` wins (ties: list order). ``int8`` and ``reference-int`` are the
+fallbacks, ranked the same way, when nothing listed serves the layer.  A layer no kernel serves (or one the
 rewrite cannot express, e.g. a zero BN scale) keeps the float reference decode; the
 :class:`KernelChoice` of every layer says which kernel it got and why others were passed
 over, and the report shows it.  The numpy folding math (:func:`fold_epilogue`) is separate
@@ -345,8 +346,10 @@ class LowerQuantizedLayers:
         from lastbit.codegen.kernels import KernelError, get_kernel
 
         features = self.target.feature_set()
+        listed = set(self.override if self.override is not None else _strategy(self.target).get(int_layer.op, ()))
         passed_over: list[str] = []
         accepted: list[str] = []
+        fallbacks: list[str] = []
         for name in kernel_candidates(self.target, self.override, int_layer.op):
             try:
                 candidate = get_kernel(name)
@@ -354,10 +357,14 @@ class LowerQuantizedLayers:
                 log.debug("layer %s: kernel %s is not registered", layer_name, name)
                 continue
             why = candidate.supports(int_layer, features)
-            if why is None:
-                accepted.append(name)
-            else:
+            if why is not None:
                 passed_over.append(f"{name}: {why}")
+            else:
+                (accepted if name in listed else fallbacks).append(name)
+        # the fallbacks only compete when nothing the target (or caller) listed serves the layer
+        if accepted:
+            passed_over += [f"{name}: fallback only" for name in fallbacks]
+        accepted = accepted or fallbacks
         if not accepted:
             return None, passed_over
         ranked = rank_candidates(accepted, int_layer, self.target.triple, measured=self.measured_cost)

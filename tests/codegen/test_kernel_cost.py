@@ -98,3 +98,22 @@ def test_shipped_costs_keep_the_measured_arm_choices(triple):
                        act_bits=2, act_unsigned=True)
     ranked = kernel_cost.rank_candidates(["reference-int", "bitserial", "int8"], ternary, triple)
     assert ranked[0].kernel == "bitserial"
+
+
+def test_fallbacks_compete_only_when_no_listed_kernel_serves_the_layer():
+    import dataclasses
+
+    from lastbit.codegen.quant_lowering import LowerQuantizedLayers
+    from lastbit.passes.quantize_pow2 import QuantizePow2
+    from lastbit.pipeline import import_model
+    from lastbit.targets import get_target
+
+    model, x = _small_mlp()
+    graph = QuantizePow2(Squeeze(bits=3, keep_first_last=False))(import_model(model, (x,)))
+    target = dataclasses.replace(get_target(ARM), kernels={"dense": ("bitserial",)})
+    lowering = LowerQuantizedLayers(target)
+    lowering(graph)
+    for choice in lowering.choices.values():  # pow2-4 codes: bitserial declines, the cheaper fallback wins
+        assert choice.kernel == "int8"
+        assert any(p.startswith("bitserial: serves 1–2 bit weights") for p in choice.passed_over)
+        assert any(p.startswith("reference-int: ") and "the cost (table)" in p for p in choice.passed_over)
