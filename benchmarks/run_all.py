@@ -11,6 +11,7 @@ import accel_dse  # noqa: E402
 import accel_sim  # noqa: E402
 import admm_sweep  # noqa: E402
 import arm_insn_count  # noqa: E402
+import bitserial_arm  # noqa: E402
 import codesign  # noqa: E402
 import conv_vnni  # noqa: E402
 import gemv_lowbit  # noqa: E402
@@ -32,6 +33,7 @@ BENCHMARKS = [
     quant_e2e,
     conv_vnni,
     arm_insn_count,
+    bitserial_arm,
     autotune,
     codesign,
 ]

@@ -14,9 +14,10 @@ is its own PrimFunc, never fused with what follows: a residual add fused after i
 would let LLVM contract the two into an FMA and the result would depend on the target.
 Everything not quantized stays float and goes through the fp32 path.
 
-Which kernel serves a layer: ``Target.kernels[op]`` lists candidates in order of
-preference, then come ``int8`` and ``reference-int``; the first registered kernel whose
-``supports(layer, features)`` returns None wins.  A layer no kernel serves (or one the
+Which kernel serves a layer: ``Target.kernels[op]`` lists the candidates; of the registered
+ones whose ``supports(layer, features)`` returns None, the cheapest by
+``codegen/kernel_cost.py`` wins (ties: list order). ``int8`` and ``reference-int`` are the
+fallbacks, ranked the same way, when nothing listed serves the layer.  A layer no kernel serves (or one the
 rewrite cannot express, e.g. a zero BN scale) keeps the float reference decode; the
 :class:`KernelChoice` of every layer says which kernel it got and why others were passed
 over, and the report shows it.  The numpy folding math (:func:`fold_epilogue`) is separate
@@ -193,10 +194,12 @@ class LowerQuantizedLayers:
     :class:`KernelChoice`) is filled by each call.
     """
 
-    def __init__(self, target, kernels: Sequence[str] | str | None = None):
+    def __init__(self, target, kernels: Sequence[str] | str | None = None, measured_cost=None):
         from lastbit.targets import get_target
 
         self.target = get_target(target)
+        # (kernel name, IntLayer) -> measured cost or None; see codegen/kernel_cost.py
+        self.measured_cost = measured_cost
         self.override = (kernels,) if isinstance(kernels, str) else (tuple(kernels) if kernels is not None else None)
         self.choices: dict[str, KernelChoice] = {}
 
@@ -241,6 +244,13 @@ class LowerQuantizedLayers:
         alpha = np.asarray(graph.params[info.alpha_param], dtype=np.float32)
         call = var2val[var]
         data = call.args[0]  # the var itself: the pattern's match would be the expression bound to it
+        if info.act_bits < 8:  # the graph fake-quantizes to the k-bit grid: quantize its input instead
+            from lastbit.passes.quantize_pow2 import kbit_fake_quant_source
+
+            source = kbit_fake_quant_source(data, var2val)
+            if source is None:
+                return fallback(f"the {info.act_bits}-bit activation fake-quant before the layer was not found")
+            data = source
         data_shape = _static_shape(data)
         if data_shape is None or str(getattr(data.ty, "dtype", "")) != "float32":
             return fallback("the layer input has no static float32 shape")
@@ -283,7 +293,8 @@ class LowerQuantizedLayers:
         if len(padding) == 2:
             padding = (padding[0], padding[1], padding[0], padding[1])
         int_layer = IntLayer(code_set=info.code_set, bits=info.bits, weight_shape=tuple(codes.shape),
-                             padding=tuple(padding), **layer_args)
+                             padding=tuple(padding), act_bits=qr.activation_code_bits(info.act_bits, info.act_unsigned),
+                             act_unsigned=info.act_unsigned, **layer_args)
         kernel, passed_over = self._choose_kernel(int_layer, var.name)
         if kernel is None:
             return fallback("no integer kernel serves it", tuple(passed_over))
@@ -329,12 +340,16 @@ class LowerQuantizedLayers:
         return epilogue, last, skipped
 
     def _choose_kernel(self, int_layer, layer_name: str):
-        """The first registered candidate whose ``supports`` accepts the layer, and the
-        reasons of the candidates before it."""
+        """The cheapest registered candidate whose ``supports`` accepts the layer
+        (``codegen/kernel_cost.py``), and why every other candidate was passed over."""
+        from lastbit.codegen.kernel_cost import passed_over_reason, rank_candidates
         from lastbit.codegen.kernels import KernelError, get_kernel
 
         features = self.target.feature_set()
+        listed = set(self.override if self.override is not None else _strategy(self.target).get(int_layer.op, ()))
         passed_over: list[str] = []
+        accepted: list[str] = []
+        fallbacks: list[str] = []
         for name in kernel_candidates(self.target, self.override, int_layer.op):
             try:
                 candidate = get_kernel(name)
@@ -342,10 +357,20 @@ class LowerQuantizedLayers:
                 log.debug("layer %s: kernel %s is not registered", layer_name, name)
                 continue
             why = candidate.supports(int_layer, features)
-            if why is None:
-                return candidate, passed_over
-            passed_over.append(f"{name}: {why}")
-        return None, passed_over
+            if why is not None:
+                passed_over.append(f"{name}: {why}")
+            else:
+                (accepted if name in listed else fallbacks).append(name)
+        # the fallbacks only compete when nothing the target (or caller) listed serves the layer
+        if accepted:
+            passed_over += [f"{name}: fallback only" for name in fallbacks]
+        accepted = accepted or fallbacks
+        if not accepted:
+            return None, passed_over
+        ranked = rank_candidates(accepted, int_layer, self.target.triple, measured=self.measured_cost)
+        winner = ranked[0]
+        passed_over = [passed_over_reason(loser, winner) for loser in ranked[1:]] + passed_over
+        return get_kernel(winner.kernel), passed_over
 
 
 # --- helpers on the Relax function -------------------------------------------------------------
@@ -539,6 +564,7 @@ def _rewriter_class():
             if layer.op == "dense" and tuple(_static_shape(plan.data)) != layer.data_shape:
                 x = bb.emit(op.reshape(x, layer.data_shape))
             s = plan.info.activation_scale
+            lo, hi = qr.activation_range(plan.info.act_bits, plan.info.act_unsigned)
             channels = layer.weight_shape[0]
             if s is not None:
                 inv = relax.const(np.float32(1.0 / float(np.float32(s))), "float32")
@@ -547,7 +573,7 @@ def _rewriter_class():
                 bias_q = relax.const(qr.integer_bias(plan.bias, scale_np, channels), "int32")
             else:  # dynamic: quant_reference.activation_scale computed in the graph, same IEEE ops
                 peak = bb.emit(op.max(op.abs(x)))
-                s_x = bb.emit(op.maximum(op.divide(peak, relax.const(np.float32(qr.INT8_MAX), "float32")),
+                s_x = bb.emit(op.maximum(op.divide(peak, relax.const(np.float32(hi), "float32")),
                                          relax.const(np.finfo(np.float32).tiny, "float32")))
                 s_64 = bb.emit(op.astype(s_x, "float64"))
                 inv = bb.emit(op.astype(op.divide(relax.const(1.0, "float64"), s_64), "float32"))
@@ -558,7 +584,7 @@ def _rewriter_class():
                     ratio = op.divide(relax.const(plan.bias, "float64"), op.astype(scale, "float64"))
                     i32 = np.iinfo(np.int32)
                     bias_q = bb.emit(op.astype(op.clip(op.round(ratio), float(i32.min), float(i32.max)), "int32"))
-            x_q = bb.emit(op.astype(op.clip(op.round(op.multiply(x, inv)), -qr.INT8_MAX, qr.INT8_MAX), "int8"),
+            x_q = bb.emit(op.astype(op.clip(op.round(op.multiply(x, inv)), lo, hi), "int8"),
                           plan.layer_var.name + "_q")
             packed = [relax.const(np.ascontiguousarray(a)) for a in plan.kernel.pack(layer, plan.codes)]
             acc_shape = self._acc_shape(plan)

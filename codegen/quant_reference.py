@@ -8,9 +8,16 @@ A layer ``y = op(x, α·q) + b`` with power-of-two (or int8) weight codes ``q`` 
     out   = epilogue(acc, bias_q, scale, relu)           float32
 
 with ``scale[o] = float32(α[o]·s_x)`` and the bias folded into the integer domain,
-``bias_q = rint(b / scale)`` (:func:`integer_bias`). Every float step is a single IEEE
-operation (one multiply, no add after it), so no compiler can contract it into an FMA and
-results are identical on every target, not only close.
+``bias_q = rint(b / scale)`` (:func:`integer_bias`).
+
+k-bit activations (``Squeeze(act_bits=k)``, k < 8) use the same steps on a narrower grid
+(:func:`activation_range`): unsigned 0..2^k−1 when the layer input is known non-negative (a
+ReLU output), else symmetric ±(2^(k−1)−1) (at least ±1). ``x_q`` stays an int8 tensor; the
+scale is the k-bit one, max|x| / (top of the grid). The float reference graph fake-quantizes
+to the same grid, ``quantize_activation(x, s, k, unsigned) · s`` (:func:`fake_quantize_activation`).
+
+Every float step is a single IEEE operation (one multiply, no add after it), so no compiler
+can contract it into an FMA and results are identical on every target, not only close.
 """
 
 from __future__ import annotations
@@ -20,7 +27,10 @@ import numpy as np
 INT8_MAX = 127
 
 __all__ = [
+    "activation_code_bits",
+    "activation_range",
     "activation_scale",
+    "fake_quantize_activation",
     "epilogue",
     "int_conv2d",
     "int_dense",
@@ -30,22 +40,49 @@ __all__ = [
 ]
 
 
-def activation_scale(x: np.ndarray, calibrated: float | None = None) -> np.float32:
-    """The int8 scale of a layer input: the calibrated one, else dynamic max|x|/127 (float32)."""
+def activation_range(bits: int = 8, unsigned: bool = False) -> tuple[int, int]:
+    """(lo, hi) of the activation codes: 8 bits ±127; k < 8 bits unsigned 0..2^k−1, signed
+    ±max(2^(k−1)−1, 1) (a signed 1-bit grid would hold only 0, so it is −1..1)."""
+    if bits == 8 and not unsigned:
+        return -INT8_MAX, INT8_MAX
+    if not 1 <= bits <= 7:
+        raise ValueError(f"activation bits must be 1..8 (unsigned: 1..7), got {bits}")
+    if unsigned:
+        return 0, (1 << bits) - 1
+    top = max((1 << (bits - 1)) - 1, 1)
+    return -top, top
+
+
+def activation_code_bits(bits: int = 8, unsigned: bool = False) -> int:
+    """Bits a kernel needs per activation code (two's complement when signed): the ±1 grid of a
+    signed 1-bit activation takes 2."""
+    return bits if unsigned else max(bits, 2)
+
+
+def activation_scale(x: np.ndarray, calibrated: float | None = None, bits: int = 8,
+                     unsigned: bool = False) -> np.float32:
+    """The scale of a layer input: the calibrated one, else dynamic max|x|/hi (float32)."""
     if calibrated is not None:
         return np.float32(calibrated)
+    hi = activation_range(bits, unsigned)[1]
     peak = np.float32(np.abs(np.asarray(x, dtype=np.float32)).max(initial=0.0))
-    return np.maximum(peak / np.float32(INT8_MAX), np.finfo(np.float32).tiny)
+    return np.maximum(peak / np.float32(hi), np.finfo(np.float32).tiny)
 
 
-def quantize_activation(x: np.ndarray, scale: float) -> np.ndarray:
-    """int8 = clip(rint(x · float32(1/scale)), ±127); rint rounds half to even.
+def quantize_activation(x: np.ndarray, scale: float, bits: int = 8, unsigned: bool = False) -> np.ndarray:
+    """int8 = clip(rint(x · float32(1/scale)), lo, hi) (±127 at 8 bits); rint rounds half to even.
 
     Multiplying by the reciprocal (not dividing) is what the kernels do; the reciprocal is
     computed once, in float64 then rounded to float32."""
+    lo, hi = activation_range(bits, unsigned)
     inv = np.float32(1.0 / float(scale))
     q = np.rint(np.asarray(x, dtype=np.float32) * inv)
-    return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int8)
+    return np.clip(q, lo, hi).astype(np.int8)
+
+
+def fake_quantize_activation(x: np.ndarray, scale: float, bits: int = 8, unsigned: bool = False) -> np.ndarray:
+    """What the float reference graph feeds a k-bit layer: the codes times the scale, float32."""
+    return quantize_activation(x, scale, bits, unsigned).astype(np.float32) * np.float32(scale)
 
 
 def int_dense(x_q: np.ndarray, codes: np.ndarray) -> np.ndarray:

@@ -53,6 +53,7 @@ def main(verbose: int) -> None:
 @click.option("--lowrank", default=None, metavar="auto|ENERGY|flops:F", help="Split dense and k×k conv layers by truncated SVD.")
 @click.option("--sparsity", default=None, type=click.FloatRange(0, 1, max_open=True), help="Zero this share of each weight (stored run-length encoded).")
 @click.option("--layers", "layers_json", default=None, type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Per-layer code set / keep / rank (JSON, e.g. from `lastbit codesign`).")
+@click.option("--act-bits", default=8, show_default=True, type=int, help="Activation bits of the low-bit layers (1..8; with --quant).")
 @click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
 @click.option("--keep-first-last/--no-keep-first-last", default=True, show_default=True,
               help="With --quant: keep the first and last weighted layers at int8.")
@@ -60,7 +61,7 @@ def main(verbose: int) -> None:
 def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, untrained: bool, quant: str | None,
                 db_dir: Path | None, prune: str | None, prune_criterion: str, lowrank: str | None,
                 sparsity: float | None, layers_json: Path | None, trust_pickle: bool, keep_first_last: bool,
-                data_spec: str | None, check_source: bool) -> None:
+                data_spec: str | None, check_source: bool, act_bits: int) -> None:
     """Compile MODEL (zoo name, .onnx or .pt2) for a target and export a deployable bundle."""
     import lastbit
 
@@ -74,7 +75,7 @@ def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, un
         if not quant and not structural:
             raise click.UsageError("--data is used by --quant, --prune, --lowrank, --sparsity or --layers; give one of them")
         structural["data"] = _labelled_data(data_spec)
-    squeeze = lastbit.Squeeze.from_cli(quant, keep_first_last=keep_first_last, **structural) if quant else \
+    squeeze = lastbit.Squeeze.from_cli(quant, keep_first_last=keep_first_last, act_bits=act_bits, **structural) if quant else \
         (lastbit.Squeeze(**structural) if structural else None)
     module, example = _load_model(model, pretrained=not untrained)
     artifact = lastbit.compile(

@@ -43,6 +43,8 @@ class QuantInfo:
     activation_scale: float | None = None  # int8 symmetric scale of the layer input; None = dynamic
     activation_calibration: str = "dynamic"  # how the scale was found, e.g. "percentile-99.99 of 256 samples"
     fake_quant_activations: bool = False  # the graph quantize->dequantizes the layer input
+    act_bits: int = 8  # activation grid (Squeeze.act_bits); < 8: the graph fake-quantizes the input to it
+    act_unsigned: bool = False  # the input is a ReLU output: grid 0..2^act_bits−1, not ±(2^(act_bits−1)−1)
 
 
 @dataclass

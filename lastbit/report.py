@@ -24,6 +24,7 @@ class LayerInfo:
     kernel_note: str = ""  # why: the preferred kernels that passed (and their reasons), or why it stayed float
     bits: int = 32  # storage bits per weight (the code width when quantized)
     weight_bytes: int = 0  # the weight as stored: packed codes + α, or 4 bytes/param
+    act: str = "fp32"  # activations the layer runs on: "int8", "2u" (2-bit unsigned), "3s" (signed), "fp32"
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -70,11 +71,11 @@ class Report:
         return d
 
     def format_table(self) -> str:
-        rows = [f"{'layer':<40} {'op':<8} {'weight':<18} {'output':<18} {'MFLOPs':>9} {'bits':>4}  kernel"]
+        rows = [f"{'layer':<40} {'op':<8} {'weight':<18} {'output':<18} {'MFLOPs':>9} {'act':>4} {'bits':>4}  kernel"]
         for layer in self.layers:
             rows.append(
                 f"{layer.name[:40]:<40} {layer.op:<8} {str(layer.weight_shape):<18} "
-                f"{str(layer.output_shape):<18} {layer.flops / 1e6:>9.2f} {layer.bits:>4}  {layer.kernel}"
+                f"{str(layer.output_shape):<18} {layer.flops / 1e6:>9.2f} {layer.act:>4} {layer.bits:>4}  {layer.kernel}"
                 + (f"  [{layer.kernel_note}]" if layer.kernel_note else "")
             )
         rows.append(
@@ -185,9 +186,22 @@ def layer_table(graph: Graph, kernels: dict | None = None) -> list[LayerInfo]:
                 bits=quant.bits if quant else 8 * w.itemsize,
                 weight_bytes=(packed_bytes(w.size, quant.bits) + graph.params[quant.alpha_param].nbytes)
                 if quant else int(w.nbytes),
+                act=_activation_label(quant, choice),
             )
         )
     return layers
+
+
+def _activation_label(quant, choice) -> str:
+    """What the layer's activations are: k-bit grids always (the reference fake-quantizes to
+    them), int8 on an integer kernel, else float."""
+    if quant is None:
+        return "fp32"
+    if quant.act_bits < 8:
+        return f"{quant.act_bits}{'u' if quant.act_unsigned else 's'}"
+    if (choice is not None and choice.is_integer) or quant.fake_quant_activations:
+        return "int8"
+    return "fp32"
 
 
 def packed_bytes(count: int, bits: int) -> int:

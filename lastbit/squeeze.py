@@ -66,6 +66,13 @@ class Squeeze:
     fake_quant_activations
         Insert int8 quantize→dequantize on every quantized layer's input in the reference
         graph (off by default: the reference keeps float activations).
+    act_bits
+        Activation bit width of the low-bit layers, 1..8 (default 8: int8 activations). Below 8,
+        a layer whose input is a ReLU output gets unsigned codes 0..2^k−1, any other layer
+        symmetric ±(2^(k−1)−1) (±1 at k = 1); the scales are calibrated for that grid, the
+        float reference fake-quantizes to it, and kernels that gain from narrow activations
+        (``bitserial``: k bit-planes) get the layer cheaper. The first/last layers kept on
+        ``first_last_codes`` stay at 8 bits.
     activation_percentile, calibration_samples
         The activation scale is the given percentile of |input| over at most that many
         calibration samples, divided by 127.
@@ -105,6 +112,7 @@ class Squeeze:
     admm_options: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     integer_kernels: bool = True
     fake_quant_activations: bool = False
+    act_bits: int = 8
     activation_percentile: float = 99.99
     calibration_samples: int = 256
     prune: Any = field(default=None, hash=False)
@@ -139,6 +147,8 @@ class Squeeze:
             raise QuantizationError(f"need lr > 0 and rho ≥ 0, got lr={self.lr!r}, rho={self.rho!r}")
         if not 0 < self.activation_percentile <= 100 or not math.isfinite(self.activation_percentile):
             raise QuantizationError(f"activation_percentile must be in (0, 100], got {self.activation_percentile!r}")
+        if isinstance(self.act_bits, bool) or not isinstance(self.act_bits, int) or not 1 <= self.act_bits <= 8:
+            raise QuantizationError(f"act_bits must be an int in 1..8, got {self.act_bits!r}")
         if self.calibration_samples < 1:
             raise QuantizationError(f"calibration_samples must be ≥ 1, got {self.calibration_samples!r}")
         if self.layers is not None:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from lastbit.codegen.quant_reference import activation_range
 from lastbit.graph import Graph, QuantInfo
 from lastbit.passes.pow2_projection import CodeSet, QuantizationError, code_set, dequantize, project_pow2
 
@@ -271,14 +272,21 @@ class QuantizePow2:
         if not plan:
             log.warning("%s: no layer to quantize; the graph stays float", graph.name)
             return graph
+        grids = self._activation_grids(graph, plan)
+        for weight, (bits, unsigned) in grids.items():
+            plan[weight] = replace(plan[weight], act_bits=bits, act_unsigned=unsigned)
         scales, how = self._activation_scales(graph, plan)
         fake_quant = self.squeeze.fake_quant_activations
         for weight, info in plan.items():
             plan[weight] = replace(info, activation_scale=scales.get(weight), activation_calibration=how,
-                                   fake_quant_activations=fake_quant)
+                                   fake_quant_activations=fake_quant or info.act_bits < 8)
         layer_scales = {}
-        if fake_quant:
-            layer_scales = {var: scales.get(w) for w in plan for var in self._layers[w]}
+        for w, info in plan.items():
+            if info.act_bits < 8:  # the reference path sees the k-bit grid the integer kernels see
+                lo, hi = activation_range(info.act_bits, info.act_unsigned)
+                layer_scales.update({var: KbitFakeQuant(scales.get(w), lo, hi) for var in self._layers[w]})
+            elif fake_quant:
+                layer_scales.update({var: scales.get(w) for var in self._layers[w]})
         quantized, _ = self._rewrite(graph, plan, fake_quant=layer_scales)
         return quantized.replace(quant={**graph.quant, **plan})
 
@@ -291,6 +299,7 @@ class QuantizePow2:
             keep = {layers[0].weight, layers[-1].weight}
             log.info("keeping first/last weighted layers %s: %s", first_last or "float32", sorted(keep))
             _warn_if_first_last_dominate(graph, layers, keep, first_last, self.codes.name)
+        self._kept = keep
         by_weight: dict[str, list[WeightedLayer]] = {}
         for layer in layers:
             by_weight.setdefault(layer.weight, []).append(layer)
@@ -363,6 +372,26 @@ class QuantizePow2:
             exact=exact,
         )
 
+    def _activation_grids(self, graph: Graph, plan: dict[str, QuantInfo]) -> dict[str, tuple[int, bool]]:
+        """Weight -> (act bits, unsigned) for the layers ``Squeeze.act_bits`` < 8 narrows: every
+        low-bit layer (not the kept first/last ones); unsigned when each layer using the weight
+        takes a ReLU output (through pooling and reshapes), which holds for every input."""
+        bits = self.squeeze.act_bits
+        if bits >= 8:
+            return {}
+        from tvm import relax
+
+        var2val = relax.analysis.get_var2val(graph.mod["main"])
+        grids = {}
+        for weight in plan:
+            if weight in self._kept:
+                continue
+            unsigned = all(_nonnegative(var2val[var].args[0], var2val) for var in self._layers[weight])
+            if not unsigned and bits == 1:
+                log.info("%s: input may be negative, so 1-bit activations use the signed grid -1..1", weight)
+            grids[weight] = (bits, unsigned)
+        return grids
+
     # -- the rewrite --------------------------------------------------------------------------
     def _rewrite(self, graph: Graph, plan: dict[str, QuantInfo], fake_quant: dict | None = None,
                  taps: dict | None = None) -> tuple[Graph, list[str]]:
@@ -430,7 +459,8 @@ class QuantizePow2:
         scales = {}
         for weight, values in samples.items():
             bound = float(np.percentile(values, sq.activation_percentile)) if values.size else 0.0
-            scales[weight] = float(np.float32(bound / INT8_MAX)) if bound > 0 else 1.0  # all-zero input: any s works
+            hi = activation_range(plan[weight].act_bits, plan[weight].act_unsigned)[1]
+            scales[weight] = float(np.float32(bound / hi)) if bound > 0 else 1.0  # all-zero input: any s works
         return scales, f"percentile-{sq.activation_percentile:g} of {usable} samples"
 
 
@@ -488,7 +518,78 @@ def _dequant_rewriter():
     return DequantRewriter
 
 
-def _fake_quant_expr(x, scale: float | None):
+@dataclass(frozen=True)
+class KbitFakeQuant:
+    """A k-bit activation fake-quant for the rewriter: scale (None: dynamic) and the code grid."""
+
+    scale: float | None
+    lo: int
+    hi: int
+
+
+# Ops through which a ReLU output stays non-negative.
+_SIGN_PRESERVING = ("relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d",
+                    "relax.reshape", "relax.permute_dims", "relax.flatten", "relax.squeeze", "relax.expand_dims")
+
+
+def _nonnegative(expr, var2val) -> bool:
+    """Whether ``expr`` is a ReLU output, possibly through pooling and reshapes."""
+    from tvm import relax
+
+    while isinstance(expr, relax.Var) and expr in var2val:
+        expr = var2val[expr]
+        name = str(expr.op.name) if isinstance(expr, relax.Call) and hasattr(expr.op, "name") else ""
+        if name == "relax.nn.relu":
+            return True
+        if name not in _SIGN_PRESERVING:
+            return False
+        expr = expr.args[0]
+    return False
+
+
+def kbit_fake_quant_source(expr, var2val):
+    """The input x of a k-bit fake-quant ``(clip(round(x · inv), lo, hi)) · s`` bound to
+    ``expr`` (a Var), or None: the integer lowering quantizes x itself, to the same codes."""
+    from tvm import relax
+
+    def call(e, op):
+        e = var2val.get(e, e) if isinstance(e, relax.Var) else e
+        ok = isinstance(e, relax.Call) and hasattr(e.op, "name") and str(e.op.name) == op
+        return e if ok else None
+
+    node = expr
+    for op in ("relax.multiply", "relax.clip", "relax.round", "relax.multiply"):
+        node = call(node, op)
+        if node is None:
+            return None
+        node = node.args[0]
+    return node
+
+
+def _kbit_fake_quant_expr(x, fq: KbitFakeQuant):
+    """``quant_reference.fake_quantize_activation`` in Relax: the same IEEE steps as the integer
+    lowering (a float32 reciprocal from float64; dynamic s = max(max|x| / hi, tiny))."""
+    from tvm import relax
+
+    op = relax.op
+    if fq.scale is None:
+        peak = op.max(op.abs(x))
+        s = op.maximum(op.divide(peak, relax.const(np.float32(fq.hi), "float32")),
+                       relax.const(np.finfo(np.float32).tiny, "float32"))
+        inv = op.astype(op.divide(relax.const(1.0, "float64"), op.astype(s, "float64")), "float32")
+    else:
+        s = relax.const(np.float32(fq.scale), "float32")
+        inv = relax.const(np.float32(1.0 / float(np.float32(fq.scale))), "float32")
+    return op.multiply(op.clip(op.round(op.multiply(x, inv)), fq.lo, fq.hi), s)
+
+
+def _fake_quant_expr(x, scale):
+    if isinstance(scale, KbitFakeQuant):
+        return _kbit_fake_quant_expr(x, scale)
+    return _int8_fake_quant_expr(x, scale)
+
+
+def _int8_fake_quant_expr(x, scale: float | None):
     """clip(round(x / s), -127, 127) * s; s = max(max|x| / 127, tiny) when scale is None (dynamic)."""
     from tvm import relax
 

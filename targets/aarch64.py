@@ -14,7 +14,7 @@ AARCH64 = register(
         # int8 for dense, the plain int8 kernel for conv2d (the shift-add one runs ~25x more).
         kernels={
             "dense": ("int8", "reference-int", "bitserial", "shift-add"),
-            "conv2d": ("reference-int",),
+            "conv2d": ("reference-int", "bitserial"),
         },
         qemu="qemu-aarch64",
         sysroot="/usr/aarch64-linux-gnu",

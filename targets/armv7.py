@@ -19,7 +19,7 @@ ARMV7 = register(
         # The aarch64 order (benchmarks/arm_insn_count.py counts both ARM targets).
         kernels={
             "dense": ("int8", "reference-int", "bitserial", "shift-add"),
-            "conv2d": ("reference-int",),
+            "conv2d": ("reference-int", "bitserial"),
         },
         qemu="qemu-arm",
         sysroot="/usr/arm-linux-gnueabihf",

@@ -47,7 +47,7 @@ X86_64 = register(
         # reference-int for what it declines (grouped/depthwise convs, CPUs without VNNI).
         kernels={
             "dense": ("lut", "int8-vnni", "bitserial", "int8", "shift-add"),
-            "conv2d": ("int8-vnni-conv", "reference-int"),
+            "conv2d": ("int8-vnni-conv", "reference-int", "bitserial"),
         },
     )
 )

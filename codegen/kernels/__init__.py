@@ -41,7 +41,8 @@ class IntLayer:
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
-    act_bits: int = 8  # activations are known to fit this many signed bits (bitserial planes)
+    act_bits: int = 8  # activation codes are known to fit this many bits (bitserial planes)
+    act_unsigned: bool = False  # ... as unsigned 0..2^act_bits−1 (after a ReLU), else two's complement
 
 
 @dataclass(frozen=True)

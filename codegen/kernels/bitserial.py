@@ -1,21 +1,31 @@
-"""``bitserial``: dense and conv2d for 1–2 bit weights (binary, ternary) by AND + popcount over
-bit-planes packed into 64-bit (or 32-bit) words, as TVM's removed bitserial schedules did
-(Cowan et al. 2018).
+"""``bitserial``: dense and conv2d for 1–2 bit weights (binary, ternary) × k-bit activations by
+AND + popcount over bit-planes packed along the reduction axis (Cowan et al., CGO'20).
 
-Activations are int8 (two's complement), split inside the kernel into ``act_bits`` planes;
-plane p weighs 2^p except the top one, −2^(act_bits−1). A layer whose activations are known
-to fit fewer bits (``IntLayer.act_bits``) costs proportionally fewer planes; the default 8 is
-exact for every int8 input. Weights, per Cowan's two encodings:
+Activations arrive as int8 codes known to fit ``IntLayer.act_bits`` bits: unsigned
+(``act_unsigned``, 0..2^k−1, e.g. after a ReLU) or two's complement (−2^(k−1)..2^(k−1)−1).
+The kernel splits them into k planes; plane p weighs c_p = 2^p, except the top plane of a
+signed code, −2^(k−1). Weights, per Cowan's two encodings:
 
     binary  {−1, +1}  bipolar, one plane B (bit = 1 for +1):
-        Σ x·w = 2·Σ_p c_p·popc(x_p & B) − Σ_p c_p·popc(x_p)
+        Σ x·w = Σ_p c_p·(2·popc(x_p & B) − popc(x_p))
     ternary {−1, 0, +1}  two unipolar planes P (+1) and N (−1):
         Σ x·w = Σ_p c_p·(popc(x_p & P) − popc(x_p & N))
 
-Layouts (``pack``), words along the reduction, zero-padded (a zero activation bit adds
-nothing, so padding is exact):
-    dense:  W [N/lanes, planes, ceil(K/word), lanes]   rows innermost: one vector per word
-    conv2d: W [O, planes, ceil(C/g·KH·KW / word)]      r = (c·KH + i)·KW + j
+Why bytes and output channels in vector lanes: the hot loop is one broadcast activation byte
+AND a vector of 16 weight bytes (16 output rows/channels), ``popcount`` on uint8 lanes (one
+NEON ``cnt``, AVX-512 ``vpopcntb``) and a uint8 add, with no horizontal reduction. A uint8 lane
+holds at most 255, so the reduction runs in blocks of at most ``MAX_BLOCK_BYTES`` bytes (8 bits
+each), widened into uint16 per block; the plane weights are applied once per output.
+
+Layouts (``pack``), bytes along the reduction, zero-padded (a zero bit adds nothing, so padding
+is exact):
+    dense:  W [ceil(N/L), planes, KB, L]            L = 64 if N % 64 == 0 else 16 (``lanes``);
+                                                    KB = ceil(K/8) rounded up to 16-byte blocks;
+            in block B, bit j of byte b is element 128·B + 16·j + b (``dense_bit_order``)
+    conv2d: W [ceil(O/16), planes, KH, KW, CB, 16]  CB = ceil(C/groups / 8); bit j of byte c is
+            input channel 8·c + j
+The activations are packed inside the kernel: dense [M, k, KB]; conv2d [N, k, G, H+pad, CB, W+pad]
+(width innermost, so packing vectorizes along the contiguous input row).
 """
 
 from __future__ import annotations
@@ -30,25 +40,22 @@ from lastbit.codegen.kernels.common import (
 )
 
 CODE_SETS = ("binary", "ternary")
-WORD_BITS = 64
-
-
-def word_bits(layer: IntLayer | None = None) -> int:
-    """Popcount word: 64 bits everywhere (LLVM splits it into 32-bit vcnt on armv7)."""
-    return WORD_BITS
-
-
-def _act_bits(layer: IntLayer) -> int:
-    return int(layer.act_bits)
+LANES = 16  # output rows/channels per vector: one 128-bit NEON register of uint8
+WIDE_LANES = 64  # dense rows per vector when N allows: one AVX-512 register (four NEON ones)
+MAX_BLOCK_BYTES = 31  # 31 bytes · 8 bits ≤ 255: a uint8 lane cannot overflow inside a block
+DENSE_BLOCK_BYTES = 16
 
 
 def _weight_planes(code_set: str) -> int:
     return 1 if code_set == "binary" else 2
 
 
-def lanes_for(word: int) -> int:
-    """Rows per dense panel: one 512-bit vector of words."""
-    return 512 // word
+def plane_weights(act_bits: int, unsigned: bool) -> list[int]:
+    """c_p of each activation plane: 2^p; the top plane of a signed code is −2^(k−1)."""
+    weights = [1 << p for p in range(act_bits)]
+    if not unsigned:
+        weights[-1] = -weights[-1]
+    return weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,13 +71,48 @@ def weight_planes(codes: np.ndarray, code_set: str) -> np.ndarray:
 
 
 def pack_bits(bits: np.ndarray, word: int) -> np.ndarray:
-    """0/1 array [..., R] → words [..., ceil(R/word)] (uint32/uint64), bit j of word w = r = w·word + j."""
+    """0/1 array [..., R] → words [..., ceil(R/word)] (uint8/16/32/64), bit j of word w = r = w·word + j."""
     r = bits.shape[-1]
     n_words = -(-r // word)
     padded = np.zeros(bits.shape[:-1] + (n_words * word,), np.uint8)
     padded[..., :r] = bits
     little = np.packbits(padded.reshape(bits.shape[:-1] + (n_words, word)), axis=-1, bitorder="little")
-    return little.view(np.uint64 if word == 64 else np.uint32).reshape(bits.shape[:-1] + (n_words,))
+    dtype = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}[word]
+    return little.view(dtype).reshape(bits.shape[:-1] + (n_words,))
+
+
+def lanes(layer: IntLayer) -> int:
+    """Output rows per weight panel: 64 for a dense layer with N % 64 == 0 (a zmm of uint8 on
+    x86, where 16 lanes would leave 3/4 of each vector idle; four q registers on NEON), else 16."""
+    n = layer.weight_shape[0]
+    return WIDE_LANES if layer.op == "dense" and n % WIDE_LANES == 0 else LANES
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def dense_bytes(k: int) -> int:
+    """Packed bytes per dense row: ceil(K/8) rounded up to whole blocks."""
+    return _round_up(-(-k // 8), DENSE_BLOCK_BYTES)
+
+
+def dense_bit_order(bits: np.ndarray) -> np.ndarray:
+    """[..., KB·8] in reduction order → the dense packing order: inside each block of
+    ``DENSE_BLOCK_BYTES`` bytes, bit j of byte b is element 16·j + b of the block's 128, so the
+    kernel packs 16 bytes from 8 contiguous 16-element loads (no gathers)."""
+    lead = bits.shape[:-1]
+    blocks = bits.reshape(*lead, -1, 8, DENSE_BLOCK_BYTES)  # [..., block, j, b]
+    return np.swapaxes(blocks, -1, -2).reshape(*lead, -1)  # [..., block, b, j]
+
+
+def conv_blocking(layer: IntLayer) -> tuple[int, int]:
+    """(CB, CBI): packed input-channel bytes, and how many of them one uint8 block takes along
+    with the whole kernel row (KW·CBI ≤ MAX_BLOCK_BYTES; CBI divides CB)."""
+    _o, cg, _kh, kw = layer.weight_shape
+    cb = -(-cg // 8)
+    fits = [d for d in range(1, cb + 1) if cb % d == 0 and kw * d <= MAX_BLOCK_BYTES]
+    return cb, (max(fits) if fits else 0)
 
 
 def pack(layer: IntLayer, codes: np.ndarray) -> list[np.ndarray]:
@@ -79,17 +121,26 @@ def pack(layer: IntLayer, codes: np.ndarray) -> list[np.ndarray]:
     if not np.isin(codes, levels).all():
         bad = int(codes[~np.isin(codes, levels)].flat[0])
         raise KernelError(f"bitserial {layer.op} {layer.weight_shape}: code {bad} is not in {layer.code_set}")
-    word = word_bits(layer=layer)
-    flat = codes.reshape(codes.shape[0], -1).astype(np.int32)
-    planes = pack_bits(weight_planes(flat, layer.code_set), word)  # [O, planes, words]
+    o = codes.shape[0]
+    width = lanes(layer)
+    o_pad = _round_up(o, width)
     if layer.op == "conv2d":
-        return [planes]
-    lanes = lanes_for(word)
-    n = planes.shape[0]
-    n_pad = -(-n // lanes) * lanes
-    full = np.zeros((n_pad,) + planes.shape[1:], planes.dtype)
-    full[:n] = planes
-    return [np.ascontiguousarray(full.reshape(n_pad // lanes, lanes, *planes.shape[1:]).transpose(0, 2, 3, 1))]
+        _, cg, kh, kw = codes.shape
+        cb, _ = conv_blocking(layer)
+        planes = weight_planes(codes.transpose(0, 2, 3, 1).astype(np.int32), layer.code_set)  # [O, KH, KW, q, Cg]
+        packed = pack_bits(planes, 8)  # [O, KH, KW, q, CB]
+        full = np.zeros((o_pad, kh, kw, packed.shape[3], cb), np.uint8)
+        full[:o] = packed
+        # [O/16, 16, KH, KW, q, CB] -> [O/16, q, KH, KW, CB, 16]
+        return [np.ascontiguousarray(full.reshape(o_pad // LANES, LANES, kh, kw, -1, cb).transpose(0, 4, 2, 3, 5, 1))]
+    kb = dense_bytes(codes.shape[1])
+    bits = weight_planes(codes.astype(np.int32), layer.code_set)  # [N, q, K]
+    padded = np.zeros(bits.shape[:2] + (kb * 8,), np.uint8)
+    padded[..., : bits.shape[2]] = bits
+    packed = pack_bits(dense_bit_order(padded), 8)  # [N, q, KB]
+    full = np.zeros((o_pad, packed.shape[1], kb), np.uint8)
+    full[:o] = packed
+    return [np.ascontiguousarray(full.reshape(o_pad // width, width, -1, kb).transpose(0, 2, 3, 1))]
 
 
 def supports(layer: IntLayer, features: frozenset[str]) -> str | None:
@@ -97,8 +148,12 @@ def supports(layer: IntLayer, features: frozenset[str]) -> str | None:
         return f"serves dense and conv2d, not {layer.op}"
     if layer.code_set not in CODE_SETS:
         return f"serves 1–2 bit weights ({', '.join(CODE_SETS)}), not {layer.code_set}"
-    if not 1 <= _act_bits(layer) <= 8:
-        return f"act_bits must be 1..8, got {_act_bits(layer)}"
+    if not 1 <= int(layer.act_bits) <= 8:
+        return f"act_bits must be 1..8, got {layer.act_bits}"
+    if layer.act_unsigned and layer.act_bits > 7:
+        return "unsigned activations fit int8 codes only up to 7 bits"
+    if layer.op == "conv2d" and conv_blocking(layer)[1] == 0:
+        return f"kernel width {layer.weight_shape[3]} exceeds one {MAX_BLOCK_BYTES}-byte block"
     return None
 
 
@@ -107,143 +162,301 @@ def supports(layer: IntLayer, features: frozenset[str]) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _plane_weight(p, act_bits: int):
-    """c_p as an int32 expression: 2^p, the top plane −2^(act_bits−1)."""
+def _plane_byte(value_at, valid, p):
+    """Σ_j ((x_j >> p) & 1) << j over the 8 elements of one byte (``value_at(j)``, int8; 0 where
+    ``valid(j)`` is false), as uint8."""
     from tvm import tirx
 
-    top = act_bits - 1
-    return tirx.Select(p == top, tirx.const(-(1 << top), "int32"), tirx.const(1, "int32") << p)
+    total = None
+    for j in range(8):
+        bit = ((value_at(j) >> p.astype("int8")) & tirx.const(1, "int8")).astype("uint8")
+        bit = tirx.Select(valid(j), bit, tirx.const(0, "uint8")) if valid(j) is not True else bit
+        term = bit << tirx.const(j, "uint8") if j else bit
+        total = term if total is None else total | term
+    return total
 
 
-def _pack_activations(layer: IntLayer, reduce_len: int, element, word: int, shape_prefix, name: str):
-    """planes[..., p, w] = Σ_j bit p of element(..., w·word + j) << j (0 past ``reduce_len``)."""
-    from tvm import te, tirx
-
-    dtype = f"uint{word}"
-    n_words = -(-reduce_len // word)
-    act_bits = _act_bits(layer)
-    j = te.reduce_axis((0, word), name="bit")
-
-    def body(*idx):
-        *prefix, p, w = idx
-        r = w * word + j
-        bit = (element(*prefix, tirx.min(r, reduce_len - 1)).astype("int32") >> p) & 1
-        value = tirx.Select(r < reduce_len, bit.astype(dtype), tirx.const(0, dtype))
-        return te.sum(value << j.astype(dtype), axis=j)
-
-    return te.compute((*shape_prefix, act_bits, n_words), body, name=name)
-
-
-def _popcount_sum(layer: IntLayer, x_word, w_word, planes: int):
-    """The per-word contribution before the plane weight: see the module docstring."""
+def _popc16(v):
     from tvm import tirx
 
-    def popc(v):
-        return tirx.popcount(v).astype("int32")
+    return tirx.popcount(v).astype("uint16")
 
-    if planes == 1:  # binary, bipolar
-        return 2 * popc(x_word & w_word(0)) - popc(x_word)
-    return popc(x_word & w_word(0)) - popc(x_word & w_word(1))
+
+def _combine(layer: IntLayer, part, xcount=None):
+    """The int32 accumulator from the per-plane uint16 counts ``part(p, q)`` (and, for binary,
+    ``xcount(p)`` = popc of the activation plane over the window)."""
+    from tvm import tirx
+
+    total = None
+    for p, c in enumerate(plane_weights(int(layer.act_bits), bool(layer.act_unsigned))):
+        if layer.code_set == "binary":
+            term = 2 * part(p, 0).astype("int32") - xcount(p)
+        else:
+            term = part(p, 0).astype("int32") - part(p, 1).astype("int32")
+        term = term * tirx.const(c, "int32") if c != 1 else term
+        total = term if total is None else total + term
+    return total
 
 
 def prim_func(layer: IntLayer):
-    from tvm import te
+    from tvm import te, tirx
 
-    word = word_bits(layer=layer)
-    dtype = f"uint{word}"
-    planes = _weight_planes(layer.code_set)
-    act_bits = _act_bits(layer)
+    q_planes = _weight_planes(layer.code_set)
+    act_bits = int(layer.act_bits)
 
     if layer.op == "conv2d":
-        n, _c, h, wd = layer.data_shape
+        n, c, h, wd = layer.data_shape
         o, cg, kh, kw = layer.weight_shape
         _, _, oh, ow = conv_output_shape(layer)
         sh, sw = layer.strides
         dh, dw = layer.dilation
-        pt, pl, _, _ = layer.padding
-        og = o // layer.groups
-        red = cg * kh * kw
-        n_words = -(-red // word)
+        pt, pl, pb, pr = layer.padding
+        groups = layer.groups
+        og = o // groups
+        cb, cbi = conv_blocking(layer)
+        hp, wp = h + pt + pb, wd + pl + pr
         x = te.placeholder(layer.data_shape, "int8", name="x_q")
-        w = te.placeholder((o, planes, n_words), dtype, name="w_planes")
+        w = te.placeholder((-(-o // LANES), q_planes, kh, kw, cb, LANES), "uint8", name="w_planes")
 
-        def element(b, g, y, z, r):
-            from tvm import tirx
+        def x_byte(b, p, g, yy, byte, zz):
+            y, z = yy - pt, zz - pl
+            inside = tirx.all(y >= 0, y < h, z >= 0, z < wd)
+            sy, sz = tirx.max(tirx.min(y, h - 1), 0), tirx.max(tirx.min(z, wd - 1), 0)
 
-            ci = g * cg + r // (kh * kw)
-            yy = y * sh + (r // kw) % kh * dh - pt
-            zz = z * sw + r % kw * dw - pl
-            inside = tirx.all(yy >= 0, yy < h, zz >= 0, zz < wd)
-            safe_y = tirx.max(tirx.min(yy, h - 1), 0)
-            safe_z = tirx.max(tirx.min(zz, wd - 1), 0)
-            return tirx.if_then_else(inside, x[b, ci, safe_y, safe_z], tirx.const(0, "int8"))
+            def channel(j):
+                return byte * 8 + j
 
-        xp = _pack_activations(layer, red, element, word, (n, layer.groups, oh, ow), "x_planes")
-        rp = te.reduce_axis((0, act_bits), name="p")
-        rw = te.reduce_axis((0, n_words), name="w")
+            def value_at(j):
+                ci = g * cg + tirx.min(channel(j), cg - 1)
+                return x[b, ci, sy, sz]
 
-        def conv_body(b, oc, y, z):
-            x_word = xp[b, oc // og, y, z, rp, rw]
-            term = _popcount_sum(layer, x_word, lambda q: w[oc, q, rw], planes)
-            return te.sum(_plane_weight(rp, act_bits) * term, axis=[rp, rw])
+            def valid(j):
+                return inside if (cg % 8 == 0) else tirx.all(inside, channel(j) < cg)
 
-        acc = te.compute((n, o, oh, ow), conv_body, name="acc")
-        return te.create_prim_func([x, w, acc])
+            return _plane_byte(value_at, valid, p)
+
+        xb = te.compute((n, act_bits, groups, hp, cb, wp), x_byte, name="x_planes")
+        rj = te.reduce_axis((0, kw), name="rj")
+        rci = te.reduce_axis((0, cbi), name="rci")
+
+        # the output channel is the last axis of the counters: their register tiles are
+        # contiguous vectors of 16 channels
+        def part8_body(b, y, z, p, q, ri, rco, oc):
+            byte = rco * cbi + rci
+            xv = xb[b, p, oc // og, y * sh + ri * dh, byte, z * sw + rj * dw]
+            return te.sum(tirx.popcount(xv & w[oc // LANES, q, ri, rj, byte, oc % LANES]), axis=[rj, rci])
+
+        part8 = te.compute((n, oh, ow, act_bits, q_planes, kh, cb // cbi, o), part8_body, name="part8")
+        ri = te.reduce_axis((0, kh), name="ri")
+        rco = te.reduce_axis((0, cb // cbi), name="rco")
+        part = te.compute(
+            (n, oh, ow, act_bits, q_planes, o),
+            lambda b, y, z, p, q, oc: te.sum(part8[b, y, z, p, q, ri, rco, oc].astype("uint16"), axis=[ri, rco]),
+            name="part",
+        )
+        tensors = [x, w]
+        xcount = None
+        if layer.code_set == "binary":
+            ci = te.reduce_axis((0, kh), name="ci")
+            cj = te.reduce_axis((0, kw), name="cj")
+            cc = te.reduce_axis((0, cb), name="cc")
+            xcount = te.compute(
+                (n, groups, act_bits, oh, ow),
+                lambda b, g, p, y, z: te.sum(
+                    tirx.popcount(xb[b, p, g, y * sh + ci * dh, cc, z * sw + cj * dw]).astype("int32"), axis=[ci, cj, cc]
+                ),
+                name="x_count",
+            )
+        acc = te.compute(
+            (n, o, oh, ow),
+            lambda b, oc, y, z: _combine(
+                layer, lambda p, q: part[b, y, z, p, q, oc], None if xcount is None else (lambda p: xcount[b, oc // og, p, y, z])
+            ),
+            name="acc",
+        )
+        return te.create_prim_func([*tensors, acc])
 
     m, k = layer.data_shape
     nrows = layer.weight_shape[0]
-    lanes = lanes_for(word)
-    n_words = -(-k // word)
+    kb = dense_bytes(k)
     x = te.placeholder((m, k), "int8", name="x_q")
-    w = te.placeholder((-(-nrows // lanes), planes, n_words, lanes), dtype, name="w_planes")
-    xp = _pack_activations(layer, k, lambda i, r: x[i, r], word, (m,), "x_planes")
-    rp = te.reduce_axis((0, act_bits), name="p")
-    rw = te.reduce_axis((0, n_words), name="w")
+    width = lanes(layer)
+    w = te.placeholder((-(-nrows // width), q_planes, kb, width), "uint8", name="w_planes")
 
-    def dense_body(i, jrow):
-        x_word = xp[i, rp, rw]
-        term = _popcount_sum(layer, x_word, lambda q: w[jrow // lanes, q, rw, jrow % lanes], planes)
-        return te.sum(_plane_weight(rp, act_bits) * term, axis=[rp, rw])
+    def x_byte(i, p, byte):
+        def element(j):  # see dense_bit_order
+            return byte // DENSE_BLOCK_BYTES * (8 * DENSE_BLOCK_BYTES) + j * DENSE_BLOCK_BYTES + byte % DENSE_BLOCK_BYTES
 
-    acc = te.compute((m, nrows), dense_body, name="acc")
+        def value_at(j):
+            return x[i, tirx.min(element(j), k - 1)]
+
+        def valid(j):
+            return True if k % (8 * DENSE_BLOCK_BYTES) == 0 else element(j) < k
+
+        return _plane_byte(value_at, valid, p)
+
+    xb = te.compute((m, act_bits, kb), x_byte, name="x_planes")
+    rr = te.reduce_axis((0, DENSE_BLOCK_BYTES), name="rr")
+    part8 = te.compute(
+        (m, act_bits, q_planes, kb // DENSE_BLOCK_BYTES, nrows),
+        lambda i, p, q, blk, jrow: te.sum(
+            tirx.popcount(xb[i, p, blk * DENSE_BLOCK_BYTES + rr] & w[jrow // width, q, blk * DENSE_BLOCK_BYTES + rr,
+                                                                   jrow % width]), axis=rr),
+        name="part8",
+    )
+    rb = te.reduce_axis((0, kb // DENSE_BLOCK_BYTES), name="rb")
+    part = te.compute(
+        (m, act_bits, q_planes, nrows),
+        lambda i, p, q, jrow: te.sum(part8[i, p, q, rb, jrow].astype("uint16"), axis=rb),
+        name="part",
+    )
+    xcount = None
+    if layer.code_set == "binary":
+        rc = te.reduce_axis((0, kb), name="rc")
+        xcount = te.compute((m, act_bits), lambda i, p: te.sum(tirx.popcount(xb[i, p, rc]).astype("int32"), axis=rc),
+                            name="x_count")
+    acc = te.compute(
+        (m, nrows),
+        lambda i, jrow: _combine(layer, lambda p, q: part[i, p, q, jrow], None if xcount is None else (lambda p: xcount[i, p])),
+        name="acc",
+    )
     return te.create_prim_func([x, w, acc])
 
 
-def _schedule(sch, layer: IntLayer, unroll_bits: bool = True) -> None:
-    xp = sch.get_sblock("x_planes")
-    loops = sch.get_loops(xp)
-    sch.parallel(sch.fuse(*loops[:-3]) if len(loops) > 4 else loops[0])
-    if unroll_bits:
-        sch.unroll(loops[-1])
-    block = sch.get_sblock("acc")
+def _loops_by_axis(sch, block, anchor) -> dict:
+    """Axis name of the block (as in its TE compute: "p", "q", "rr", …) -> the loop that
+    binds it, among the loops compute_at created under ``anchor`` (it drops unit loops, so
+    positions shift)."""
+    from tvm.tirx.analysis import undefined_vars
+
     loops = sch.get_loops(block)
+    realize = sch.get(loops[-1]).body
+    anchor_var = sch.get(anchor).loop_var
+    start = next(i for i, loop in enumerate(loops) if sch.get(loop).loop_var.same_as(anchor_var)) + 1
+    by_var = {sch.get(loop).loop_var: loop for loop in loops[start:]}
+    found = {}
+    for iv, value in zip(realize.block.iter_vars, realize.iter_values):
+        used = [v for v in undefined_vars(value) if v in by_var]
+        if len(used) == 1:
+            found[str(iv.var.name).removeprefix("v_")] = by_var[used[-1]]
+    return found
+
+
+def _schedule(sch, layer: IntLayer, pixels=None) -> None:
+    """Output rows/channels in vector lanes; for conv ``pixels`` output columns per register
+    tile (their uint8/uint16 counters stay in registers across the whole reduction)."""
+    width = lanes(layer)
+    vectorizable = layer.weight_shape[0] % width == 0
+    acc = sch.get_sblock("acc")
+    part = sch.get_sblock("part")
+    part8 = sch.get_sblock("part8")
     if layer.op == "conv2d":
-        b, oc, y, z, rp, rw = loops
-        sch.parallel(sch.fuse(b, oc))
-        sch.reorder(y, rp, rw, z)
-        sch.decompose_reduction(block, rp)
+        b, oc, y, z = sch.get_loops(acc)
+        ow = conv_output_shape(layer)[3]
+        if pixels is None:
+            pixels = 1  # 1, 2 or 4 count the same under qemu (ResNet-20 conv); 1 spills least
+        if isinstance(pixels, int) and ow % pixels:
+            pixels = 1
+        oo, oi = sch.split(oc, [None, LANES])
+        zo, zi = sch.split(z, [None, pixels])
+        sch.reorder(b, oo, y, zo, zi, oi)
+        _parallel_tasks(sch, sch.fuse(b, oo), layer.data_shape[0] * -(-layer.weight_shape[0] // LANES),
+                        _bit_products(layer))
+        sch.compute_at(part, zo)
+        sch.set_scope(part, 0, "local")
+        ax = _loops_by_axis(sch, part, zo)
+        _reorder_present(sch, ax, ["ri", "rco", "z", "p", "q", "oc"])
+        anchor = ax.get("rco") or ax.get("ri") or zo
+        sch.compute_at(part8, anchor)
+        sch.set_scope(part8, 0, "local")
+        ax8 = _loops_by_axis(sch, part8, anchor)
+        _reorder_present(sch, ax8, ["rj", "rci", "z", "p", "q", "oc"])
+        first8 = next(ax8[a] for a in ("rj", "rci", "z", "p", "q", "oc") if a in ax8)
+        first = next(ax[a] for a in ("ri", "rco", "z", "p", "q", "oc") if a in ax)
+        _vectorize_inner(sch, [part8, part, acc], vectorizable)
+        sch.decompose_reduction(part8, first8)
+        sch.decompose_reduction(part, first)
+        for name in ("z", "p", "q"):
+            if name in ax8:
+                sch.unroll(ax8[name])
+        xp = sch.get_sblock("x_planes")
+        xl = sch.get_loops(xp)
+        sch.parallel(sch.fuse(xl[0], xl[1]))
+        sch.vectorize(xl[-1])  # along the padded input row: contiguous int8 loads per channel
         return
-    i, j, rp, rw = loops
-    lanes = lanes_for(word_bits(layer=layer))
-    jo, ji = sch.split(j, [None, lanes])
-    sch.reorder(jo, i, rp, rw, ji)
-    sch.parallel(jo)
-    if layer.weight_shape[0] % lanes == 0:
-        sch.vectorize(ji)  # vpopcntq on AVX-512 VPOPCNTDQ, cnt + pairwise adds on NEON
-    sch.decompose_reduction(block, rp)
+    i, j = sch.get_loops(acc)
+    jo, ji = sch.split(j, [None, width])
+    sch.reorder(jo, i, ji)
+    _parallel_tasks(sch, jo, -(-layer.weight_shape[0] // width), _bit_products(layer))
+    sch.compute_at(part, i)
+    sch.set_scope(part, 0, "local")
+    ax = _loops_by_axis(sch, part, i)
+    _reorder_present(sch, ax, ["rb", "p", "q", "jrow"])
+    anchor = ax.get("rb") or i
+    sch.compute_at(part8, anchor)
+    sch.set_scope(part8, 0, "local")
+    ax8 = _loops_by_axis(sch, part8, anchor)
+    _reorder_present(sch, ax8, ["rr", "p", "q", "jrow"])
+    _vectorize_inner(sch, [part8, part, acc], vectorizable)
+    sch.decompose_reduction(part8, ax8["rr"])
+    sch.decompose_reduction(part, next(ax[a] for a in ("rb", "p", "q", "jrow") if a in ax))
+    for name in ("p", "q"):
+        if name in ax8:
+            sch.unroll(ax8[name])
+    xp = sch.get_sblock("x_planes")
+    xl = sch.get_loops(xp)
+    sch.parallel(xl[0])
+    _, xb = sch.split(xl[-1], [None, DENSE_BLOCK_BYTES])
+    sch.vectorize(xb)  # 8 contiguous 16-byte loads per packed vector (dense_bit_order)
+
+
+MIN_TASK_BIT_PRODUCTS = 1 << 21  # ~100k instructions: a task pays a workspace allocation (~2k)
+
+
+def _bit_products(layer: IntLayer) -> int:
+    """AND-ed bit pairs of the whole layer: outputs × reduction × activation × weight planes."""
+    out = int(np.prod(conv_output_shape(layer))) if layer.op == "conv2d" else layer.data_shape[0] * layer.weight_shape[0]
+    reduction = int(np.prod(layer.weight_shape[1:]))
+    return out * reduction * int(layer.act_bits) * _weight_planes(layer.code_set)
+
+
+def _parallel_tasks(sch, loop, extent: int, work: int) -> None:
+    """Parallel over ``loop`` in as many tasks as the work pays for: each task of a TVM parallel
+    loop allocates its register tiles from the workspace (a malloc), which on a small layer
+    costs more than the threads save (the 512→256 dense: 2.2× the instructions)."""
+    tasks = min(extent, work // MIN_TASK_BIT_PRODUCTS)
+    if tasks <= 1:
+        return
+    outer, _ = sch.split(loop, [tasks, None])
+    sch.parallel(outer)
+
+
+def _reorder_present(sch, loops: dict, order: list[str]) -> None:
+    present = [loops[a] for a in order if a in loops]
+    if len(present) > 1:
+        sch.reorder(*present)
+
+
+def _vectorize_inner(sch, blocks, vectorizable: bool) -> None:
+    if not vectorizable:
+        return
+    for block in blocks:
+        sch.vectorize(sch.get_loops(block)[-1])
 
 
 def schedule(sch, layer: IntLayer, features: frozenset[str]) -> None:
-    """Pack activation planes in parallel, then parallel over row panels (dense) or
-    (batch, channel) (conv) with the rows of a panel vectorized."""
+    """Pack activation planes, then per 16 output rows/channels (and output pixel for conv)
+    run the AND + popcount reduction in uint8 register blocks."""
     _schedule(sch, layer)
 
 
 def tuning_space(layer: IntLayer, features: frozenset[str]):
+    ow = conv_output_shape(layer)[3] if layer.op == "conv2d" else 1
+    choices = [c for c in (1, 2, 4) if ow % c == 0]
+
     def space(sch) -> None:
-        _schedule(sch, layer)
-        step = sch.sample_categorical([0, 16, 64, 512], [0.25] * 4)
-        sch.annotate(sch.get_loops(sch.get_sblock("acc_update"))[0], "pragma_auto_unroll_max_step", step)
+        pixels = choices[0] if len(choices) == 1 else sch.sample_categorical(choices, [1 / len(choices)] * len(choices))
+        _schedule(sch, layer, pixels=pixels)
 
     return space
 
@@ -256,6 +469,6 @@ BITSERIAL = register_kernel(
         prim_func=prim_func,
         schedule=schedule,
         tuning_space=tuning_space,
-        description="binary/ternary weights × int8 activation bit-planes, AND + popcount (any CPU)",
+        description="binary/ternary weights × k-bit activation planes, AND + uint8 popcount (any CPU)",
     )
 )

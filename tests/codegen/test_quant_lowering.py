@@ -256,3 +256,104 @@ def test_a_layer_no_kernel_serves_falls_back_with_its_reason(small_mlp):
     off(graph)
     assert {c.reason for c in off.choices.values()} == {"integer kernels switched off"}
     assert KernelChoice("v", "w", "reference", reason="why").describe() == "reference (why)"
+
+
+# --- k-bit activations (Squeeze.act_bits) end to end ----------------------------------------------
+
+
+def _act_bits_mlp(bias: bool = True):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 64, bias=bias), torch.nn.ReLU(), torch.nn.Linear(64, 48, bias=bias),
+                                torch.nn.ReLU(), torch.nn.Linear(48, 10, bias=bias)).eval()
+    return model, torch.randn(2, 40)
+
+
+def _numpy_act_bits_mlp(model, graph, x: np.ndarray) -> np.ndarray:
+    """quant_reference layer by layer on each layer's k-bit grid (scale calibrated or dynamic)."""
+    infos = {i.source_name.removesuffix(".weight"): i for i in graph.quant.values()}
+    h = x
+    for name, relu in (("0", True), ("2", True), ("4", False)):
+        info = infos[name]
+        s = qr.activation_scale(h, info.activation_scale, info.act_bits, info.act_unsigned)
+        x_q = qr.quantize_activation(h, s, info.act_bits, info.act_unsigned)
+        codes = graph.params[info.codes_param]
+        alpha = np.asarray(graph.params[info.alpha_param], np.float64).reshape(-1)
+        scale = qr.output_scale(alpha, s)
+        bias = getattr(model, name).bias
+        bias = None if bias is None else bias.detach().numpy()
+        h = qr.epilogue(qr.int_dense(x_q, codes), qr.integer_bias(bias, scale, codes.shape[0]), scale, relu)
+    return h
+
+
+@pytest.mark.parametrize("calibrated", [True, False], ids=["calibrated", "dynamic"])
+def test_act_bits_end_to_end_is_bit_exact_through_bitserial(calibrated):
+    import dataclasses
+
+    model, x = _act_bits_mlp()
+    calib = np.random.default_rng(0).standard_normal((16, 40)).astype("float32") if calibrated else None
+    target = dataclasses.replace(get_target(HOST), kernels={"dense": ("bitserial",)})
+    squeeze = Squeeze(codes="ternary", act_bits=2, keep_first_last=False, data=calib)
+    art = lastbit.compile(model, target, (x,), squeeze=squeeze)
+    layers = art.report().layers
+    assert [layer.kernel for layer in layers] == ["bitserial"] * 3
+    assert [layer.act for layer in layers] == ["2s", "2u", "2u"]  # the input is signed, ReLU outputs are not
+    assert "int8: fallback only" in layers[1].kernel_note  # a strategy's own kernels come first
+    expected = _numpy_act_bits_mlp(model, art.graph, x.numpy())
+    np.testing.assert_array_equal(art.run(x), expected)
+
+
+def test_act_bits_float_reference_sees_the_same_grids():
+    """The float reference path fake-quantizes each layer input to the k-bit grid of the integer
+    path: without biases (whose rounding to accumulator units is the one other difference) the
+    two agree up to fp32 summation order."""
+    import dataclasses
+
+    model, x = _act_bits_mlp(bias=False)
+    calib = np.random.default_rng(0).standard_normal((16, 40)).astype("float32")
+    squeeze = Squeeze(codes="ternary", act_bits=2, keep_first_last=False, data=calib, integer_kernels=False)
+    ref = lastbit.compile(model, HOST, (x,), squeeze=squeeze)
+    assert [layer.act for layer in ref.report().layers] == ["2s", "2u", "2u"]
+    assert {layer.kernel for layer in ref.report().layers} == {"ternary (ref)"}
+    expected = _numpy_act_bits_mlp(model, ref.graph, x.numpy())
+    assert_close(ref.run(x), expected, rtol=1e-5)
+    integer = lastbit.compile(model, HOST, (x,), squeeze=dataclasses.replace(squeeze, integer_kernels=True))
+    np.testing.assert_array_equal(integer.run(x), expected)
+
+
+def test_act_bits_keeps_first_and_last_layers_at_8_bits():
+    model, x = _act_bits_mlp()
+    art = lastbit.compile(model, HOST, (x,), squeeze=Squeeze(codes="ternary", act_bits=3))
+    assert [layer.act for layer in art.report().layers] == ["int8", "3u", "int8"]
+
+
+@pytest.mark.parametrize("bad", [0, 9, -1, 2.5, True, "2"])
+def test_bad_act_bits_is_one_clear_error(bad):
+    from lastbit.passes.pow2_projection import QuantizationError
+
+    with pytest.raises(QuantizationError, match=r"act_bits must be an int in 1\.\.8, got"):
+        Squeeze(bits=2, act_bits=bad)
+
+
+def test_activation_grids_of_the_reference():
+    assert qr.activation_range(8) == (-127, 127)
+    assert qr.activation_range(2, unsigned=True) == (0, 3)
+    assert qr.activation_range(3) == (-3, 3)
+    assert qr.activation_range(1) == (-1, 1) and qr.activation_code_bits(1) == 2
+    assert qr.activation_range(1, unsigned=True) == (0, 1) and qr.activation_code_bits(1, True) == 1
+    x = np.array([-1.0, 0.24, 0.26, 0.75, 5.0], np.float32)
+    np.testing.assert_array_equal(qr.quantize_activation(x, 0.5, 2, unsigned=True), [0, 0, 1, 2, 3])  # rint(0.5) = 0
+    np.testing.assert_array_equal(qr.fake_quantize_activation(x, 0.5, 2, True), [0.0, 0.0, 0.5, 1.0, 1.5])
+
+
+@pytest.mark.qemu
+def test_act_bits_end_to_end_is_bit_exact_under_qemu():
+    triple = "aarch64-linux-gnu"
+    missing = get_target(triple).missing_tools()
+    if missing:
+        pytest.skip(f"{triple} needs {', '.join(missing)}")
+    model, x = _act_bits_mlp()
+    calib = np.random.default_rng(0).standard_normal((16, 40)).astype("float32")
+    art = lastbit.compile(model, triple, (x,), squeeze=Squeeze(codes="ternary", act_bits=2, keep_first_last=False,
+                                                               data=calib))
+    assert "bitserial" in {layer.kernel for layer in art.report().layers}  # the cost table's pick on aarch64
+    np.testing.assert_array_equal(art.run(x), _numpy_act_bits_mlp(model, art.graph, x.numpy()))

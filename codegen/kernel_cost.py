@@ -1,0 +1,124 @@
+"""What one integer kernel costs on one layer, so the lowering can pick the cheapest candidate
+of a target's strategy instead of the first one that accepts the layer.
+
+A cost is an estimate of the instructions the kernel executes for the layer (lower is better);
+only ratios between candidates of the same layer matter. Three sources, best first:
+
+1. ``measured`` — a caller-supplied function (kernel name, IntLayer) -> cost or None, e.g. a
+   tuning database's best run time. It is used only when it has a value for *every* candidate
+   of the layer (a time and an instruction estimate are not comparable).
+2. The per-target table ``kernel_costs.json`` beside this file, produced by the benchmarks
+   (qemu instruction counts on ARM, benchmarks/bitserial_arm.py): instructions per unit of
+   work, keyed ``target -> kernel -> shape class`` ("dense", "conv2d").
+3. The analytic estimate below, documented per kernel family, for anything the table lacks.
+
+Unit of work (``work_units``): multiply-accumulates (outputs × reduction length) for every
+multiplying kernel; for ``bitserial`` the MACs times activation planes × weight planes / 4,
+because its work grows with both bit widths (the table's bitserial rows are measured at
+2-bit activations × ternary weights, i.e. a factor of exactly 1).
+
+To add a kernel or a target: add rows to ``kernel_costs.json`` (or an ``ANALYTIC`` entry).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+COST_TABLE = Path(__file__).with_name("kernel_costs.json")
+
+# Instructions per unit of work when the table has no row, by kernel. Rough and deliberately
+# simple, ordered as the kernels were measured on the x86 host (targets/x86_64.py: lut before
+# int8-vnni before int8 before shift-add; the VNNI conv before reference-int). A widening int8
+# multiply-add does ~8 MACs per ~3 instructions on 128-bit NEON (0.6 incl. overhead); the
+# bitserial kernel does 16 output lanes × 8 reduction bits per (AND, CNT, ADD) triple per
+# plane pair, ≈ 4 instructions per 128 bit products including loads.
+ANALYTIC: dict[str, "float | dict[str, float]"] = {
+    # the generic direct int8 conv vectorizes along the output row only: 4.0 per MAC counted on
+    # both ARM targets (a 14-wide row), so reference-int stays ahead of it as before
+    "int8": {"dense": 0.6, "conv2d": 4.0},
+    "int8-vnni": 0.1,
+    "int8-vnni-conv": 0.1,
+    "reference-int": 0.7,
+    "shift-add": 2.0,
+    "lut": 0.08,
+    "lut-neon": 0.7,
+    "lut-neon-v7": 1.0,
+    "bitserial": 4 * 4 / 128,  # per MAC at 2 activation planes × 2 weight planes
+}
+UNKNOWN_KERNEL_COST = 1.0  # per MAC: a kernel nobody measured is assumed no better than int8
+
+
+@dataclass(frozen=True)
+class KernelCost:
+    """The estimated cost of one kernel on one layer and where the number came from."""
+
+    kernel: str
+    cost: float
+    source: str  # "measured", "table", "analytic"
+
+
+def work_units(kernel: str, layer) -> float:
+    """The layer's work in the unit the cost rates are per (see the module docstring)."""
+    if layer.op == "conv2d":
+        from lastbit.codegen.kernels.common import conv_output_shape
+
+        outputs = int(np.prod(conv_output_shape(layer)))
+    else:
+        outputs = int(layer.data_shape[0]) * int(layer.weight_shape[0])
+    macs = float(outputs) * float(np.prod(layer.weight_shape[1:]))
+    if kernel == "bitserial":
+        planes = 1 if layer.code_set == "binary" else 2
+        return macs * int(layer.act_bits) * planes / 4
+    return macs
+
+
+@functools.lru_cache(maxsize=4)
+def load_table(path: str = str(COST_TABLE)) -> dict:
+    """``{target: {kernel: {shape class: instructions per unit}}}`` (empty when absent)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    return {t: v for t, v in data.items() if not t.startswith("_")}
+
+
+def kernel_cost(kernel: str, layer, target: str, table: dict | None = None) -> KernelCost:
+    """Cost of ``kernel`` on ``layer`` for the target triple ``target`` (table, else analytic)."""
+    table = load_table() if table is None else table
+    rate = table.get(target, {}).get(kernel, {}).get(layer.op)
+    if rate is not None:
+        return KernelCost(kernel, float(rate) * work_units(kernel, layer), "table")
+    rate = ANALYTIC.get(kernel, UNKNOWN_KERNEL_COST)
+    if isinstance(rate, dict):
+        rate = rate.get(layer.op, UNKNOWN_KERNEL_COST)
+    return KernelCost(kernel, rate * work_units(kernel, layer), "analytic")
+
+
+def rank_candidates(
+    names: list[str],
+    layer,
+    target: str,
+    measured: Callable[[str, object], float | None] | None = None,
+    table: dict | None = None,
+) -> list[KernelCost]:
+    """Costs of the (already accepted) candidates ``names``, cheapest first; ties keep the
+    strategy's order. ``measured`` replaces every estimate when it knows all candidates."""
+    if measured is not None:
+        values = [measured(name, layer) for name in names]
+        if all(v is not None for v in values):
+            costs = [KernelCost(n, float(v), "measured") for n, v in zip(names, values)]
+            return sorted(costs, key=lambda c: c.cost)  # sorted() is stable: ties keep the order
+    costs = [kernel_cost(name, layer, target, table) for name in names]
+    return sorted(costs, key=lambda c: c.cost)
+
+
+def passed_over_reason(loser: KernelCost, winner: KernelCost) -> str:
+    """"int8: 3.4× the cost (table)": one line for the report."""
+    ratio = loser.cost / winner.cost if winner.cost > 0 else float("inf")
+    return f"{loser.kernel}: {ratio:.1f}× the cost ({loser.source})"
