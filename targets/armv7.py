@@ -18,8 +18,8 @@ ARMV7 = register(
         runner="qemu",
         # The plain aarch64 order (benchmarks/arm_insn_count.py counts both ARM targets).
         kernels={
-            "dense": ("int8-smlal", "int8", "reference-int", "bitserial", "shift-add"),
-            "conv2d": ("int8-smlal", "reference-int"),
+            "dense": ("int8-smlal-v7", "int8", "reference-int", "bitserial", "shift-add"),
+            "conv2d": ("int8-smlal-v7", "reference-int"),
         },
         qemu_cpu="cortex-a15",  # an ARMv7-A core with NEON and VFPv4
         qemu="qemu-arm",

@@ -5,7 +5,7 @@
   input channels (16 int8 MACs); the input's 4 bytes are broadcast (``ld1r``) and reused by
   ``oc_blocks`` weight vectors, each weight vector by ``ow_tile`` columns. Products and sums
   are exact in int32 (signed × signed, no offset trick as x86's ``vpdpbusd`` needs).
-* ``int8-smlal`` — any NEON (plain armv8-a, armv7): int8 × int8 multiply-accumulated into
+* ``int8-smlal`` (aarch64) / ``int8-smlal-v7`` (armv7) — NEON without dot product: int8 × int8 multiply-accumulated into
   **int16** lanes (``smlal``/``smlal2``, armv7 ``vmlal.s8``: 8 MACs per instruction, twice an
   fp32 ``fmla``) over a block of the reduction short enough never to overflow, then widened
   into int32 once per block. With activations in [-128, 127] and codes of magnitude ≤ m, one
@@ -20,8 +20,9 @@ sdot, 1 for smlal; zero padding, zero channels past C), then back to NCHW. A den
 the same kernel on a 1×1 "image" of M columns (input channel = feature, column = row of the
 batch), so one micro-kernel serves both.
 
-Packed weights (``pack``): ``[O/OB, C/IB, KH, KW, OB, IB]`` int8, zero padded (OB = 4 for sdot,
-16 for smlal).
+Packed weights (``pack``): ``[O/(G·OB), C/IB, KH, KW, G, OB, IB]`` int8, zero padded (OB = 4 for
+sdot, 16 for smlal; G = the register tile's channel blocks, :func:`default_knobs`), so one
+tap's weights for a tile are one contiguous run.
 """
 
 from __future__ import annotations
@@ -45,10 +46,14 @@ class Flavour:
     oc_block: int  # output channels per accumulator vector group (packed weight block)
     ic_block: int  # input channels per dot-product lane
     needs: frozenset[str]
+    register_budget: int  # vector registers the accumulator tile may take
+    int16: bool = False  # int16 partial sums (smlal) rather than int32 (sdot)
 
 
-SDOT = Flavour("int8-sdot", oc_block=4, ic_block=4, needs=frozenset({"neon", "aarch64", "dotprod"}))
-SMLAL = Flavour("int8-smlal", oc_block=16, ic_block=1, needs=frozenset({"neon"}))
+# aarch64 has 32 vector registers, armv7 16 quad ones: the rest hold weights and broadcasts
+SDOT = Flavour("int8-sdot", 4, 4, frozenset({"neon", "aarch64", "dotprod"}), register_budget=16)
+SMLAL = Flavour("int8-smlal", 16, 1, frozenset({"neon", "aarch64"}), register_budget=16, int16=True)
+SMLAL_V7 = Flavour("int8-smlal-v7", 16, 1, frozenset({"neon", "armv7"}), register_budget=6, int16=True)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -106,7 +111,7 @@ def smlal_chunk(layer: IntLayer) -> int:
 
 def _padded_channels(flavour: Flavour, layer: IntLayer) -> int:
     c = geometry(layer).c
-    step = flavour.ic_block if flavour is SDOT else smlal_chunk(layer)
+    step = smlal_chunk(layer) if flavour.int16 else flavour.ic_block
     return _ceil_div(c, step) * step
 
 
@@ -115,26 +120,29 @@ def _padded_channels(flavour: Flavour, layer: IntLayer) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def pack_weight_blocks(codes: np.ndarray, oc_block: int, ic_block: int, channels: int) -> np.ndarray:
-    """OIHW int8 codes → ``[O/OB, C/IB, KH, KW, OB, IB]`` with C zero padded to ``channels``."""
+def pack_weight_blocks(codes: np.ndarray, oc_block: int, ic_block: int, channels: int, group: int = 1) -> np.ndarray:
+    """OIHW int8 codes → ``[O/(G·OB), C/IB, KH, KW, G, OB, IB]`` with C zero padded to
+    ``channels``: the G blocks of one register tile side by side, so one tap's weights are
+    one contiguous run (loads with immediate offsets, ``ldp``)."""
     o, c, kh, kw = codes.shape
-    op = _ceil_div(o, oc_block) * oc_block
+    op = _ceil_div(o, oc_block * group) * oc_block * group
     full = np.zeros((op, channels, kh, kw), np.int8)
     full[:o, :c] = codes
-    blocks = full.reshape(op // oc_block, oc_block, channels // ic_block, ic_block, kh, kw)
-    return np.ascontiguousarray(blocks.transpose(0, 2, 4, 5, 1, 3))
+    blocks = full.reshape(op // (oc_block * group), group, oc_block, channels // ic_block, ic_block, kh, kw)
+    return np.ascontiguousarray(blocks.transpose(0, 3, 5, 6, 1, 2, 4))
 
 
 def pack(flavour: Flavour, layer: IntLayer, codes: np.ndarray) -> list[np.ndarray]:
     codes = check_codes_shape(layer, codes, flavour.name)
     if codes.size and (codes.min() < -128 or codes.max() > 127):
         raise KernelError(f"{flavour.name}: weight codes outside int8: [{codes.min()}, {codes.max()}]")
-    if flavour is SMLAL and codes.size and np.abs(codes.astype(np.int64)).max() > max_code(layer.code_set):
+    if flavour.int16 and codes.size and np.abs(codes.astype(np.int64)).max() > max_code(layer.code_set):
         raise KernelError(f"{flavour.name}: codes exceed the code set {layer.code_set} (int16 block bound)")
     codes = codes.astype(np.int8)
     if layer.op == "dense":
         codes = codes[:, :, None, None]
-    return [pack_weight_blocks(codes, flavour.oc_block, flavour.ic_block, _padded_channels(flavour, layer))]
+    group = default_knobs(flavour, layer).oc_blocks
+    return [pack_weight_blocks(codes, flavour.oc_block, flavour.ic_block, _padded_channels(flavour, layer), group)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,7 +167,7 @@ def supports(flavour: Flavour, layer: IntLayer, features: frozenset[str]) -> str
         return str(err)
     if mag > 127:
         return f"code set {layer.code_set} does not fit int8"
-    if flavour is SMLAL and int16_block_channels(layer) < 1:
+    if flavour.int16 and int16_block_channels(layer) < 1:
         g = geometry(layer)
         return (f"{g.kh}x{g.kw} taps of {layer.code_set} codes (|code| ≤ {mag}) can overflow an int16 "
                 f"partial sum")
@@ -225,11 +233,12 @@ def prim_func(flavour: Flavour, layer: IntLayer):
     ib, ob = flavour.ic_block, flavour.oc_block
     cp = _padded_channels(flavour, layer)
     cb, obs = cp // ib, _ceil_div(g.o, ob)
+    group = default_knobs(flavour, layer).oc_blocks  # blocks per register tile, as packed
     pt, pl, pb, pr = g.padding
     sh, sw = g.strides
     dh, dw = g.dilation
     x = te.placeholder(layer.data_shape, "int8", name="x_q")
-    wt = te.placeholder((obs, cb, g.kh, g.kw, ob, ib), "int8", name="w_blocks")
+    wt = te.placeholder((obs // group, cb, g.kh, g.kw, group, ob, ib), "int8", name="w_blocks")
 
     def source(b, ch, y, z):  # x[b, ch, y, z] of the conv view; indices clamped (vector loads)
         ch = tirx.min(ch, g.c - 1)
@@ -245,14 +254,14 @@ def prim_func(flavour: Flavour, layer: IntLayer):
     data = te.compute((g.n, cb, g.h + pt + pb, g.w + pl + pr, ib), packed, name="data_pack")
     ry = te.reduce_axis((0, g.kh), name="ry")
     rx = te.reduce_axis((0, g.kw), name="rx")
-    if flavour is SDOT:
+    if not flavour.int16:
         rc = te.reduce_axis((0, cb), name="rc")
         ri = te.reduce_axis((0, ib), name="ri")
         acc_blocked = te.compute(
             (g.n, obs, g.oh, g.ow, ob),
             lambda b, q, y, z, oi: te.sum(
                 data[b, rc, y * sh + ry * dh, z * sw + rx * dw, ri].astype("int32")
-                * wt[q, rc, ry, rx, oi, ri].astype("int32"),
+                * wt[q // group, rc, ry, rx, q % group, oi, ri].astype("int32"),
                 axis=[rc, ry, rx, ri],
             ),
             name="acc_blocked",
@@ -264,7 +273,7 @@ def prim_func(flavour: Flavour, layer: IntLayer):
             (g.n, obs, g.oh, g.ow, cp // chunk, ob),
             lambda b, q, y, z, k, oi: te.sum(
                 data[b, k * chunk + rc, y * sh + ry * dh, z * sw + rx * dw, 0].astype("int16")
-                * wt[q, k * chunk + rc, ry, rx, oi, 0].astype("int16"),
+                * wt[q // group, k * chunk + rc, ry, rx, q % group, oi, 0].astype("int16"),
                 axis=[rc, ry, rx],
             ),
             name="partial",
@@ -297,20 +306,15 @@ class NeonKnobs:
     oc_blocks: int
 
 
-def accumulator_budget(flavour: Flavour, features: frozenset[str]) -> int:
-    """Vector registers the tile's accumulators may take: aarch64 has 32, armv7 16 (quad)."""
-    return 16 if "aarch64" in features else 6
-
-
-def default_knobs(flavour: Flavour, layer: IntLayer, features: frozenset[str]) -> NeonKnobs:
+def default_knobs(flavour: Flavour, layer: IntLayer, features: frozenset[str] = frozenset()) -> NeonKnobs:
     """The tile with the most MACs per instruction of the inner loop (per tap: one weight load
     per block, one broadcast per column, one sdot / two smlal per block and column) whose
     accumulators fit the register budget; both factors divide their loops."""
     g = geometry(layer)
     obs = _ceil_div(g.o, flavour.oc_block)
-    regs_per_acc = 1 if flavour is SDOT else 2  # 16 int16 lanes are two q registers
+    regs_per_acc = 1 if not flavour.int16 else 2  # 16 int16 lanes are two q registers
     macs = flavour.oc_block * flavour.ic_block
-    budget = accumulator_budget(flavour, features)
+    budget = flavour.register_budget
     best, best_rate = NeonKnobs(1, 1), 0.0
     for blocks in (d for d in range(1, min(obs, 8) + 1) if obs % d == 0):
         for tile in (d for d in range(1, g.ow + 1) if g.ow % d == 0):
@@ -325,7 +329,7 @@ def default_knobs(flavour: Flavour, layer: IntLayer, features: frozenset[str]) -
 def _apply(flavour: Flavour, sch, layer: IntLayer, ow_tile, oc_blocks) -> None:
     block = sch.get_sblock("acc_blocked")
     out = sch.get_sblock("acc")
-    if flavour is SDOT:
+    if not flavour.int16:
         b, q, y, z, oi, rc, ry, rx, ri = sch.get_loops(block)
         qo, qi = sch.split(q, [None, oc_blocks])
         zo, zi = sch.split(z, [None, ow_tile])
@@ -387,13 +391,13 @@ def schedule(flavour: Flavour, sch, layer: IntLayer, features: frozenset[str], k
 
 
 def tuning_space(flavour: Flavour, layer: IntLayer, features: frozenset[str]):
-    """The register tile sampled with ``sample_perfect_tile`` (factors divide their loops)."""
+    """The tile's output columns sampled with ``sample_perfect_tile`` (a divisor of the row)."""
 
     def space(sch) -> None:
         loops = sch.get_loops(sch.get_sblock("acc_blocked"))
-        _, oc_blocks = sch.sample_perfect_tile(loops[1], n=2, max_innermost_factor=4)
         _, ow_tile = sch.sample_perfect_tile(loops[3], n=2, max_innermost_factor=8)
-        _apply(flavour, sch, layer, ow_tile, oc_blocks)
+        # the channel blocks per tile are fixed by the packed weight layout
+        _apply(flavour, sch, layer, ow_tile, default_knobs(flavour, layer).oc_blocks)
 
     return space
 
@@ -413,4 +417,5 @@ def _kernel(flavour: Flavour, description: str) -> IntKernel:
 
 
 INT8_SDOT = _kernel(SDOT, "int8 codes, direct conv2d/dense in [c/4]c4 blocks, sdot 4×4 micro-kernel (aarch64 +dotprod)")
-INT8_SMLAL = _kernel(SMLAL, "int8 codes, direct conv2d/dense, smlal into int16 partial sums over overflow-free blocks (NEON)")
+INT8_SMLAL = _kernel(SMLAL, "int8 codes, direct conv2d/dense, smlal into int16 partial sums over overflow-free blocks (aarch64 NEON)")
+INT8_SMLAL_V7 = _kernel(SMLAL_V7, "int8 codes, direct conv2d/dense, vmlal.s8 into int16 partial sums over overflow-free blocks (armv7 NEON)")

@@ -35,7 +35,8 @@ def _conv(op="conv2d", cs="pow2-4", kh=3, groups=1, channels=8):
         ("int8-sdot", _conv("dense", "int8"), NEON64 | {"dotprod"}, None),
         ("int8-sdot", _conv(), NEON64, "dotprod"),
         ("int8-sdot", _conv(groups=2), NEON64 | {"dotprod"}, "groups=2"),
-        ("int8-smlal", _conv(), frozenset({"neon", "armv7"}), None),
+        ("int8-smlal-v7", _conv(), frozenset({"neon", "armv7"}), None),
+        ("int8-smlal", _conv(), frozenset({"neon", "armv7"}), "aarch64"),
         ("int8-smlal", _conv("dense", "int8"), NEON64, None),  # 1 tap: blocks of 2 int8 products
         ("int8-smlal", _conv(cs="int8"), NEON64, "overflow"),  # 9 taps × 128·127 > int16
         ("int8-smlal", _conv(), frozenset({"avx2"}), "neon"),
@@ -58,10 +59,10 @@ def test_int16_block_never_overflows():
 
 
 def test_default_tile_fits_the_registers():
-    for features, budget in ((NEON64 | {"dotprod"}, 16), (frozenset({"neon", "armv7"}), 6)):
-        for flavour in (neon_int.SDOT, neon_int.SMLAL):
-            knobs = neon_int.default_knobs(flavour, _conv(channels=32), features)
-            regs = knobs.oc_blocks * knobs.ow_tile * (1 if flavour is neon_int.SDOT else 2)
+    for flavour, budget in ((neon_int.SDOT, 16), (neon_int.SMLAL, 16), (neon_int.SMLAL_V7, 6)):
+        for layer in (_conv(channels=32), _conv("dense"), IntLayer("conv2d", "pow2-4", 3, (1, 512, 7, 7), (512, 512, 3, 3))):
+            knobs = neon_int.default_knobs(flavour, layer)
+            regs = knobs.oc_blocks * knobs.ow_tile * (2 if flavour.int16 else 1)
             assert 1 <= regs <= budget
 
 
@@ -85,19 +86,22 @@ def _skip_without_tools(triple):
 def test_sdot_kernel_is_bit_exact_under_qemu(tmp_path):
     _skip_without_tools(DOTPROD)
     rng = np.random.default_rng(12)
-    cases = _cases(rng, "int8-sdot", "pow2-4") + _cases(rng, "int8-sdot", "int8")[:3]
+    cases = _cases(rng, "int8-sdot", "pow2-4") + _cases(rng, "int8-sdot", "int8")[:3] + [
+        _conv_case(rng, "int8-sdot", "pow2-4", (1, 16, 5, 4), 64, (3, 3), (1, 1), (1, 1, 1, 1)),  # several blocks a tile
+    ]
     _run_cases(cases, DOTPROD, tmp_path)
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("triple", ["aarch64-linux-gnu", "armv7a-linux-gnueabihf"])
-def test_smlal_kernel_is_bit_exact_under_qemu(triple, tmp_path):
+@pytest.mark.parametrize("triple, kernel", [("aarch64-linux-gnu", "int8-smlal"), ("armv7a-linux-gnueabihf", "int8-smlal-v7")])
+def test_smlal_kernel_is_bit_exact_under_qemu(triple, kernel, tmp_path):
     _skip_without_tools(triple)
     rng = np.random.default_rng(len(triple))
-    cases = _cases(rng, "int8-smlal", "pow2-4") + [
-        _dense_case(rng, "int8-smlal", "int8", 2, 19, 77),  # blocks of 2 int8 products
-        _extreme_dense("int8-smlal", "int8", n=20, k=301),
-        _conv_case(rng, "int8-smlal", "ternary", (1, 13, 6, 6), 33, (3, 3), (1, 1), (1, 1, 1, 1)),  # padded C
+    cases = _cases(rng, kernel, "pow2-4") + [
+        _dense_case(rng, kernel, "int8", 2, 19, 77),  # blocks of 2 int8 products
+        _extreme_dense(kernel, "int8", n=20, k=301),
+        _conv_case(rng, kernel, "ternary", (1, 13, 6, 6), 33, (3, 3), (1, 1), (1, 1, 1, 1)),  # padded C
+        _conv_case(rng, kernel, "pow2-4", (1, 16, 5, 4), 64, (3, 3), (1, 1), (1, 1, 1, 1)),  # tiles of several blocks
     ]
     _run_cases(cases, triple, tmp_path)
 
