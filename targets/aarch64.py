@@ -38,7 +38,7 @@ AARCH64 = register(
 AARCH64_DOTPROD = register(
     Target(
         triple="aarch64-dotprod-linux-gnu",
-        description="64-bit ARM Linux, armv8.2-a + dot product (e.g. Raspberry Pi 5, Cortex-A55/A76); qemu-aarch64 here",
+        description="64-bit ARM Linux, armv8.2-a + dot product (Raspberry Pi 5, Cortex-A55/A76); qemu-aarch64 here",
         tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"], "num-cores": 1},
         features=frozenset({"neon", "popcount", "aarch64", "dotprod"}),
         # sdot serves every int8-fitting dense/conv2d (groups = 1); int16 partial sums next

@@ -43,10 +43,16 @@ CLASSES = (
     "neon_alu", "neon_mul", "neon_dot", "fp_alu", "fp_fma", "other",
 )
 
-_BRANCH = re.compile(r"^(b|bl|blr|br|ret|cbz|cbnz|tbz|tbnz|bx|blx|b\.\w+|b(eq|ne|cs|hs|cc|lo|mi|pl|vs|vc|hi|ls|ge|lt|gt|le)(\.w|\.n)?|b\.w|b\.n|cb(n)?z)$")
+_BRANCH = re.compile(
+    r"^(b|bl|blr|br|ret|cbz|cbnz|tbz|tbnz|bx|blx|b\.\w+|b(eq|ne|cs|hs|cc|lo|mi|pl|vs|vc|hi|ls|ge|lt|gt|le)(\.w|\.n)?)$"
+)
 _VECTOR_OPERAND = re.compile(r"\bv\d+\.|\bq\d+\b|\bd\d+\[|\{\s*[vdq]\d+")
-_NEON_MUL = re.compile(r"^(v?(s|u)?ml[as]l2?|v?(s|u)?mull2?|v?mla|v?mls|v?mul|sqdmulh|sqrdmulh|sqdmull2?|vqdmulh|vqrdmulh|vmull|vmlal|vmlsl)(\.[a-z0-9]+)*$")
-_FP_FMA = re.compile(r"^(fmla|fmls|fmadd|fmsub|fnmadd|fnmsub|vfma|vfms|vmla\.f\d+|vmls\.f\d+|vfnma|vfnms)(\.[a-z0-9]+)*$")
+_NEON_MUL = re.compile(
+    r"^(v?(s|u)?ml[as]l2?|v?(s|u)?mull2?|v?mla|v?mls|v?mul|sqdmulh|sqrdmulh|sqdmull2?|vqdmulh|vqrdmulh)(\.[a-z0-9]+)*$"
+)
+_FP_FMA = re.compile(
+    r"^(fmla|fmls|fmadd|fmsub|fnmadd|fnmsub|vfma|vfms|vmla\.f\d+|vmls\.f\d+|vfnma|vfnms)(\.[a-z0-9]+)*$"
+)
 _FP_OTHER = re.compile(r"^(f[a-z0-9]+|scvtf|ucvtf|vcvt.*|v(add|sub|mul|max|min|abs|neg|cmp|div|sqrt)\.f\d+.*)$")
 
 

@@ -5,8 +5,8 @@
   input channels (16 int8 MACs); the input's 4 bytes are broadcast (``ld1r``) and reused by
   ``oc_blocks`` weight vectors, each weight vector by ``ow_tile`` columns. Products and sums
   are exact in int32 (signed × signed, no offset trick as x86's ``vpdpbusd`` needs).
-* ``int8-smlal`` (aarch64) / ``int8-smlal-v7`` (armv7) — NEON without dot product: int8 × int8 multiply-accumulated into
-  **int16** lanes (``smlal``/``smlal2``, armv7 ``vmlal.s8``: 8 MACs per instruction, twice an
+* ``int8-smlal`` (aarch64) / ``int8-smlal-v7`` (armv7) — NEON without dot product: int8 × int8
+  multiply-accumulated into **int16** lanes (``smlal``/``smlal2``, armv7 ``vmlal.s8``: 8 MACs per instruction, twice an
   fp32 ``fmla``) over a block of the reduction short enough never to overflow, then widened
   into int32 once per block. With activations in [-128, 127] and codes of magnitude ≤ m, one
   product is at most 128·m, so a block of ``⌊32767 / (128·m)⌋`` products is safe: 63 for
@@ -85,7 +85,8 @@ def geometry(layer: IntLayer) -> ConvGeometry:
     n, c, h, w = layer.data_shape
     o, _, kh, kw = layer.weight_shape
     _, _, oh, ow = conv_output_shape(layer)
-    return ConvGeometry(n, c, h, w, o, kh, kw, oh, ow, tuple(layer.strides), tuple(layer.dilation), tuple(layer.padding))
+    return ConvGeometry(n, c, h, w, o, kh, kw, oh, ow, tuple(layer.strides), tuple(layer.dilation),
+                        tuple(layer.padding))
 
 
 def max_code(code_set: str) -> int:
@@ -353,7 +354,8 @@ def _apply(flavour: Flavour, sch, layer: IntLayer, ow_tile, oc_blocks) -> None:
         sch.set_scope(part, 0, "local")  # int16 partial sums in registers
         # compute_at leaves out unit loops: name the ones it made from the known extents
         g = geometry(layer)
-        extents = {"z": ow_tile, "q": oc_blocks, "oi": flavour.oc_block, "rc": smlal_chunk(layer), "ry": g.kh, "rx": g.kw}
+        extents = {"z": ow_tile, "q": oc_blocks, "oi": flavour.oc_block, "rc": smlal_chunk(layer),
+                   "ry": g.kh, "rx": g.kw}
         loops = sch.get_loops(part)
         at = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(rk)))
         inner = loops[at + 1:]
@@ -416,6 +418,6 @@ def _kernel(flavour: Flavour, description: str) -> IntKernel:
     )
 
 
-INT8_SDOT = _kernel(SDOT, "int8 codes, direct conv2d/dense in [c/4]c4 blocks, sdot 4×4 micro-kernel (aarch64 +dotprod)")
-INT8_SMLAL = _kernel(SMLAL, "int8 codes, direct conv2d/dense, smlal into int16 partial sums over overflow-free blocks (aarch64 NEON)")
-INT8_SMLAL_V7 = _kernel(SMLAL_V7, "int8 codes, direct conv2d/dense, vmlal.s8 into int16 partial sums over overflow-free blocks (armv7 NEON)")
+INT8_SDOT = _kernel(SDOT, "int8 codes, direct conv2d/dense in [c/4]c4 blocks, sdot micro-kernel (aarch64 +dotprod)")
+INT8_SMLAL = _kernel(SMLAL, "int8 codes, direct conv2d/dense, smlal into overflow-free int16 blocks (aarch64 NEON)")
+INT8_SMLAL_V7 = _kernel(SMLAL_V7, "int8 codes, direct conv2d/dense, vmlal.s8 into overflow-free int16 blocks (armv7)")

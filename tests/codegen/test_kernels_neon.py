@@ -60,7 +60,8 @@ def test_int16_block_never_overflows():
 
 def test_default_tile_fits_the_registers():
     for flavour, budget in ((neon_int.SDOT, 16), (neon_int.SMLAL, 16), (neon_int.SMLAL_V7, 6)):
-        for layer in (_conv(channels=32), _conv("dense"), IntLayer("conv2d", "pow2-4", 3, (1, 512, 7, 7), (512, 512, 3, 3))):
+        big = IntLayer("conv2d", "pow2-4", 3, (1, 512, 7, 7), (512, 512, 3, 3))
+        for layer in (_conv(channels=32), _conv("dense"), big):
             knobs = neon_int.default_knobs(flavour, layer)
             regs = knobs.oc_blocks * knobs.ow_tile * (2 if flavour.int16 else 1)
             assert 1 <= regs <= budget
@@ -87,13 +88,14 @@ def test_sdot_kernel_is_bit_exact_under_qemu(tmp_path):
     _skip_without_tools(DOTPROD)
     rng = np.random.default_rng(12)
     cases = _cases(rng, "int8-sdot", "pow2-4") + _cases(rng, "int8-sdot", "int8")[:3] + [
-        _conv_case(rng, "int8-sdot", "pow2-4", (1, 16, 5, 4), 64, (3, 3), (1, 1), (1, 1, 1, 1)),  # several blocks a tile
+        _conv_case(rng, "int8-sdot", "pow2-4", (1, 16, 5, 4), 64, (3, 3), (1, 1), (1, 1, 1, 1)),  # tiles of blocks
     ]
     _run_cases(cases, DOTPROD, tmp_path)
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("triple, kernel", [("aarch64-linux-gnu", "int8-smlal"), ("armv7a-linux-gnueabihf", "int8-smlal-v7")])
+@pytest.mark.parametrize("triple, kernel",
+                         [("aarch64-linux-gnu", "int8-smlal"), ("armv7a-linux-gnueabihf", "int8-smlal-v7")])
 def test_smlal_kernel_is_bit_exact_under_qemu(triple, kernel, tmp_path):
     _skip_without_tools(triple)
     rng = np.random.default_rng(len(triple))
