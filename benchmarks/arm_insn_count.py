@@ -1,88 +1,51 @@
-"""ARM dynamic instruction counts under qemu-user: quantized layers (3-bit codes, integer
-kernels) vs the fp32 build of the same layers, per inference, on aarch64 and armv7.
-The ARM proxy for speed until a board is at hand.  Writes bench/results.json.
+"""ARM without a board: dynamic instructions under qemu-user and estimated Cortex-A53 / A76
+cycles (a per-class throughput model, ``targets/arm_cycle_model.py``) for quantized layers
+(3-bit codes, integer kernels) vs the fp32 build of the same layers, per inference, on
+aarch64+dotprod, plain aarch64 and armv7. Writes the ``arm_insn_count`` section of
+bench/results.json. These are qemu counts and a cycle model, not board timings.
 
-Debian's qemu 7.2 ships no TCG plugins (and no ``qemu-plugin.h`` to build the ``insn``
-one), so the count comes from qemu's own logs: ``-d in_asm`` prints every translated
-block with its instructions, ``-d exec,nochain`` prints the guest PC of every block
-executed (chaining off, so none is skipped); instructions = Σ over executed blocks of the
-block's length.  Loader and runner start-up cancel out: the bundle runs with
-``--repeat 1`` (2 inferences) and ``--repeat 3`` (4 inferences), and the count per
-inference is half the difference.
+Counting (``codegen/qemu_count.py``): qemu's ``-d in_asm,exec,nochain`` logs, each executed
+block's instructions counted once per execution; the bundle runs with ``--repeat 1`` and
+``--repeat 3`` and the count per inference is half the difference, so start-up cancels out.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import os
-import re
-import subprocess
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-TARGETS = ("aarch64-linux-gnu", "armv7a-linux-gnueabihf")
-LAYERS = ("conv3x3", "dense")
-_TB_START = re.compile(r"^(0x[0-9a-f]+):")
-_TRACE = re.compile(r"^Trace \d+: \S+ \[[0-9a-f]+/([0-9a-f]+)/")
-
-
-def count_instructions(log_path: Path) -> int:
-    """Guest instructions executed, from a qemu ``-d in_asm,exec,nochain`` log."""
-    lengths: dict[int, int] = {}  # block start PC -> instructions (the latest translation)
-    total = 0
-    block_pc, block_len = None, 0
-    with open(log_path, errors="replace") as log:
-        for line in log:
-            if line.startswith("Trace"):
-                match = _TRACE.match(line)
-                if match:
-                    total += lengths.get(int(match.group(1), 16), 0)
-                continue
-            if line.startswith("IN:"):
-                block_pc, block_len = None, 0
-                continue
-            match = _TB_START.match(line)
-            if match:
-                if block_pc is None:
-                    block_pc = int(match.group(1), 16)
-                block_len += 1
-                lengths[block_pc] = block_len
-            elif not line.strip():
-                block_pc, block_len = None, 0
-    return total
-
-
-def instructions_per_inference(bundle: Path, x: np.ndarray) -> int:
-    """(count at --repeat 3) − (count at --repeat 1), halved: start-up cancels out."""
-    from lastbit.codegen.bundle import _runner_prefix, load_manifest
-
-    prefix = _runner_prefix(load_manifest(bundle))
-    counts = {}
-    with tempfile.TemporaryDirectory(prefix="lastbit-insn-") as tmp:
-        x.tofile(os.path.join(tmp, "input_0.bin"))
-        for repeat in (1, 3):
-            log_path = Path(tmp) / f"qemu-{repeat}.log"
-            cmd = [*prefix, "-d", "in_asm,exec,nochain", "-D", str(log_path),
-                   str(bundle / "lastbit_run"), str(bundle), tmp, "--repeat", str(repeat), "--threads", "1"]
-            subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
-            counts[repeat] = count_instructions(log_path)
-            log_path.unlink()
-    return (counts[3] - counts[1]) // 2
+TARGETS = ("aarch64-dotprod-linux-gnu", "aarch64-linux-gnu", "armv7a-linux-gnueabihf")
+LAYERS = ("conv3x3", "conv3x3-r18", "dense", "resnet20")
+QUICK_LAYERS = ("conv3x3", "dense")
+CORES = ("cortex-a53", "cortex-a76")
+# Kernels each small layer is also forced onto (the first that serves the layer on the target
+# wins; reference-int serves everything, so it ends every list): the data behind the strategies.
+ALTERNATIVES = {
+    "reference-int": ("reference-int",),
+    "lut-neon": ("lut-neon", "lut-neon-v7"),
+}
+ALTERNATIVE_LAYERS = ("conv3x3", "dense")
+SINGLE_LAYERS = ("conv3x3", "conv3x3-r18", "dense")
 
 
 def layer_model(name: str):
-    """One layer of the zoo models, as its own torch module: ResNet-20's 3×3 conv + BN + ReLU
-    at 32 channels, 14×14, and the MLP's 512 → 256 dense + ReLU."""
+    """One layer as its own torch module — ResNet-20's 3×3 conv + BN + ReLU (32 channels,
+    14×14), a ResNet-18 stage-4 3×3 conv + BN + ReLU (512 channels, 7×7), the MLP's 512 → 256
+    dense + ReLU — or a whole zoo model (random weights) by name."""
     import torch
 
     torch.manual_seed(0)
-    if name == "conv3x3":
-        module = torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3, padding=1, bias=False), torch.nn.BatchNorm2d(32),
-                                     torch.nn.ReLU())
-        x = torch.randn(1, 32, 14, 14)
+    convs = {"conv3x3": (32, 14), "conv3x3-r18": (512, 7)}
+    if name in convs:
+        channels, size = convs[name]
+        module = torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+                                     torch.nn.BatchNorm2d(channels), torch.nn.ReLU())
+        x = torch.randn(1, channels, size, size)
     elif name == "dense":
         module = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.ReLU())
         x = torch.randn(1, 512)
@@ -93,19 +56,41 @@ def layer_model(name: str):
     return module.eval(), x
 
 
-# Kernels each layer is also forced onto: the strategy of a copy of the target (the cheapest
-# listed kernel that serves the layer wins; the int8/reference-int fallbacks only when none does).
-ALTERNATIVES = {
-    "reference-int": ("reference-int",),
-    "lut-neon": ("lut-neon", "lut-neon-v7"),
-}
+def _measure(artifact, bundle_dir: Path, x: np.ndarray) -> dict:
+    from lastbit.codegen.qemu_count import count_bundle
+
+    counts = count_bundle(artifact.export(bundle_dir), [x])
+    return {"insns": counts.total, **{f"cycles_{core[7:]}": round(counts.cycles(core)) for core in CORES},
+            "classes": dict(sorted(counts.by_class.items()))}
 
 
-def bench(name: str, triple: str, workdir: Path) -> dict:
-    """fp32 vs 3-bit with the target's own kernel choice, and 3-bit forced (through a copy of
-    the target) onto each kernel of ALTERNATIVES: the data behind the ARM strategies."""
-    import dataclasses
+def _kernel_alone(module, x: np.ndarray, squeeze, artifact, target, workdir: Path) -> int:
+    """Instructions of the layer's integer kernel alone (no input quantize, no epilogue), on
+    random codes of the squeeze's code set: how much of the layer the kernel is."""
+    import torch
 
+    from lastbit.codegen.kernels import IntLayer, get_kernel
+    from lastbit.codegen.qemu_count import count_kernels
+
+    layer_torch = next(m for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    kernel = get_kernel(artifact.report().layers[0].kernel)
+    levels = squeeze.code_set.levels
+    rng = np.random.default_rng(0)
+    weight_shape = tuple(layer_torch.weight.shape)
+    codes = rng.choice(levels, size=weight_shape).astype(np.int8)
+    if isinstance(layer_torch, torch.nn.Conv2d):
+        pad = layer_torch.padding[0]
+        layer = IntLayer("conv2d", squeeze.code_set.name, squeeze.code_set.bits, x.shape, weight_shape,
+                         padding=(pad, pad, pad, pad))
+    else:
+        layer = IntLayer("dense", squeeze.code_set.name, squeeze.code_set.bits, x.shape, weight_shape)
+    x_q = rng.integers(-127, 128, size=x.shape, dtype=np.int8)
+    return count_kernels([(kernel, layer, codes, x_q)], target, workdir).total
+
+
+def bench(name: str, triple: str, workdir: Path, alternatives: bool = True) -> dict:
+    """fp32 vs 3-bit with the target's own kernel choice (and, for the small layers, 3-bit
+    forced through a copy of the target onto each kernel of ALTERNATIVES)."""
     import lastbit
     from lastbit import Squeeze
     from lastbit.targets import get_target
@@ -117,41 +102,53 @@ def bench(name: str, triple: str, workdir: Path) -> dict:
     target = get_target(triple)
     fp32 = lastbit.compile(module, target, (example,), name=f"{name}-fp32")
     quantized = lastbit.compile(module, target, (example,), name=f"{name}-3bit", squeeze=squeeze)
-    f_insns = instructions_per_inference(fp32.export(workdir / f"{name}-{triple}-fp32"), x)
-    q_insns = instructions_per_inference(quantized.export(workdir / f"{name}-{triple}-3bit"), x)
+    f = _measure(fp32, workdir / f"{name}-{triple}-fp32", x)
+    q = _measure(quantized, workdir / f"{name}-{triple}-3bit", x)
     row = {
         "layer": name,
         "target": triple,
         "kernels_3bit": sorted({layer.kernel for layer in quantized.report().layers}),
         "mflops": quantized.report().flops / 1e6,
-        "insns_fp32": f_insns,
-        "insns_3bit": q_insns,
-        "ratio_3bit_vs_fp32": q_insns / f_insns if f_insns else None,
+        "insns_fp32": f["insns"],
+        "insns_3bit": q["insns"],
+        "ratio_3bit_vs_fp32": q["insns"] / f["insns"] if f["insns"] else None,
+        "classes_fp32": f["classes"],
+        "classes_3bit": q["classes"],
     }
-    for label, kernels in ALTERNATIVES.items():
-        forced = dataclasses.replace(target, kernels={"dense": kernels, "conv2d": kernels})
-        artifact = lastbit.compile(module, forced, (example,), name=f"{name}-3bit-{label}", squeeze=squeeze)
-        chosen = sorted({layer.kernel for layer in artifact.report().layers})
-        insns = instructions_per_inference(artifact.export(workdir / f"{name}-{triple}-{label}"), x)
-        key = label.replace("-", "_")
-        row[f"insns_3bit_{key}"] = insns
-        row[f"ratio_3bit_{key}_vs_fp32"] = insns / f_insns if f_insns else None
-        row[f"kernels_3bit_{key}"] = chosen
+    for core in CORES:
+        key = f"cycles_{core[7:]}"
+        row[f"{key}_fp32"], row[f"{key}_3bit"] = f[key], q[key]
+        row[f"{key}_ratio"] = q[key] / f[key] if f[key] else None
+    if name in SINGLE_LAYERS:
+        kernel_only = _kernel_alone(module, x, squeeze, quantized, target, workdir / f"{name}-{triple}-kernel")
+        row["insns_3bit_kernel_only"] = kernel_only
+        row["ratio_3bit_kernel_only_vs_fp32"] = kernel_only / f["insns"] if f["insns"] else None
+    if alternatives and name in ALTERNATIVE_LAYERS:
+        for label, kernels in ALTERNATIVES.items():
+            forced = dataclasses.replace(target, kernels={"dense": kernels, "conv2d": kernels})
+            artifact = lastbit.compile(module, forced, (example,), name=f"{name}-3bit-{label}", squeeze=squeeze)
+            alt = _measure(artifact, workdir / f"{name}-{triple}-{label}", x)
+            key = label.replace("-", "_")
+            row[f"insns_3bit_{key}"] = alt["insns"]
+            row[f"ratio_3bit_{key}_vs_fp32"] = alt["insns"] / f["insns"] if f["insns"] else None
+            row[f"kernels_3bit_{key}"] = sorted({layer.kernel for layer in artifact.report().layers})
     return row
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="aarch64 only, the two layers")
-    parser.add_argument("--layers", nargs="*")
+    parser.add_argument("--quick", action="store_true", help="aarch64+dotprod only, the two small layers")
+    parser.add_argument("--layers", nargs="*", help=f"layers or zoo models (default {' '.join(LAYERS)})")
+    parser.add_argument("--targets", nargs="*", help=f"default {' '.join(TARGETS)}")
+    parser.add_argument("--no-alternatives", action="store_true", help="skip the forced-kernel columns")
     args = parser.parse_args(argv)
     from results import update_section
 
     from lastbit.targets import get_target
 
     logging.basicConfig(level=logging.WARNING)
-    triples = TARGETS[:1] if args.quick else TARGETS
-    names = args.layers or LAYERS  # a whole model (--layers resnet20) logs gigabytes under qemu -d exec
+    triples = args.targets or (TARGETS[:1] if args.quick else TARGETS)
+    names = args.layers or (QUICK_LAYERS if args.quick else LAYERS)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lastbit-insn-bundles-") as tmp:
         for triple in triples:
@@ -160,16 +157,24 @@ def main(argv=None) -> list[dict]:
                 print(f"skipping {triple}: needs {', '.join(missing)}")
                 continue
             for name in names:
-                row = bench(name, triple, Path(tmp))
+                row = bench(name, triple, Path(tmp), alternatives=not args.no_alternatives)
                 rows.append(row)
-                keys = {label: label.replace("-", "_") for label in ALTERNATIVES}
                 forced = "".join(
-                    f"  {label} {row['insns_3bit_' + key]:>12,} ({row['ratio_3bit_' + key + '_vs_fp32']:.2f}x)"
-                    for label, key in keys.items()
+                    f"  {label} {row['ratio_3bit_' + label.replace('-', '_') + '_vs_fp32']:.2f}x"
+                    for label in ALTERNATIVES if "insns_3bit_" + label.replace("-", "_") in row
                 )
-                print(f"{name:<10} {triple:<24} fp32 {row['insns_fp32']:>12,} insns  3-bit {row['insns_3bit']:>12,}"
-                      f" ({','.join(row['kernels_3bit'])}, {row['ratio_3bit_vs_fp32']:.2f}x){forced}")
-    update_section("arm_insn_count", {"quick": args.quick, "method": "qemu -d in_asm,exec,nochain", "rows": rows})
+                alone = (f" (kernel alone {row['ratio_3bit_kernel_only_vs_fp32']:.2f}x)"
+                         if "insns_3bit_kernel_only" in row else "")
+                print(f"{name:<12} {triple:<26} fp32 {row['insns_fp32']:>11,} insns  3-bit {row['insns_3bit']:>11,}"
+                      f" ({','.join(row['kernels_3bit'])}) {row['ratio_3bit_vs_fp32']:.2f}x insns{alone},"
+                      f" {row['cycles_a53_ratio']:.2f}x A53 / {row['cycles_a76_ratio']:.2f}x A76 cycles{forced}",
+                      flush=True)
+    update_section("arm_insn_count", {
+        "quick": args.quick,
+        "method": "qemu-user -d in_asm,exec,nochain instruction counts; cycles from targets/arm_cycle_model.py "
+                  "(per-class throughput model, not board timings)",
+        "rows": rows,
+    })
     return rows
 
 

@@ -484,6 +484,7 @@ def _manifest(plan: Plan, target, cc: str, name: str, bundle: Path) -> dict:
         "run": {
             "runner": target.runner,
             "qemu": target.qemu,
+            "qemu_cpu": target.qemu_cpu,
             "sysroot": target.sysroot,
             "cc": cc,
             "cflags": list(_RUNNER_CFLAGS),
@@ -718,6 +719,8 @@ def _runner_prefix(manifest: dict) -> list[str]:
             f"running a '{triple}' bundle here needs {qemu} on PATH (Debian: apt-get install qemu-user)"
         )
     prefix = [qemu]
+    if run.get("qemu_cpu"):
+        prefix += ["-cpu", run["qemu_cpu"]]
     if run.get("sysroot"):
         prefix += ["-L", run["sysroot"]]
     return prefix

@@ -966,6 +966,7 @@ def schedule_for_cpu(mod: "tvm.IRModule", target) -> "tvm.IRModule":  # noqa: F8
     """
     import tvm
 
+    vectorizable_nearbyint()
     info = cpu_info(target)
     updates = {}
     for gv, func in mod.functions_items():
@@ -978,6 +979,18 @@ def schedule_for_cpu(mod: "tvm.IRModule", target) -> "tvm.IRModule":  # noqa: F8
     for gv, func in updates.items():
         mod.update_func(gv, func)
     return mod
+
+
+@functools.lru_cache(maxsize=1)
+def vectorizable_nearbyint() -> None:
+    """Mark ``tirx.nearbyint`` vectorizable, as TVM 0.27 marks round/floor/trunc: without the
+    attribute the vectorizer scalarizes every loop that rounds, e.g. the int8 activation
+    quantize (``clip(rint(x/s))``) ran one element at a time with branches for the clip."""
+    import tvm
+
+    op = tvm.ir.Op.get("tirx.nearbyint")
+    if op.get_attr("TVectorizable") is None:
+        tvm.ir.register_op_attr("tirx.nearbyint", "TVectorizable", True)
 
 
 def schedule_prim_func(func, info: CpuInfo, name: str = "func"):

@@ -49,7 +49,11 @@ ANALYTIC: dict[str, "float | dict[str, float]"] = {
     "lut": 0.08,
     "lut-neon": 0.7,
     "lut-neon-v7": 1.0,
-    "bitserial": 4 * 4 / 128,  # per MAC at 2 activation planes × 2 weight planes
+    "bitserial": 4 * 4 / 128,
+    # direct NEON int8 convs (codegen/kernels/neon_int.py), whole-layer counts of arm_insn_count.py
+    "int8-sdot": 0.26,
+    "int8-smlal": 0.37,
+    "int8-smlal-v7": 0.65,  # per MAC at 2 activation planes × 2 weight planes
 }
 UNKNOWN_KERNEL_COST = 1.0  # per MAC: a kernel nobody measured is assumed no better than int8
 

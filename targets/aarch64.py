@@ -1,23 +1,52 @@
-"""64-bit ARM Linux (Cortex-A53 class and up) with NEON; runs under qemu-user here."""
+"""64-bit ARM Linux with NEON, two variants; both run under qemu-user here.
+
+* ``aarch64-linux-gnu``: plain armv8-a (Cortex-A53/A72 class: Raspberry Pi 3/4, Jetson Nano).
+  qemu runs it as a Cortex-A53, so an instruction that core lacks (``sdot``) stops with SIGILL
+  instead of passing unnoticed.
+* ``aarch64-dotprod-linux-gnu``: armv8.2-a with the dot-product extension (``+dotprod``:
+  Cortex-A55/A76 and later, Raspberry Pi 5, Graviton 2+); int8 layers use ``sdot``. qemu runs it
+  as a Cortex-A76. The LLVM triple is still ``aarch64-linux-gnu``; the name picks the features.
+"""
 
 from lastbit.targets.registry import Target, register
+
+_COMMON = dict(
+    cross_cc="aarch64-linux-gnu-gcc",
+    runner="qemu",
+    qemu="qemu-aarch64",
+    sysroot="/usr/aarch64-linux-gnu",
+    apt_packages=("gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross", "qemu-user"),
+)
 
 AARCH64 = register(
     Target(
         triple="aarch64-linux-gnu",
-        description="64-bit ARM Linux with NEON (e.g. Raspberry Pi 3/4, Jetson); qemu-aarch64 here",
+        description="64-bit ARM Linux with NEON, armv8-a (e.g. Raspberry Pi 3/4, Jetson); qemu-aarch64 here",
         tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 1},
         features=frozenset({"neon", "popcount", "aarch64"}),  # "aarch64": which NEON (lut-neon kernels)
-        cross_cc="aarch64-linux-gnu-gcc",
-        runner="qemu",
-        # Fewest instructions first, as counted under qemu (benchmarks/arm_insn_count.py):
-        # int8 for dense, the plain int8 kernel for conv2d (the shift-add one runs ~25x more).
+        # Fewest instructions first, as counted under qemu (benchmarks/arm_insn_count.py): the
+        # int16-partial-sum kernel (int8-smlal) for low-bit codes, then the plain int8 kernels.
         kernels={
-            "dense": ("int8", "reference-int", "bitserial", "shift-add"),
-            "conv2d": ("reference-int", "bitserial"),
+            "dense": ("int8-smlal", "int8", "reference-int", "bitserial", "shift-add"),
+            "conv2d": ("int8-smlal", "reference-int", "bitserial"),
         },
-        qemu="qemu-aarch64",
-        sysroot="/usr/aarch64-linux-gnu",
-        apt_packages=("gcc-aarch64-linux-gnu", "libc6-dev-arm64-cross", "qemu-user"),
+        qemu_cpu="cortex-a53",
+        **_COMMON,
+    )
+)
+
+AARCH64_DOTPROD = register(
+    Target(
+        triple="aarch64-dotprod-linux-gnu",
+        description="64-bit ARM Linux, armv8.2-a + dot product (Raspberry Pi 5, Cortex-A55/A76); qemu-aarch64 here",
+        tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"], "num-cores": 1},
+        features=frozenset({"neon", "popcount", "aarch64", "dotprod"}),
+        # sdot serves every int8-fitting dense/conv2d (groups = 1); int16 partial sums next
+        kernels={
+            "dense": ("int8-sdot", "int8-smlal", "int8", "reference-int", "bitserial", "shift-add"),
+            "conv2d": ("int8-sdot", "int8-smlal", "reference-int", "bitserial"),
+        },
+        qemu_cpu="cortex-a76",
+        **_COMMON,
     )
 )

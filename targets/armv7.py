@@ -16,11 +16,12 @@ ARMV7 = register(
         features=frozenset({"neon", "popcount", "armv7"}),  # "armv7": which NEON (lut-neon kernels)
         cross_cc="arm-linux-gnueabihf-gcc",
         runner="qemu",
-        # The aarch64 order (benchmarks/arm_insn_count.py counts both ARM targets).
+        # The plain aarch64 order (benchmarks/arm_insn_count.py counts both ARM targets).
         kernels={
-            "dense": ("int8", "reference-int", "bitserial", "shift-add"),
-            "conv2d": ("reference-int", "bitserial"),
+            "dense": ("int8-smlal-v7", "int8", "reference-int", "bitserial", "shift-add"),
+            "conv2d": ("int8-smlal-v7", "reference-int", "bitserial"),
         },
+        qemu_cpu="cortex-a15",  # an ARMv7-A core with NEON and VFPv4
         qemu="qemu-arm",
         sysroot="/usr/arm-linux-gnueabihf",
         apt_packages=("gcc-arm-linux-gnueabihf", "libc6-dev-armhf-cross", "qemu-user"),

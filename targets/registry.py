@@ -33,6 +33,7 @@ class Target:
     cross_cc: str | None = None  # C compiler that links shared libraries for the target
     runner: str = "host"
     qemu: str | None = None  # qemu-user binary, when runner == "qemu"
+    qemu_cpu: str | None = None  # qemu -cpu model: one with exactly the target's extensions
     sysroot: str | None = None  # passed to qemu as -L
     kernels: dict[str, tuple[str, ...]] = field(default_factory=dict)
     apt_packages: tuple[str, ...] = ()  # Debian packages that provide the toolchain

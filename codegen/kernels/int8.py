@@ -7,7 +7,7 @@
   widening multiply-adds that LLVM vectorizes (vpmaddwd / smlal). Dense weights are packed in
   panels of ``PANEL`` output rows ([N/16, K, 16]) so the vector loop reads contiguous bytes.
 
-Not done: NEON ``sdot`` (aarch64 ``+dotprod``): none of our ARM targets declares it.
+ARM's direct int8 kernels (``sdot`` with ``+dotprod``, int16 ``smlal`` without) are in ``neon_int.py``.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ armv7 decodes 8 with ``vtbl1`` (8 entries: ≤ 8 levels, i.e. up to pow2-4). Pro
 int8 activation and a small code fit int16, so they are accumulated by ``smlal`` into int16
 partial sums over chunks short enough never to overflow, then widened into int32: per 16
 weights a shift, a mask, one ``tbl``, a broadcast and two ``smlal``. ``shift-add`` needs a
-shift, a compare, a select and a conditional negate per weight and int32 lane. Neither
-target here declares ``sdot`` (aarch64 ``+dotprod``).
+shift, a compare, a select and a conditional negate per weight and int32 lane. It is in no
+ARM strategy: the direct int8 kernels of ``neon_int.py`` run fewer instructions (the decode
+costs a shift, a mask and a ``tbl`` per 16 weights where they load the int8 weights once per
+register tile; benchmarks/arm_insn_count.py counts both).
 
 The targets tell the two NEON flavours apart by the features ``aarch64`` / ``armv7``.
 

@@ -255,3 +255,18 @@ def test_tuning_space_generates_design_space():
                          space_generator=cpu_schedule.tuning_space(target), task_name="conv", rand_state=1)
     (space,) = ctx.generate_design_space()
     assert "sample_perfect_tile" in str(space.trace)
+
+
+def test_rounding_loops_stay_vectorized():
+    """clip(rint(x·s)) (the int8 activation quantize) compiles to vector code, not one element
+    at a time: tirx.nearbyint is marked vectorizable."""
+    from tvm import te, tirx
+
+    cpu_schedule.vectorizable_nearbyint()
+    x = te.placeholder((1, 8, 14, 14), "float32", name="x")
+    q = te.compute(x.shape, lambda *i: tirx.max(tirx.min(tirx.nearbyint(x(*i) * 3.0), 127.0), -127.0).astype("int8"))
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, q]).with_attr("global_symbol", "main"))
+    cpu_schedule.schedule_generic(sch, cpu_schedule.cpu_info(get_target("aarch64-linux-gnu").tvm()))
+    lib = tvm.tirx.build(sch.mod, target=get_target("aarch64-linux-gnu").tvm())
+    asm = lib.inspect_source("asm") if hasattr(lib, "inspect_source") else lib.imports[0].inspect_source("asm")
+    assert "frinti\tv" in asm and "fcmp" not in asm

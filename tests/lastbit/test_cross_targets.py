@@ -11,6 +11,7 @@ from lastbit.targets import get_target
 from tests.conftest import assert_close
 
 ARM = ("aarch64-linux-gnu", "armv7a-linux-gnueabihf")
+ARM_INTEGER = (*ARM, "aarch64-dotprod-linux-gnu")  # each variant has its own integer kernels (sdot, smlal)
 
 
 def _skip_without_tools(triple):
@@ -40,8 +41,8 @@ def test_quantized_resnet20_is_bit_identical_on_every_target():
 
     from lastbit import Squeeze
 
-    triples = ("x86_64-linux-gnu", *ARM)
-    for triple in ARM:
+    triples = ("x86_64-linux-gnu", *ARM_INTEGER)
+    for triple in ARM_INTEGER:
         _skip_without_tools(triple)
     model, x = get_model("resnet20", pretrained=False)
     calib = np.random.default_rng(0).standard_normal((4, *x.shape[1:])).astype("float32")
@@ -50,14 +51,14 @@ def test_quantized_resnet20_is_bit_identical_on_every_target():
         artifact = lastbit.compile(model, triple, (x,), name="resnet20", squeeze=Squeeze(bits=3, data=calib))
         assert all(layer.kernel != "fp32" and "(ref)" not in layer.kernel for layer in artifact.report().layers)
         outputs[triple] = artifact.run(x.numpy())
-    for triple in ARM:
+    for triple in ARM_INTEGER:
         np.testing.assert_array_equal(outputs[triple], outputs["x86_64-linux-gnu"], err_msg=triple)
     with torch.no_grad():
         assert_close(outputs["x86_64-linux-gnu"], model(x).numpy(), rtol=0.5)  # 3-bit, untrained: same ballpark
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("triple", ARM)
+@pytest.mark.parametrize("triple", ARM_INTEGER)
 def test_dynamic_activation_scales_are_bit_identical_under_qemu(small_cnn, triple):
     """Scales computed in the graph (max|x|/127, float64 reciprocal) give the host's bits too."""
     import numpy as np

@@ -19,7 +19,8 @@ def test_host_target_records_cpu_and_vector_features():
     assert "avx2" in host.feature_set() or "avx512f" in host.feature_set()
 
 
-@pytest.mark.parametrize("triple,arch", [("aarch64-linux-gnu", "aarch64"), ("armv7a-linux-gnueabihf", "armv7")])
+@pytest.mark.parametrize("triple,arch", [("aarch64-linux-gnu", "aarch64"), ("aarch64-dotprod-linux-gnu", "aarch64"),
+                                         ("armv7a-linux-gnueabihf", "armv7")])
 def test_arm_targets_declare_cross_toolchain(triple, arch):
     target = get_target(triple)
     assert target.runner == "qemu" and target.cross_cc and target.qemu
@@ -33,3 +34,12 @@ def test_unknown_triple_lists_known_ones():
     assert "riscv64-linux-gnu" in str(info.value) and "aarch64-linux-gnu" in str(info.value)
     with pytest.raises(TargetError):
         lastbit.compile("whatever.onnx", target="sparc-sun-solaris")
+
+
+def test_dotprod_variant_adds_sdot_and_keeps_the_plain_path():
+    plain, dot = get_target("aarch64-linux-gnu"), get_target("aarch64-dotprod-linux-gnu")
+    assert "+dotprod" in list(dot.tvm().attrs["mattr"]) and "+dotprod" not in list(plain.tvm().attrs["mattr"])
+    assert "dotprod" in dot.feature_set() and "dotprod" not in plain.feature_set()
+    assert dot.kernels["conv2d"][0] == "int8-sdot" and "int8-sdot" not in plain.kernels["conv2d"]
+    # qemu runs each as a core with exactly its extensions (the A53 refuses sdot)
+    assert (plain.qemu_cpu, dot.qemu_cpu) == ("cortex-a53", "cortex-a76")

@@ -1,0 +1,423 @@
+"""Direct int8 conv2d and dense kernels for ARM NEON, in a blocked layout, two flavours:
+
+* ``int8-sdot`` — aarch64 with the dot-product extension (``+dotprod``: Cortex-A55/A76,
+  Raspberry Pi 5): each ``sdot v.4s, w.16b, x.16b`` adds, to 4 output channels, the dot of 4
+  input channels (16 int8 MACs); the input's 4 bytes are broadcast (``ld1r``) and reused by
+  ``oc_blocks`` weight vectors, each weight vector by ``ow_tile`` columns. Products and sums
+  are exact in int32 (signed × signed, no offset trick as x86's ``vpdpbusd`` needs).
+* ``int8-smlal`` (aarch64) / ``int8-smlal-v7`` (armv7) — NEON without dot product: int8 × int8
+  multiply-accumulated into **int16** lanes (``smlal``/``smlal2``, armv7 ``vmlal.s8``: 8 MACs per instruction, twice an
+  fp32 ``fmla``) over a block of the reduction short enough never to overflow, then widened
+  into int32 once per block. With activations in [-128, 127] and codes of magnitude ≤ m, one
+  product is at most 128·m, so a block of ``⌊32767 / (128·m)⌋`` products is safe: 63 for
+  3-bit pow2-4 codes (m = 4), 2 for int8 codes (m = 127). A block is a whole number of input
+  channels (all KH·KW taps of each); a layer whose KH·KW taps alone could overflow is
+  declined (``reference-int`` serves it).
+
+Both compute a conv2d as ``acc_blocked[n, o/OB, oh, ow, OB]`` (channels innermost, one vector
+per output pixel) from the input packed to ``[n, C/IB, H+pads, W+pads, IB]`` int8 (IB = 4 for
+sdot, 1 for smlal; zero padding, zero channels past C), then back to NCHW. A dense layer is
+the same kernel on a 1×1 "image" of M columns (input channel = feature, column = row of the
+batch), so one micro-kernel serves both.
+
+Packed weights (``pack``): ``[O/(G·OB), C/IB, KH, KW, G, OB, IB]`` int8, zero padded (OB = 4 for
+sdot, 16 for smlal; G = the register tile's channel blocks, :func:`default_knobs`), so one
+tap's weights for a tile are one contiguous run.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from lastbit.codegen.kernels import IntKernel, IntLayer, KernelError, register_kernel
+from lastbit.codegen.kernels.common import check_codes_shape, code_levels, conv_output_shape, first_missing
+
+SDOT_INTRIN = "lastbit_sdot_4x4_i8i32_neon"
+INT16_MAX = 32767
+ACT_MAGNITUDE = 128  # |int8 activation| ≤ 128
+
+
+@dataclass(frozen=True)
+class Flavour:
+    name: str
+    oc_block: int  # output channels per accumulator vector group (packed weight block)
+    ic_block: int  # input channels per dot-product lane
+    needs: frozenset[str]
+    register_budget: int  # vector registers the accumulator tile may take
+    int16: bool = False  # int16 partial sums (smlal) rather than int32 (sdot)
+
+
+# aarch64 has 32 vector registers, armv7 16 quad ones: the rest hold weights and broadcasts
+SDOT = Flavour("int8-sdot", 4, 4, frozenset({"neon", "aarch64", "dotprod"}), register_budget=16)
+SMLAL = Flavour("int8-smlal", 16, 1, frozenset({"neon", "aarch64"}), register_budget=16, int16=True)
+SMLAL_V7 = Flavour("int8-smlal-v7", 16, 1, frozenset({"neon", "armv7"}), register_budget=6, int16=True)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A dense layer is a 1×1 conv over a 1×M image: every layer as conv2d numbers."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    o: int
+    kh: int
+    kw: int
+    oh: int
+    ow: int
+    strides: tuple[int, int] = (1, 1)
+    dilation: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+def geometry(layer: IntLayer) -> ConvGeometry:
+    if layer.op == "dense":
+        m, k = layer.data_shape
+        return ConvGeometry(1, k, 1, m, layer.weight_shape[0], 1, 1, 1, m)
+    n, c, h, w = layer.data_shape
+    o, _, kh, kw = layer.weight_shape
+    _, _, oh, ow = conv_output_shape(layer)
+    return ConvGeometry(n, c, h, w, o, kh, kw, oh, ow, tuple(layer.strides), tuple(layer.dilation),
+                        tuple(layer.padding))
+
+
+def max_code(code_set: str) -> int:
+    return int(np.abs(code_levels(code_set).astype(np.int64)).max())
+
+
+def int16_block_channels(layer: IntLayer) -> int:
+    """Input channels per int16 partial sum: the most whose KH·KW·channels products, each at
+    most 128·max|code|, stay within int16 (0: not even one channel's taps fit)."""
+    g = geometry(layer)
+    per_channel = g.kh * g.kw * ACT_MAGNITUDE * max(max_code(layer.code_set), 1)
+    return INT16_MAX // per_channel
+
+
+def smlal_chunk(layer: IntLayer) -> int:
+    """The int16 block actually used: a divisor of C when one is at least half the bound (no
+    padding), else the bound (C is zero-padded to a multiple of it)."""
+    c = geometry(layer).c
+    bound = min(int16_block_channels(layer), c)
+    divisor = max(d for d in range(1, bound + 1) if c % d == 0)
+    return divisor if 2 * divisor > bound else bound
+
+
+def _padded_channels(flavour: Flavour, layer: IntLayer) -> int:
+    c = geometry(layer).c
+    step = smlal_chunk(layer) if flavour.int16 else flavour.ic_block
+    return _ceil_div(c, step) * step
+
+
+# --------------------------------------------------------------------------------------------
+# Packing (numpy)
+# --------------------------------------------------------------------------------------------
+
+
+def pack_weight_blocks(codes: np.ndarray, oc_block: int, ic_block: int, channels: int, group: int = 1) -> np.ndarray:
+    """OIHW int8 codes → ``[O/(G·OB), C/IB, KH, KW, G, OB, IB]`` with C zero padded to
+    ``channels``: the G blocks of one register tile side by side, so one tap's weights are
+    one contiguous run (loads with immediate offsets, ``ldp``)."""
+    o, c, kh, kw = codes.shape
+    op = _ceil_div(o, oc_block * group) * oc_block * group
+    full = np.zeros((op, channels, kh, kw), np.int8)
+    full[:o, :c] = codes
+    blocks = full.reshape(op // (oc_block * group), group, oc_block, channels // ic_block, ic_block, kh, kw)
+    return np.ascontiguousarray(blocks.transpose(0, 3, 5, 6, 1, 2, 4))
+
+
+def pack(flavour: Flavour, layer: IntLayer, codes: np.ndarray) -> list[np.ndarray]:
+    codes = check_codes_shape(layer, codes, flavour.name)
+    if codes.size and (codes.min() < -128 or codes.max() > 127):
+        raise KernelError(f"{flavour.name}: weight codes outside int8: [{codes.min()}, {codes.max()}]")
+    if flavour.int16 and codes.size and np.abs(codes.astype(np.int64)).max() > max_code(layer.code_set):
+        raise KernelError(f"{flavour.name}: codes exceed the code set {layer.code_set} (int16 block bound)")
+    codes = codes.astype(np.int8)
+    if layer.op == "dense":
+        codes = codes[:, :, None, None]
+    group = default_knobs(flavour, layer).oc_blocks
+    return [pack_weight_blocks(codes, flavour.oc_block, flavour.ic_block, _padded_channels(flavour, layer), group)]
+
+
+# --------------------------------------------------------------------------------------------
+# What it serves
+# --------------------------------------------------------------------------------------------
+
+
+def supports(flavour: Flavour, layer: IntLayer, features: frozenset[str]) -> str | None:
+    if layer.op not in ("dense", "conv2d"):
+        return f"serves dense and conv2d, not {layer.op}"
+    if layer.op == "dense" and len(layer.data_shape) != 2:
+        return f"dense input of rank {len(layer.data_shape)} (2-D only)"
+    if layer.op == "conv2d" and (len(layer.data_shape) != 4 or layer.groups != 1):
+        return f"conv2d with groups={layer.groups} (dense convolutions only)"
+    missing = first_missing(features, flavour.needs)
+    if missing:
+        return missing
+    try:
+        geometry(layer)
+        mag = max_code(layer.code_set)
+    except KernelError as err:
+        return str(err)
+    if mag > 127:
+        return f"code set {layer.code_set} does not fit int8"
+    if flavour.int16 and int16_block_channels(layer) < 1:
+        g = geometry(layer)
+        return (f"{g.kh}x{g.kw} taps of {layer.code_set} codes (|code| ≤ {mag}) can overflow an int16 "
+                f"partial sum")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The sdot tensor intrinsic: C[4] += Σ_k A[k]·B[i, k], k < 4
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def register_sdot_intrin() -> str:
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), "int8", offset_factor=1),
+        B: T.Buffer((4, 4), "int8", offset_factor=1),
+        C: T.Buffer((4,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            for i in T.serial(0, 4):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "int8", offset_factor=1),
+        B: T.Buffer((4, 4), "int8", offset_factor=1),
+        C: T.Buffer((4,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot"),
+                C.vload([0], dtype="int32x4"),
+                B.vload([0, 0], dtype="int8x16"),
+                T.reinterpret(T.broadcast(a_i32, 4), dtype="int8x16"),
+                dtype="int32x4",
+            )
+
+    TensorIntrin.register(SDOT_INTRIN, desc, impl, override=True)
+    return SDOT_INTRIN
+
+
+# --------------------------------------------------------------------------------------------
+# Compute (TE)
+# --------------------------------------------------------------------------------------------
+
+
+def prim_func(flavour: Flavour, layer: IntLayer):
+    from tvm import te, tirx
+
+    g = geometry(layer)
+    ib, ob = flavour.ic_block, flavour.oc_block
+    cp = _padded_channels(flavour, layer)
+    cb, obs = cp // ib, _ceil_div(g.o, ob)
+    group = default_knobs(flavour, layer).oc_blocks  # blocks per register tile, as packed
+    pt, pl, pb, pr = g.padding
+    sh, sw = g.strides
+    dh, dw = g.dilation
+    x = te.placeholder(layer.data_shape, "int8", name="x_q")
+    wt = te.placeholder((obs // group, cb, g.kh, g.kw, group, ob, ib), "int8", name="w_blocks")
+
+    def source(b, ch, y, z):  # x[b, ch, y, z] of the conv view; indices clamped (vector loads)
+        ch = tirx.min(ch, g.c - 1)
+        if layer.op == "dense":
+            return x[tirx.max(tirx.min(z, g.w - 1), 0), ch]
+        return x[b, ch, tirx.max(tirx.min(y, g.h - 1), 0), tirx.max(tirx.min(z, g.w - 1), 0)]
+
+    def packed(b, q, y, z, ci):
+        ch = q * ib + ci
+        inside = tirx.all(y >= pt, y < pt + g.h, z >= pl, z < pl + g.w, ch < g.c)
+        return tirx.if_then_else(inside, source(b, ch, y - pt, z - pl), tirx.const(0, "int8"))
+
+    data = te.compute((g.n, cb, g.h + pt + pb, g.w + pl + pr, ib), packed, name="data_pack")
+    ry = te.reduce_axis((0, g.kh), name="ry")
+    rx = te.reduce_axis((0, g.kw), name="rx")
+    if not flavour.int16:
+        rc = te.reduce_axis((0, cb), name="rc")
+        ri = te.reduce_axis((0, ib), name="ri")
+        acc_blocked = te.compute(
+            (g.n, obs, g.oh, g.ow, ob),
+            lambda b, q, y, z, oi: te.sum(
+                data[b, rc, y * sh + ry * dh, z * sw + rx * dw, ri].astype("int32")
+                * wt[q // group, rc, ry, rx, q % group, oi, ri].astype("int32"),
+                axis=[rc, ry, rx, ri],
+            ),
+            name="acc_blocked",
+        )
+    else:
+        chunk = smlal_chunk(layer)
+        rc = te.reduce_axis((0, chunk), name="rc")
+        partial = te.compute(
+            (g.n, obs, g.oh, g.ow, cp // chunk, ob),
+            lambda b, q, y, z, k, oi: te.sum(
+                data[b, k * chunk + rc, y * sh + ry * dh, z * sw + rx * dw, 0].astype("int16")
+                * wt[q // group, k * chunk + rc, ry, rx, q % group, oi, 0].astype("int16"),
+                axis=[rc, ry, rx],
+            ),
+            name="partial",
+        )
+        rk = te.reduce_axis((0, cp // chunk), name="rk")
+        acc_blocked = te.compute(
+            (g.n, obs, g.oh, g.ow, ob),
+            lambda b, q, y, z, oi: te.sum(partial[b, q, y, z, rk, oi].astype("int32"), axis=rk),
+            name="acc_blocked",
+        )
+    if layer.op == "dense":
+        out = te.compute((g.w, g.o), lambda i, j: acc_blocked[0, j // ob, 0, i, j % ob], name="acc")
+    else:
+        out = te.compute(
+            (g.n, g.o, g.oh, g.ow), lambda b, f, y, z: acc_blocked[b, f // ob, y, z, f % ob], name="acc"
+        )
+    return te.create_prim_func([x, wt, out])
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NeonKnobs:
+    """Register tile: ``ow_tile`` output columns × ``oc_blocks`` weight blocks of accumulators."""
+
+    ow_tile: int
+    oc_blocks: int
+
+
+def default_knobs(flavour: Flavour, layer: IntLayer, features: frozenset[str] = frozenset()) -> NeonKnobs:
+    """The tile with the most MACs per instruction of the inner loop (per tap: one weight load
+    per block, one broadcast per column, one sdot / two smlal per block and column) whose
+    accumulators fit the register budget; both factors divide their loops."""
+    g = geometry(layer)
+    obs = _ceil_div(g.o, flavour.oc_block)
+    regs_per_acc = 1 if not flavour.int16 else 2  # 16 int16 lanes are two q registers
+    macs = flavour.oc_block * flavour.ic_block
+    budget = flavour.register_budget
+    best, best_rate = NeonKnobs(1, 1), 0.0
+    for blocks in (d for d in range(1, min(obs, 8) + 1) if obs % d == 0):
+        for tile in (d for d in range(1, g.ow + 1) if g.ow % d == 0):
+            if regs_per_acc * blocks * tile > budget:
+                continue
+            rate = macs * blocks * tile / (blocks + tile + regs_per_acc * blocks * tile)
+            if rate > best_rate:
+                best, best_rate = NeonKnobs(tile, blocks), rate
+    return best
+
+
+def _apply(flavour: Flavour, sch, layer: IntLayer, ow_tile, oc_blocks) -> None:
+    block = sch.get_sblock("acc_blocked")
+    out = sch.get_sblock("acc")
+    if not flavour.int16:
+        b, q, y, z, oi, rc, ry, rx, ri = sch.get_loops(block)
+        qo, qi = sch.split(q, [None, oc_blocks])
+        zo, zi = sch.split(z, [None, ow_tile])
+        sch.reorder(b, qo, y, zo, rc, ry, rx, zi, qi, oi, ri)
+        sch.set_scope(block, 0, "local")  # the tile lives in registers
+        sch.parallel(sch.fuse(b, qo, y))
+        sch.reverse_compute_at(out, zo)
+        for loop in (rx, zi, qi):
+            sch.unroll(loop)
+        init = sch.decompose_reduction(block, rc)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.tensorize(oi, register_sdot_intrin())
+    else:
+        b, q, y, z, oi, rk = sch.get_loops(block)
+        qo, qi = sch.split(q, [None, oc_blocks])
+        zo, zi = sch.split(z, [None, ow_tile])
+        sch.reorder(b, qo, y, zo, rk, zi, qi, oi)
+        sch.parallel(sch.fuse(b, qo, y))
+        part = sch.get_sblock("partial")
+        sch.compute_at(part, rk)
+        sch.set_scope(part, 0, "local")  # int16 partial sums in registers
+        # compute_at leaves out unit loops: name the ones it made from the known extents
+        g = geometry(layer)
+        extents = {"z": ow_tile, "q": oc_blocks, "oi": flavour.oc_block, "rc": smlal_chunk(layer),
+                   "ry": g.kh, "rx": g.kw}
+        loops = sch.get_loops(part)
+        at = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(rk)))
+        inner = loops[at + 1:]
+        named = dict(zip([k for k, v in extents.items() if _value(sch, v) > 1], inner))
+        reductions = [named[k] for k in ("rc", "ry", "rx") if k in named]
+        spatial = [named[k] for k in ("z", "q", "oi") if k in named]
+        sch.reorder(*reductions, *spatial)
+        for key in ("rx", "z", "q"):
+            if key in named:
+                sch.unroll(named[key])
+        sch.vectorize(named["oi"])
+        pinit = sch.decompose_reduction(part, (reductions or spatial)[0])
+        sch.vectorize(sch.get_loops(pinit)[-1])
+        sch.unroll(zi)
+        sch.unroll(qi)
+        sch.vectorize(oi)
+        init = sch.decompose_reduction(block, rk)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.reverse_compute_at(out, zo)
+    # the input pack: parallel over (batch, channel block, padded row)
+    pb, pc, py, _, pi = sch.get_loops(sch.get_sblock("data_pack"))
+    sch.parallel(sch.fuse(pb, pc, py))
+    sch.unroll(pi)
+
+
+def _value(sch, knob) -> int:
+    """A knob's value: an int, or a sampled variable's current draw."""
+    return knob if isinstance(knob, int) else int(sch.get(knob))
+
+
+def schedule(flavour: Flavour, sch, layer: IntLayer, features: frozenset[str], knobs: NeonKnobs | None = None) -> None:
+    """Default: :func:`default_knobs` (or the given ones)."""
+    knobs = knobs or default_knobs(flavour, layer, features)
+    _apply(flavour, sch, layer, knobs.ow_tile, knobs.oc_blocks)
+
+
+def tuning_space(flavour: Flavour, layer: IntLayer, features: frozenset[str]):
+    """The tile's output columns sampled with ``sample_perfect_tile`` (a divisor of the row)."""
+
+    def space(sch) -> None:
+        loops = sch.get_loops(sch.get_sblock("acc_blocked"))
+        _, ow_tile = sch.sample_perfect_tile(loops[3], n=2, max_innermost_factor=8)
+        # the channel blocks per tile are fixed by the packed weight layout
+        _apply(flavour, sch, layer, ow_tile, default_knobs(flavour, layer).oc_blocks)
+
+    return space
+
+
+def _kernel(flavour: Flavour, description: str) -> IntKernel:
+    return register_kernel(
+        IntKernel(
+            name=flavour.name,
+            supports=functools.partial(supports, flavour),
+            pack=functools.partial(pack, flavour),
+            prim_func=functools.partial(prim_func, flavour),
+            schedule=functools.partial(schedule, flavour),
+            tuning_space=functools.partial(tuning_space, flavour),
+            description=description,
+        )
+    )
+
+
+INT8_SDOT = _kernel(SDOT, "int8 codes, direct conv2d/dense in [c/4]c4 blocks, sdot micro-kernel (aarch64 +dotprod)")
+INT8_SMLAL = _kernel(SMLAL, "int8 codes, direct conv2d/dense, smlal into overflow-free int16 blocks (aarch64 NEON)")
+INT8_SMLAL_V7 = _kernel(SMLAL_V7, "int8 codes, direct conv2d/dense, vmlal.s8 into overflow-free int16 blocks (armv7)")

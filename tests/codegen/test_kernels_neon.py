@@ -1,0 +1,128 @@
+"""ARM NEON int8 kernels (codegen/kernels/neon_int.py): what they serve, the int16 block bound,
+and bit-exact against quant_reference on odd shapes under qemu-user — ``int8-sdot`` on
+aarch64+dotprod (qemu as a Cortex-A76), ``int8-smlal`` on plain aarch64 (as a Cortex-A53) and
+armv7. Each test builds all its cases into one bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from lastbit.codegen.kernels import IntLayer, get_kernel, neon_int
+from lastbit.passes.pow2_projection import code_set
+from lastbit.targets import get_target
+
+from tests.codegen.test_kernels import _conv_case, _dense_case, _extreme_dense, _run_cases
+
+DOTPROD = "aarch64-dotprod-linux-gnu"
+NEON64 = frozenset({"neon", "popcount", "aarch64"})
+
+
+def _conv(op="conv2d", cs="pow2-4", kh=3, groups=1, channels=8):
+    if op == "dense":
+        return IntLayer("dense", cs, code_set(cs).bits, (1, 64), (32, 64))
+    return IntLayer("conv2d", cs, code_set(cs).bits, (1, channels, 8, 8), (8, channels // groups, kh, kh),
+                    padding=(1, 1, 1, 1), groups=groups)
+
+
+@pytest.mark.parametrize(
+    "kernel, layer, features, reason",
+    [
+        ("int8-sdot", _conv(), NEON64 | {"dotprod"}, None),
+        ("int8-sdot", _conv("dense", "int8"), NEON64 | {"dotprod"}, None),
+        ("int8-sdot", _conv(), NEON64, "dotprod"),
+        ("int8-sdot", _conv(groups=2), NEON64 | {"dotprod"}, "groups=2"),
+        ("int8-smlal-v7", _conv(), frozenset({"neon", "armv7"}), None),
+        ("int8-smlal", _conv(), frozenset({"neon", "armv7"}), "aarch64"),
+        ("int8-smlal", _conv("dense", "int8"), NEON64, None),  # 1 tap: blocks of 2 int8 products
+        ("int8-smlal", _conv(cs="int8"), NEON64, "overflow"),  # 9 taps × 128·127 > int16
+        ("int8-smlal", _conv(), frozenset({"avx2"}), "neon"),
+    ],
+)
+def test_supports_names_the_reason(kernel, layer, features, reason):
+    got = get_kernel(kernel).supports(layer, features)
+    assert got is None if reason is None else (got is not None and reason in got)
+
+
+def test_int16_block_never_overflows():
+    """The worst block of products (|x| = 128, |w| = max code) fits int16; one more channel does not."""
+    for cs, kh in (("pow2-4", 3), ("pow2-2", 3), ("pow2-64", 1), ("ternary", 7), ("int8", 1)):
+        layer = _conv(cs=cs, kh=kh, channels=64)
+        block = neon_int.int16_block_channels(layer)
+        worst = 128 * int(np.abs(code_set(cs).levels).max()) * kh * kh
+        assert block >= 1 and block * worst <= 32767 < (block + 1) * worst
+        assert neon_int.smlal_chunk(layer) <= block
+    assert neon_int.int16_block_channels(_conv(cs="pow2-4", kh=3)) == 7  # 3-bit codes, 3×3: 63 products
+
+
+def test_default_tile_fits_the_registers():
+    for flavour, budget in ((neon_int.SDOT, 16), (neon_int.SMLAL, 16), (neon_int.SMLAL_V7, 6)):
+        big = IntLayer("conv2d", "pow2-4", 3, (1, 512, 7, 7), (512, 512, 3, 3))
+        for layer in (_conv(channels=32), _conv("dense"), big):
+            knobs = neon_int.default_knobs(flavour, layer)
+            regs = knobs.oc_blocks * knobs.ow_tile * (2 if flavour.int16 else 1)
+            assert 1 <= regs <= budget
+
+
+def _cases(rng, kernel: str, cs: str):
+    return [
+        _dense_case(rng, kernel, cs, 1, 37, 75),  # batch 1, odd features and reduction
+        _dense_case(rng, kernel, cs, 3, 21, 130),
+        _conv_case(rng, kernel, cs, (1, 5, 9, 11), 7, (3, 3), (1, 1), (1, 1, 1, 1)),
+        _conv_case(rng, kernel, cs, (2, 9, 8, 7), 6, (3, 2), (2, 1), (0, 1, 2, 1), dilation=(1, 2)),
+        _extreme_dense(kernel, cs, n=20, k=301),
+    ]
+
+
+def _skip_without_tools(triple):
+    missing = get_target(triple).missing_tools()
+    if missing:
+        pytest.skip(f"{triple} needs {', '.join(missing)}")
+
+
+@pytest.mark.qemu
+def test_sdot_kernel_is_bit_exact_under_qemu(tmp_path):
+    _skip_without_tools(DOTPROD)
+    rng = np.random.default_rng(12)
+    cases = _cases(rng, "int8-sdot", "pow2-4") + _cases(rng, "int8-sdot", "int8")[:3] + [
+        _conv_case(rng, "int8-sdot", "pow2-4", (1, 16, 5, 4), 64, (3, 3), (1, 1), (1, 1, 1, 1)),  # tiles of blocks
+    ]
+    _run_cases(cases, DOTPROD, tmp_path)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("triple, kernel",
+                         [("aarch64-linux-gnu", "int8-smlal"), ("armv7a-linux-gnueabihf", "int8-smlal-v7")])
+def test_smlal_kernel_is_bit_exact_under_qemu(triple, kernel, tmp_path):
+    _skip_without_tools(triple)
+    rng = np.random.default_rng(len(triple))
+    cases = _cases(rng, kernel, "pow2-4") + [
+        _dense_case(rng, kernel, "int8", 2, 19, 77),  # blocks of 2 int8 products
+        _extreme_dense(kernel, "int8", n=20, k=301),
+        _conv_case(rng, kernel, "ternary", (1, 13, 6, 6), 33, (3, 3), (1, 1), (1, 1, 1, 1)),  # padded C
+        _conv_case(rng, kernel, "pow2-4", (1, 16, 5, 4), 64, (3, 3), (1, 1), (1, 1, 1, 1)),  # tiles of several blocks
+    ]
+    _run_cases(cases, triple, tmp_path)
+
+
+@pytest.mark.qemu
+def test_plain_aarch64_cpu_refuses_sdot(tmp_path):
+    """The plain target runs under a qemu Cortex-A53: sdot code built for it must not pass."""
+    _skip_without_tools(DOTPROD)
+    from lastbit.errors import RunError
+
+    from lastbit.codegen.bundle import build_bundle, run_bundle
+    from lastbit.codegen.kernels.common import kernels_module
+
+    rng = np.random.default_rng(3)
+    kernel, layer, codes, x, ref = _dense_case(rng, "int8-sdot", "pow2-4", 1, 8, 16)
+    dot = get_target(DOTPROD)
+    mod = kernels_module([(kernel, layer, codes)], dot.feature_set())
+    bundle = build_bundle(mod, dot, tmp_path / "sdot")
+    assert np.array_equal(run_bundle(bundle, [x])[0], ref)  # as a Cortex-A76: runs
+    as_a53 = build_bundle(mod, dataclasses.replace(dot, qemu_cpu="cortex-a53"), tmp_path / "sdot-a53")
+    with pytest.raises(RunError, match="signal 4"):  # SIGILL
+        run_bundle(as_a53, [x])
