@@ -481,18 +481,40 @@ class _SortedRows:
         self.csum = np.concatenate([np.zeros((rows, 1)), np.cumsum(asc, axis=1)], axis=1)
         self.sum_sq = np.einsum("ij,ij->i", asc, asc)
         self.odd = 2.0 * np.arange(top) + 1.0  # level² = Σ_{k < level} (2k + 1)
+        self.last = np.zeros((rows, top), dtype=np.int64)  # each row's last positions, to search near
 
-    def sums(self, alpha: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(⟨a,q⟩, ⟨q,q⟩) for each of ``rows`` at scale ``alpha`` (m,) or (m, c)."""
+    def sums(self, alpha: np.ndarray, rows: np.ndarray, near_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(⟨a,q⟩, ⟨q,q⟩) for each of ``rows`` at scale ``alpha`` (m,) or (m, c). ``near_last``
+        (one α a row): look near the row's positions of the last call first; the alternation
+        moves α a little each round, so most thresholds stay within a few elements."""
         alpha = alpha.reshape(rows.size, -1)
         # element i is above level k iff a_i > (k + 0.5)·α; thresholds ≥ 1 are above every |w|
         thr = np.minimum((np.arange(self.top) + 0.5)[None, None, :] * alpha[:, :, None], 1.0)
-        pos = np.searchsorted(self.keys, (thr + self.offset[rows, None, None]).ravel(), side="right")
-        below = pos.reshape(thr.shape) - (rows * self.n)[:, None, None]
+        keys = thr + self.offset[rows, None, None]
+        if near_last:
+            pos = self._search_near(keys[:, 0, :], self.last[rows])[:, None, :]
+        else:
+            pos = np.searchsorted(self.keys, keys.ravel(), side="right").reshape(thr.shape)
+        if pos.shape[1] == 1:
+            self.last[rows] = pos[:, 0, :]
+        below = pos - (rows * self.n)[:, None, None]
         below_sum = self.csum.ravel()[below + (rows * (self.n + 1))[:, None, None]]
         p = self.csum[rows, -1][:, None] * self.top - below_sum.sum(axis=2)
         q = ((self.n - below) * self.odd).sum(axis=2)
         return p, q
+
+    def _search_near(self, keys: np.ndarray, guess: np.ndarray, half: int = 8) -> np.ndarray:
+        """searchsorted(self.keys, keys, "right"), counting within ±half of ``guess`` where the
+        answer lies there (a window of sorted keys brackets it) and searching the rest."""
+        size = self.keys.size
+        start = np.clip(guess - half, 0, max(size - 2 * half, 0))
+        window = self.keys[np.minimum(start[..., None] + np.arange(2 * half), size - 1)]
+        count = np.sum(window <= keys[..., None], axis=-1)
+        pos = start + count
+        inside = ((count > 0) | (start == 0)) & ((count < 2 * half) | (start + 2 * half >= size))
+        if not inside.all():
+            pos[~inside] = np.searchsorted(self.keys, keys[~inside], side="right")
+        return pos
 
 
 def _refine_sorted_rows(w: np.ndarray, a: np.ndarray, a_max: np.ndarray, top: int,
@@ -508,7 +530,7 @@ def _refine_sorted_rows(w: np.ndarray, a: np.ndarray, a_max: np.ndarray, top: in
         err = data.sum_sq[:, None] - 2 * cand * p + cand * cand * q
     pick = np.argmin(err, axis=1)
     gen = cand[all_rows, pick]  # q = round(|w| / gen): the start's codes
-    p, q = p[all_rows, pick], q[all_rows, pick]
+    p, q = (x[:, 0] for x in data.sums(gen, all_rows))  # (and each row's positions for the next rounds)
     alpha = np.where(q > 0, p / np.where(q > 0, q, 1.0), 0.0)
     gain = np.where(q > 0, p * p / np.where(q > 0, q, 1.0), 0.0)  # ‖a‖² − error at α = fit(q)
     active = alpha > 0
@@ -516,7 +538,7 @@ def _refine_sorted_rows(w: np.ndarray, a: np.ndarray, a_max: np.ndarray, top: in
         rows = np.flatnonzero(active)
         if not rows.size:
             break
-        p_new, q_new = (x[:, 0] for x in data.sums(alpha[rows], rows))
+        p_new, q_new = (x[:, 0] for x in data.sums(alpha[rows], rows, near_last=True))
         gain_new = np.where(q_new > 0, p_new * p_new / np.where(q_new > 0, q_new, 1.0), 0.0)
         err, err_new = data.sum_sq[rows] - gain[rows], data.sum_sq[rows] - gain_new
         better = err_new < err * (1 - 1e-12)
