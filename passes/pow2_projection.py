@@ -234,7 +234,7 @@ def projection_error(w: object, q: np.ndarray, alpha: np.ndarray | float) -> flo
 _GRID_POINTS = 64  # u-grid points over the whole path
 _SPLIT_POINTS = 16  # grid points per interval split
 _SWEEP_MOVES = 256  # an interval with at most this many breakpoints is swept outright
-_SWEEP_ROW_MOVES = 4096  # rows with at most this many breakpoints are swept outright, all at once
+_SWEEP_ROW_MOVES = 8192  # rows with at most this many breakpoints are swept outright, all at once
 _CHUNK_ELEMENTS = 1 << 22  # rows handled together: bounds the temporaries
 
 
@@ -342,8 +342,7 @@ def _exact_magnitudes_rows(a: np.ndarray, mags: np.ndarray) -> np.ndarray:
     """Globally optimal magnitude codes for each row of |w| = a (rows, n): short rows swept
     outright, all at once; long ones by the branch and bound, row by row."""
     rows, n = a.shape
-    order = np.argsort(-a, axis=1)  # ties in any order: each order is a path through the same states
-    desc = np.take_along_axis(a, order, axis=1)
+    desc = np.sort(a, axis=1)[:, ::-1]  # ties in any order: each order is a path through the same states
     csum = np.concatenate([np.zeros((rows, 1)), np.cumsum(desc, axis=1)], axis=1)
     T = mags.size - 1
     if T == 0:
@@ -358,10 +357,17 @@ def _exact_magnitudes_rows(a: np.ndarray, mags: np.ndarray) -> np.ndarray:
         counts = _swept_counts(desc, csum, mags)
     else:
         counts = np.stack([_optimal_counts(desc[r], csum[r], mags) for r in range(rows)])
-    level = np.sum(np.arange(n)[None, :, None] < counts[:, None, :], axis=2)
-    out = np.empty_like(a)
-    np.put_along_axis(out, order, mags[level], axis=1)
-    return out
+    # Element i sits above midpoint j iff it is among the k_j largest: |w_i| ≥ the k_j-th largest,
+    # unless equal values straddle that count (rows of repeated values); those rows go by rank.
+    top = np.take_along_axis(desc, np.clip(counts - 1, 0, n - 1), axis=1)
+    after = np.take_along_axis(desc, np.clip(counts, 0, n - 1), axis=1)
+    straddle = np.any((counts > 0) & (counts < n) & (after == top), axis=1)
+    threshold = np.where(counts > 0, top, np.inf)
+    level = np.sum(a[:, :, None] >= threshold[:, None, :], axis=2)
+    for r in np.flatnonzero(straddle):
+        order = np.argsort(-a[r], kind="stable")
+        level[r, order] = np.sum(np.arange(n)[:, None] < counts[r][None, :], axis=1)
+    return mags[level]
 
 
 # --- the alternation, for every row at once --------------------------------------------------
