@@ -13,6 +13,7 @@ import admm_sweep  # noqa: E402
 import arm_insn_count  # noqa: E402
 import bitserial_arm  # noqa: E402
 import codesign  # noqa: E402
+import compile_time  # noqa: E402
 import conv_vnni  # noqa: E402
 import gemv_lowbit  # noqa: E402
 import prune_latency  # noqa: E402
@@ -33,6 +34,7 @@ BENCHMARKS = [
     quant_e2e,
     conv_vnni,
     arm_insn_count,
+    compile_time,
     bitserial_arm,
     autotune,
     codesign,

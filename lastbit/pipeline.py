@@ -14,6 +14,7 @@ model goes through, in order, with an optional IR dump after each (``--dump-ir D
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +36,7 @@ class Compiled:
     torch_module: object = None  # the fine-tuned torch module when squeezing trained one (ADMM)
     kernels: dict = field(default_factory=dict)  # layer var -> KernelChoice (codegen/quant_lowering.py)
     accel: object = None  # runner "sim" targets: the accelerator side (codegen/accel/offload.py AccelModule)
+    phase_s: dict = field(default_factory=dict)  # wall seconds per phase ("squeeze", "lower+schedule")
 
 
 # Phase 0. Import ---------------------------------------------------------------------------
@@ -197,16 +199,21 @@ def compile_graph(
     target = get_target(target)
     dump_ir = Path(dump_ir) if dump_ir else None
     _dump(dump_ir, "0-imported", graph.mod)
+    start = time.perf_counter()
     passes = squeeze_passes(squeeze, torch_module, target)
     for squeeze_pass in passes:
         graph = squeeze_pass(graph)
     _dump(dump_ir, "1-squeezed", graph.mod)
     tuned = next((p.result.module for p in passes if getattr(p, "result", None) is not None), None)
+    squeezed = time.perf_counter()
     host_graph, accel = offload(graph, target, dump_ir)
     integer = integer_lowering(target, squeeze)
     mod = lower_and_schedule(host_graph, target, dump_ir, integer=integer, db=db)
     kernels = dict(integer.choices) if integer is not None else {}
-    return Compiled(graph=graph, target=target, mod=mod, torch_module=tuned, kernels=kernels, accel=accel)
+    phase_s = {"squeeze": squeezed - start, "lower+schedule": time.perf_counter() - squeezed}
+    log.info("compiled %s: %s", graph.name, ", ".join(f"{k} {v:.1f} s" for k, v in phase_s.items()))
+    return Compiled(graph=graph, target=target, mod=mod, torch_module=tuned, kernels=kernels, accel=accel,
+                    phase_s=phase_s)
 
 
 # Phase 4. Build ----------------------------------------------------------------------------

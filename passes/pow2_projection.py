@@ -25,6 +25,7 @@ int8 code holds, hence bits ≤ 4 for power-of-two sets; bits = 8 means "int8".
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -214,98 +215,374 @@ def projection_error(w: object, q: np.ndarray, alpha: np.ndarray | float) -> flo
     return float(np.sum(diff * diff))
 
 
-def _exact_magnitudes(a: np.ndarray, mags: np.ndarray) -> np.ndarray:
-    """Globally optimal magnitude codes for |w| = a: argmax over q of ⟨a,q⟩²/⟨q,q⟩.
+# --- the exact search for small code sets (binary, ternary, pow2-*) ---------------------------
+#
+# With |w| = a and the signs fixed by w, the best q maximizes the gain ⟨a,q⟩²/⟨q,q⟩ (α = ⟨a,q⟩/⟨q,q⟩).
+# The optimal q is round(a·u) for some u = 1/α, and as u grows element i moves from magnitude
+# m_j to m_{j+1} at the breakpoint u = mid_j / a_i. So the candidates are the states along that
+# path: with a sorted descending, a state is a count k_j per midpoint (the top k_j elements sit
+# above mid_j), and ⟨a,q⟩, ⟨q,q⟩ come from prefix sums. Instead of scoring all T·n breakpoints,
+# the search scores a grid of u, bounds every interval between grid points, and only sweeps the
+# breakpoints of intervals whose bound beats the best state found: a branch and bound that
+# returns the same global optimum (up to float rounding) at a fraction of the cost.
+#
+# The bound: a move inside (u1, u2] adds step_p·a_i to ⟨a,q⟩ and step_q = step_p·2·mid_j to
+# ⟨q,q⟩, and a_i = mid_j/u, so every move adds at most 1/(2·u1) to ⟨a,q⟩ per unit of ⟨q,q⟩.
+# Any state inside is then below (p1 + x/(2·u1))²/(q1 + x) for some x in [0, q2 − q1], a
+# function whose maximum on an interval is at an end.
 
-    For the optimal α the optimal q is the elementwise rounding of a/α, and that rounding only
-    changes where a_i/α crosses a midpoint between two magnitudes. So the candidates are the
-    states just past each breakpoint u = mid_l / a_i (u = 1/α); in the state of candidate
-    (l, i) element k sits above midpoint j iff a_k ≥ a_i·mid_j/mid_l. With a sorted once and its
-    prefix sums, each candidate's ⟨a,q⟩ and ⟨q,q⟩ cost one searchsorted per midpoint:
-    O(T²·n log n) for T midpoints, memory O(n). Every evaluated state is a feasible q, so the
-    maximum found is the global one (ties of the rounding cost nothing: both sides are scored).
-    """
-    n = a.size
-    asc = np.sort(a)
-    csum = np.concatenate([[0.0], np.cumsum(asc)])
+_GRID_POINTS = 64  # u-grid points over the whole path
+_SPLIT_POINTS = 16  # grid points per interval split
+_SWEEP_MOVES = 256  # an interval with at most this many breakpoints is swept outright
+_SWEEP_ROW_MOVES = 8192  # rows with at most this many breakpoints are swept outright, all at once
+_CHUNK_ELEMENTS = 1 << 22  # rows handled together: bounds the temporaries
+
+
+def _optimal_counts(desc: np.ndarray, csum: np.ndarray, mags: np.ndarray) -> np.ndarray:
+    """The globally optimal state of one row: counts k_j (how many of the largest |w| sit above
+    midpoint j), for magnitudes ``desc`` sorted descending with prefix sums ``csum``."""
+    n, T = desc.size, mags.size - 1
+    best_k = np.zeros(T, dtype=np.int64)
+    if T == 0 or desc[0] <= 0:
+        return best_k
     mids = (mags[:-1] + mags[1:]) / 2.0
     step_p, step_q = np.diff(mags), np.diff(mags * mags)
-    base_p, base_q = mags[0] * csum[-1], n * mags[0] ** 2
-    best_score = base_p * base_p / base_q if base_q > 0 else 0.0
-    best_thresholds: np.ndarray | None = None  # None: every element at mags[0]
-    pivots = np.unique(asc[asc > 0])
-    for l in range(mids.size):
-        ratios = mids / mids[l]
-        p = np.full(pivots.shape, base_p)
-        qq = np.full(pivots.shape, base_q)
-        for j in range(mids.size):
-            thr = pivots if j == l else pivots * ratios[j]  # j == l: exactly a_i, so a_i counts itself
-            above = n - np.searchsorted(asc, thr, side="left")
-            p = p + step_p[j] * (csum[n] - csum[n - above])
-            qq = qq + step_q[j] * above
-        score = np.divide(p * p, qq, out=np.zeros_like(p), where=qq > 0)
-        k = int(np.argmax(score)) if score.size else 0
-        if score.size and score[k] > best_score:
-            best_score = score[k]
-            best_thresholds = np.array([pivots[k] if j == l else pivots[k] * ratios[j] for j in range(mids.size)])
-    if best_thresholds is None:
-        return np.full(n, mags[0])
-    level = np.sum(a[:, None] >= best_thresholds[None, :], axis=1)
+    base_p, base_q = mags[0] * csum[n], n * mags[0] ** 2
+    asc = desc[::-1]
+
+    def counts(u: np.ndarray) -> np.ndarray:  # (m,) grid -> (T, m): elements with a·u ≥ mid_j
+        return n - np.searchsorted(asc, mids[:, None] / u[None, :], side="left")
+
+    def sums(k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return base_p + step_p @ csum[k], base_q + step_q @ k
+
+    def gain(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        return np.divide(p * p, q, out=np.zeros_like(p), where=q > 0)
+
+    a_min = float(desc[np.count_nonzero(desc > 0) - 1])
+    # just below the first breakpoint (all at m_0) to just past the last (all nonzero at m_T):
+    # every state of the path lies between (the margin absorbs the rounding of mid/u)
+    # (capped: elements below 1e-300 of the max moving up cannot raise the gain)
+    u = np.geomspace(mids[0] / desc[0] * (1 - 1e-9), min(mids[-1] / max(a_min, 1e-300), 1e300) * (1 + 1e-9),
+                     _GRID_POINTS)
+    k = counts(u)
+    p, q = sums(k)
+    g = gain(p, q)
+    best = base_p * base_p / base_q if base_q > 0 else 0.0
+    if g.max() > best:
+        best, best_k = float(g.max()), k[:, int(np.argmax(g))].copy()
+    # intervals (u1, u2] as arrays of their end states
+    lo = (u[:-1], k[:, :-1], p[:-1], q[:-1])
+    hi = (u[1:], k[:, 1:], p[1:], q[1:])
+    while lo[0].size:
+        u1, k1, p1, q1 = lo
+        u2, k2, p2, q2 = hi
+        bound = np.maximum(gain(p1, q1), gain(p1 + (q2 - q1) / (2.0 * u1), q2))
+        moves = np.sum(k2 - k1, axis=0)
+        live = (bound > best * (1 + 1e-13)) & (moves > 0)
+        sweep = live & (moves <= _SWEEP_MOVES)
+        for i in np.flatnonzero(sweep):
+            runs = [np.arange(k1[j, i], k2[j, i]) for j in range(T)]
+            ranks = np.concatenate(runs)
+            run_of = np.repeat(np.arange(T), [r.size for r in runs])
+            with np.errstate(over="ignore"):  # subnormal |w|: its breakpoint is +inf, sorted last
+                order = np.argsort(mids[run_of] / desc[ranks], kind="stable")
+            run_of, ranks = run_of[order], ranks[order]
+            pp = p1[i] + np.cumsum(step_p[run_of] * desc[ranks])
+            qq = q1[i] + np.cumsum(step_q[run_of])
+            gg = gain(pp, qq)
+            t = int(np.argmax(gg))
+            if gg[t] > best:
+                best = float(gg[t])
+                best_k = k1[:, i] + np.bincount(run_of[: t + 1], minlength=T)
+        split = np.flatnonzero(live & ~sweep)
+        if not split.size:
+            break
+        # split each remaining interval on a geometric grid and bound the pieces
+        frac = np.linspace(0.0, 1.0, _SPLIT_POINTS)[None, :]
+        grid = u1[split, None] * (u2[split, None] / u1[split, None]) ** frac
+        grid[:, 0], grid[:, -1] = u1[split], u2[split]  # the ends exactly: their states are known
+        inner = grid[:, 1:-1].ravel()
+        k_in = counts(inner).reshape(T, split.size, _SPLIT_POINTS - 2)
+        k_all = np.concatenate([k1[:, split, None], k_in, k2[:, split, None]], axis=2)
+        p_all, q_all = sums(k_all.reshape(T, -1))
+        p_all, q_all = p_all.reshape(split.size, -1), q_all.reshape(split.size, -1)
+        g_in = gain(p_all[:, 1:-1], q_all[:, 1:-1])
+        if g_in.size and g_in.max() > best:
+            r, c = np.unravel_index(int(np.argmax(g_in)), g_in.shape)
+            best, best_k = float(g_in[r, c]), k_in[:, r, c].copy()
+        lo = (grid[:, :-1].ravel(), k_all[:, :, :-1].reshape(T, -1), p_all[:, :-1].ravel(), q_all[:, :-1].ravel())
+        hi = (grid[:, 1:].ravel(), k_all[:, :, 1:].reshape(T, -1), p_all[:, 1:].ravel(), q_all[:, 1:].ravel())
+    return best_k
+
+
+def _swept_counts(desc: np.ndarray, csum: np.ndarray, mags: np.ndarray) -> np.ndarray:
+    """`_optimal_counts` for many short rows at once: every breakpoint of every row scored
+    (sorted per row, prefix sums along it), no bound needed. Returns counts (rows, T)."""
+    rows, n = desc.shape
+    T = mags.size - 1
+    mids = (mags[:-1] + mags[1:]) / 2.0
+    step_p, step_q = np.diff(mags), np.diff(mags * mags)
+    with np.errstate(divide="ignore", over="ignore"):  # |w| = 0 never moves: breakpoint +inf
+        u = (mids[None, :, None] / desc[:, None, :]).reshape(rows, T * n)
+    order = np.argsort(u, axis=1, kind="stable")
+    run_of, rank = order // n, order % n
+    p = mags[0] * csum[:, -1:] + np.cumsum(step_p[run_of] * np.take_along_axis(desc, rank, axis=1), axis=1)
+    q = n * mags[0] ** 2 + np.cumsum(step_q[run_of], axis=1)
+    gain = np.divide(p * p, q, out=np.zeros_like(p), where=q > 0)
+    t = np.argmax(gain, axis=1)
+    base_q = n * mags[0] ** 2
+    base = (mags[0] * csum[:, -1]) ** 2 / base_q if base_q > 0 else np.zeros(rows)
+    take = gain[np.arange(rows), t] > base
+    counts = np.stack([np.cumsum(run_of == j, axis=1)[np.arange(rows), t] for j in range(T)], axis=1)
+    return np.where(take[:, None], counts, 0)
+
+
+def _exact_magnitudes_rows(a: np.ndarray, mags: np.ndarray) -> np.ndarray:
+    """Globally optimal magnitude codes for each row of |w| = a (rows, n): short rows swept
+    outright, all at once; long ones by the branch and bound, row by row."""
+    rows, n = a.shape
+    desc = np.sort(a, axis=1)[:, ::-1]  # ties in any order: each order is a path through the same states
+    csum = np.concatenate([np.zeros((rows, 1)), np.cumsum(desc, axis=1)], axis=1)
+    T = mags.size - 1
+    if T == 0:
+        counts = np.zeros((rows, 0), dtype=np.int64)
+    elif T == 1:  # one run of breakpoints, in rank order: the best prefix of the largest |w| moves up
+        k = np.arange(n + 1)
+        p = mags[0] * csum[:, -1:] + (mags[1] - mags[0]) * csum
+        q = n * mags[0] ** 2 + (mags[1] ** 2 - mags[0] ** 2) * k
+        gain = np.divide(p * p, q, out=np.zeros_like(p), where=q > 0)
+        counts = np.argmax(gain, axis=1)[:, None]  # the first maximum: k = 0 (all at m_0) wins ties
+    elif T * n <= _SWEEP_ROW_MOVES:
+        counts = _swept_counts(desc, csum, mags)
+    else:
+        counts = np.stack([_optimal_counts(desc[r], csum[r], mags) for r in range(rows)])
+    # Element i sits above midpoint j iff it is among the k_j largest: |w_i| ≥ the k_j-th largest,
+    # unless equal values straddle that count (rows of repeated values); those rows go by rank.
+    top = np.take_along_axis(desc, np.clip(counts - 1, 0, n - 1), axis=1)
+    after = np.take_along_axis(desc, np.clip(counts, 0, n - 1), axis=1)
+    straddle = np.any((counts > 0) & (counts < n) & (after == top), axis=1)
+    threshold = np.where(counts > 0, top, np.inf)
+    level = np.sum(a[:, :, None] >= threshold[:, None, :], axis=2)
+    for r in np.flatnonzero(straddle):
+        order = np.argsort(-a[r], kind="stable")
+        level[r, order] = np.sum(np.arange(n)[:, None] < counts[r][None, :], axis=1)
     return mags[level]
 
 
-def _fit_alpha(w: np.ndarray, q: np.ndarray) -> float:
-    qq = float(np.dot(q, q))
-    return float(np.dot(w, q)) / qq if qq > 0 else 0.0
+# --- the alternation, for every row at once --------------------------------------------------
 
 
-def _refine(w: np.ndarray, q: np.ndarray, cs: CodeSet, max_iter: int) -> tuple[np.ndarray, float, float]:
-    """The paper's alternation from (q, α(q)): α = ⟨w,q⟩/⟨q,q⟩, q = round(w/α), while it strictly improves."""
-    alpha = _fit_alpha(w, q)
-    err = float(np.sum((w - alpha * q) ** 2))
+def _fit_alpha_rows(w: np.ndarray, q: np.ndarray) -> np.ndarray:
+    qq = np.einsum("ij,ij->i", q, q)
+    return np.divide(np.einsum("ij,ij->i", w, q), qq, out=np.zeros(w.shape[0]), where=qq > 0)
+
+
+def _error_rows(w: np.ndarray, q: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    d = w - alpha[:, None] * q
+    return np.einsum("ij,ij->i", d, d)
+
+
+def _round_uniform(v: np.ndarray, top: int) -> np.ndarray:
+    """round_to_set onto {-top..top}: nearest integer, ties toward 0, clipped (exact in floats)."""
+    return np.copysign(np.minimum(np.ceil(np.abs(v) - 0.5), top), v) + 0.0  # + 0.0: -0 -> 0
+
+
+def _rounder(cs: CodeSet):
+    if _is_uniform(cs):
+        return lambda v: _round_uniform(v, cs.max_level)
+    return lambda v: round_to_set(v, cs).astype(np.float64)
+
+
+def _refine_rows(w: np.ndarray, q: np.ndarray, cs: CodeSet, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's alternation from (q, α(q)) per row: α = ⟨w,q⟩/⟨q,q⟩, q = round(w/α), while
+    it strictly improves the row's error. Returns (q, α); q is updated in place."""
+    rnd = _rounder(cs)
+    alpha = _fit_alpha_rows(w, q)
+    err = _error_rows(w, q, alpha)
+    active = np.ones(w.shape[0], dtype=bool)
     for _ in range(max_iter):
-        if alpha <= 0:
+        active &= alpha > 0
+        rows = np.flatnonzero(active)
+        if not rows.size:
             break
-        q_new = round_to_set(w / alpha, cs).astype(np.float64)
-        alpha_new = _fit_alpha(w, q_new)
-        err_new = float(np.sum((w - alpha_new * q_new) ** 2))
-        if not err_new < err * (1 - 1e-12):
-            break
-        q, alpha, err = q_new, alpha_new, err_new
-    return q, alpha, err
+        q_new = rnd(w[rows] / alpha[rows, None])
+        alpha_new = _fit_alpha_rows(w[rows], q_new)
+        err_new = _error_rows(w[rows], q_new, alpha_new)
+        better = err_new < err[rows] * (1 - 1e-12)
+        keep = rows[better]
+        q[keep], alpha[keep], err[keep] = q_new[better], alpha_new[better], err_new[better]
+        active[rows[~better]] = False
+    return q, alpha
 
 
-_EXACT_MAX_LEVELS = 15  # the largest set (pow2-64) the exact breakpoint search handles
+# --- the uniform grid (int8) -----------------------------------------------------------------
+
+_EXACT_MAX_LEVELS = 15  # sets up to this size (pow2-64) take the exact search
 _GRID_TOP_LEVELS = 32  # a uniform-grid input is recognised when its max|q| is within this of the top
-
-
 _UNIFORM_STARTS = np.linspace(0.4, 1.3, 91)  # starting α as a fraction of max|w| / top level
+_DIRECT_START_ELEMENTS = 1 << 26  # weights·starts up to this: every start is scored on the data itself
+_HISTOGRAM_BINS_PER_LEVEL = 16  # beyond: on a histogram of |w| with this many bins per level
+_HISTOGRAM_CANDIDATES = 6  # the best starts on the histogram, scored exactly
 
 
-def _best_uniform_start(w: np.ndarray, a_max: float, cs: CodeSet) -> np.ndarray:
-    """q at the best of a grid of scales α = f·max|w|/top, f in [0.4, 1.3]: the error
+def _best_uniform_starts(w: np.ndarray, a_max: np.ndarray, top: int) -> np.ndarray:
+    """Per row, q at the best of a grid of scales α = f·max|w|/top, f in [0.4, 1.3]: the error
     as a function of α is jagged for a uniform grid, so the alternation alone stalls in the
     first dip it meets. Clipping a few outliers usually pays (f < 1); for a short row a scale
     that leaves the top level unused can fit better by chance (f > 1)."""
-    top = cs.max_level
-    alphas = _UNIFORM_STARTS * (a_max / top)
-    q = np.clip(np.round(w[None, :] / alphas[:, None]), -top, top)
-    err = np.sum((w[None, :] - alphas[:, None] * q) ** 2, axis=1)
-    return q[int(np.argmin(err))]
+    alphas = _UNIFORM_STARTS[None, :] * (a_max[:, None] / top)  # (rows, starts)
+    out = np.empty_like(w)
+    step = max(1, _CHUNK_ELEMENTS // (w.shape[1] * _UNIFORM_STARTS.size))
+    for s in range(0, w.shape[0], step):
+        ws, al = w[s:s + step, None, :], alphas[s:s + step, :, None]
+        q = np.clip(np.round(ws / al), -top, top)
+        err = np.sum((ws - al * q) ** 2, axis=2)
+        out[s:s + step] = q[np.arange(q.shape[0]), np.argmin(err, axis=1)]
+    return out
 
 
-def _on_uniform_grid(w: np.ndarray, a_max: float, cs: CodeSet) -> tuple[np.ndarray, float] | None:
-    """(q, α) when w (already scaled by a power of two) is exactly float32(α)·q on the uniform
-    grid, with max|q| near the top level; else None. The alternation may settle with max|q|
-    a little below the top, so checking only α = max|w|/127 would miss such an output: with
-    this, projecting a projection returns it unchanged (error 0), which ADMM → graph
-    (``QuantInfo.exact``) relies on."""
-    for top in range(cs.max_level, max(cs.max_level - _GRID_TOP_LEVELS, 0), -1):
-        alpha = float(np.float32(a_max / top))
-        q = np.round(w / alpha)
-        if np.abs(q).max() <= cs.max_level and np.array_equal(np.float32(alpha) * q.astype(np.float32), w.astype(np.float32)):
-            return q, alpha
-    return None
+def _histogram_starts(a: np.ndarray, a_max: np.ndarray, top: int) -> np.ndarray:
+    """Per row, the `_HISTOGRAM_CANDIDATES` most promising of the `_UNIFORM_STARTS` scales
+    (rows, candidates): scored on a histogram of |w| (bins 1/16 of a level wide, each bin's
+    elements at its centre), so the scan costs the bins', not the row's. They are then scored
+    exactly; the best of the 91 on the data is almost always among them."""
+    rows, bins = a.shape[0], top * _HISTOGRAM_BINS_PER_LEVEL + 1
+    scale = top / a_max  # |w| in units of the max-abs scale: [0, top]
+    idx = np.minimum((a * (scale[:, None] * _HISTOGRAM_BINS_PER_LEVEL)).astype(np.int64), bins - 1)
+    idx += np.arange(rows)[:, None] * bins
+    count = np.bincount(idx.ravel(), minlength=rows * bins).reshape(rows, bins)
+    total = np.bincount(idx.ravel(), weights=a.ravel(), minlength=rows * bins).reshape(rows, bins)
+    square = np.bincount(idx.ravel(), weights=(a * a).ravel(), minlength=rows * bins).reshape(rows, bins)
+    centre = (np.arange(bins) + 0.5) / _HISTOGRAM_BINS_PER_LEVEL  # in max-abs units
+    sum_sq = square.sum(axis=1)
+
+    alpha_unit = a_max / top
+
+    def error(f: np.ndarray, p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        alpha = f * alpha_unit[:, None]
+        return sum_sq[:, None] - 2 * alpha * p + alpha * alpha * q
+
+    # the scan: every row's bins sit at the same places in max-abs units, so the levels of a
+    # start are shared and its ⟨a,q⟩, ⟨q,q⟩ are one matrix product for all rows
+    levels = np.minimum(np.round(centre[:, None] / _UNIFORM_STARTS[None, :]), top)  # (bins, starts)
+    err = error(_UNIFORM_STARTS[None, :], total @ levels, count @ (levels * levels))
+    best = _UNIFORM_STARTS[np.argsort(err, axis=1)[:, :_HISTOGRAM_CANDIDATES]]
+    # max-abs scaling always competes: the result is never worse than the usual int8 quantizer
+    return np.concatenate([best, np.ones((rows, 1))], axis=1) * alpha_unit[:, None]
+
+
+class _SortedRows:
+    """Rows of |w| sorted, with prefix sums: ⟨a,q⟩ and ⟨q,q⟩ of q = round(a/α) on the uniform
+    grid from 127 look-ups per row instead of a pass over it. All rows share one search: row r
+    is shifted by 2·r (|w| < 1 after the power-of-two scaling, and thresholds are capped at 1),
+    which can move a comparison only for an element within ~1e-13 of a rounding threshold."""
+
+    def __init__(self, a: np.ndarray, top: int):
+        rows, self.n = a.shape
+        self.top = top
+        asc = np.sort(a, axis=1)
+        self.offset = 2.0 * np.arange(rows)
+        self.keys = (asc + self.offset[:, None]).ravel()
+        self.csum = np.concatenate([np.zeros((rows, 1)), np.cumsum(asc, axis=1)], axis=1)
+        self.sum_sq = np.einsum("ij,ij->i", asc, asc)
+        self.odd = 2.0 * np.arange(top) + 1.0  # level² = Σ_{k < level} (2k + 1)
+        self.last = np.zeros((rows, top), dtype=np.int64)  # each row's last positions, to search near
+
+    def sums(self, alpha: np.ndarray, rows: np.ndarray, near_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(⟨a,q⟩, ⟨q,q⟩) for each of ``rows`` at scale ``alpha`` (m,) or (m, c). ``near_last``
+        (one α a row): look near the row's positions of the last call first; the alternation
+        moves α a little each round, so most thresholds stay within a few elements."""
+        alpha = alpha.reshape(rows.size, -1)
+        # element i is above level k iff a_i > (k + 0.5)·α; thresholds ≥ 1 are above every |w|
+        thr = np.minimum((np.arange(self.top) + 0.5)[None, None, :] * alpha[:, :, None], 1.0)
+        keys = thr + self.offset[rows, None, None]
+        if near_last:
+            pos = self._search_near(keys[:, 0, :], self.last[rows])[:, None, :]
+        else:
+            pos = np.searchsorted(self.keys, keys.ravel(), side="right").reshape(thr.shape)
+        if pos.shape[1] == 1:
+            self.last[rows] = pos[:, 0, :]
+        below = pos - (rows * self.n)[:, None, None]
+        below_sum = self.csum.ravel()[below + (rows * (self.n + 1))[:, None, None]]
+        p = self.csum[rows, -1][:, None] * self.top - below_sum.sum(axis=2)
+        q = ((self.n - below) * self.odd).sum(axis=2)
+        return p, q
+
+    def _search_near(self, keys: np.ndarray, guess: np.ndarray, half: int = 8) -> np.ndarray:
+        """searchsorted(self.keys, keys, "right"), counting within ±half of ``guess`` where the
+        answer lies there (a window of sorted keys brackets it) and searching the rest."""
+        size = self.keys.size
+        start = np.clip(guess - half, 0, max(size - 2 * half, 0))
+        window = self.keys[np.minimum(start[..., None] + np.arange(2 * half), size - 1)]
+        count = np.sum(window <= keys[..., None], axis=-1)
+        pos = start + count
+        inside = ((count > 0) | (start == 0)) & ((count < 2 * half) | (start + 2 * half >= size))
+        if not inside.all():
+            pos[~inside] = np.searchsorted(self.keys, keys[~inside], side="right")
+        return pos
+
+
+def _refine_sorted_rows(w: np.ndarray, a: np.ndarray, a_max: np.ndarray, top: int,
+                        max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_best_uniform_starts` + `_refine_rows` for large tensors, on sorted rows: the histogram
+    picks candidate starts, `_SortedRows` scores them and runs the alternation (long rows creep
+    there for dozens of rounds), and one pass over the data turns the final α into codes."""
+    data = _SortedRows(a, top)
+    all_rows = np.arange(w.shape[0])
+    cand = _histogram_starts(a, a_max, top)
+    p, q = data.sums(cand, all_rows)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        err = data.sum_sq[:, None] - 2 * cand * p + cand * cand * q
+    pick = np.argmin(err, axis=1)
+    gen = cand[all_rows, pick]  # q = round(|w| / gen): the start's codes
+    p, q = (x[:, 0] for x in data.sums(gen, all_rows))  # (and each row's positions for the next rounds)
+    alpha = np.where(q > 0, p / np.where(q > 0, q, 1.0), 0.0)
+    gain = np.where(q > 0, p * p / np.where(q > 0, q, 1.0), 0.0)  # ‖a‖² − error at α = fit(q)
+    active = alpha > 0
+    for _ in range(max_iter):
+        rows = np.flatnonzero(active)
+        if not rows.size:
+            break
+        p_new, q_new = (x[:, 0] for x in data.sums(alpha[rows], rows, near_last=True))
+        gain_new = np.where(q_new > 0, p_new * p_new / np.where(q_new > 0, q_new, 1.0), 0.0)
+        err, err_new = data.sum_sq[rows] - gain[rows], data.sum_sq[rows] - gain_new
+        better = err_new < err * (1 - 1e-12)
+        keep = rows[better]
+        gen[keep], gain[keep] = alpha[keep], gain_new[better]
+        alpha[keep] = p_new[better] / q_new[better]
+        active[rows[~better]] = False
+    codes = _round_uniform(w / gen[:, None], top)
+    return codes, _fit_alpha_rows(w, codes)
+
+
+def _on_uniform_grid_rows(w: np.ndarray, a_max: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of w (already scaled by a power of two) that are exactly float32(α)·q on the uniform
+    grid, with max|q| near the top level: (mask, q, α) (q, α valid where mask). The alternation
+    may settle with max|q| a little below the top, so checking only α = max|w|/127 would miss
+    such an output: with this, projecting a projection returns it unchanged (error 0), which
+    ADMM → graph (``QuantInfo.exact``) relies on. A few probe elements rule out most rows and
+    scales before any full row is checked."""
+    tops = np.arange(top, max(top - _GRID_TOP_LEVELS, 0), -1)
+    alphas = (a_max[:, None] / tops[None, :]).astype(np.float32).astype(np.float64)  # (rows, tops)
+    probe_cols = np.unique(np.concatenate([np.arange(min(8, w.shape[1])), [0]]))
+    probe = np.concatenate([w[:, probe_cols], np.take_along_axis(w, np.argmax(np.abs(w), axis=1)[:, None], 1)], axis=1)
+
+    def fits(x: np.ndarray, al: np.ndarray) -> np.ndarray:
+        q = np.round(x / al)
+        ok = np.all(np.abs(q) <= top, axis=-1) & np.all(al.astype(np.float32) * q.astype(np.float32) == x.astype(np.float32), axis=-1)
+        return ok, q
+
+    maybe, _ = fits(probe[:, None, :], alphas[:, :, None])
+    mask = np.zeros(w.shape[0], dtype=bool)
+    q_out, a_out = np.zeros_like(w), np.ones(w.shape[0])
+    for r in np.flatnonzero(maybe.any(axis=1)):
+        for t in np.flatnonzero(maybe[r]):
+            ok, q = fits(w[r], alphas[r, t])
+            if ok:
+                mask[r], q_out[r], a_out[r] = True, q, alphas[r, t]
+                break
+    return mask, q_out, a_out
 
 
 def _is_uniform(cs: CodeSet) -> bool:
@@ -313,54 +590,75 @@ def _is_uniform(cs: CodeSet) -> bool:
     return bool(np.array_equal(cs.levels, np.arange(-cs.max_level, cs.max_level + 1)))
 
 
-def _project_row(w: np.ndarray, cs: CodeSet, max_iter: int, method: str) -> tuple[np.ndarray, float]:
-    # Scale by a power of two so max|w| is in [0.5, 1): exact, so q is scale-invariant, and
-    # ⟨w,q⟩² cannot underflow for tiny weights (or overflow for huge ones).
-    exponent = int(np.frexp(np.max(np.abs(w)))[1])
-    q, alpha = _project_unit_row(np.ldexp(w, -exponent), cs, max_iter, method)
-    return q, (float(np.ldexp(alpha, exponent)) if np.any(q) else alpha)
-
-
-def _project_unit_row(w: np.ndarray, cs: CodeSet, max_iter: int, method: str) -> tuple[np.ndarray, float]:
+def _project_uniform_rows(w: np.ndarray, cs: CodeSet, max_iter: int, direct: bool) -> tuple[np.ndarray, np.ndarray]:
+    """int8: too many levels for the exact search (O(levels) breakpoints per element). Start from
+    the best of a grid of clipping scales (max-abs scaling, the usual symmetric int8 quantizer,
+    among them) and let the alternation polish it: a local optimum, never worse than max-abs
+    scaling. Large tensors (``direct`` False) take the same steps on sorted rows
+    (`_refine_sorted_rows`)."""
+    top = cs.max_level
     a = np.abs(w)
-    sign = np.where(w < 0, -1.0, 1.0)  # 0 -> +1, matching round_to_set's binary tie rule
-    mags = cs.magnitudes.astype(np.float64)
-    if method == "exact" and _is_uniform(cs) and cs.levels.size > _EXACT_MAX_LEVELS:
-        # int8: the breakpoint search costs O(levels²·n log n). Start from the best of a grid of
-        # clipping scales (max-abs scaling, the usual symmetric int8 quantizer, among them) and
-        # let the alternation polish it: a local optimum never worse than max-abs scaling.
-        a_max = float(a.max())
-        if a_max == 0.0:
-            q, alpha = np.zeros_like(w), 1.0
-        else:
-            found = _on_uniform_grid(w, a_max, cs)
-            if found is not None:
-                q, alpha = found
-            else:
-                q, alpha, _ = _refine(w, _best_uniform_start(w, a_max, cs), cs, max_iter)
-    elif method == "exact":
-        q, alpha, _ = _refine(w, sign * _exact_magnitudes(a, mags), cs, max_iter)
-    else:
-        # Several deterministic starting scales; the alternation only finds a local optimum.
-        nonzero = mags[mags > 0]
-        a_max, a_mean = float(a.max()), float(a.mean())
-        starts = [a_max / nonzero[-1], 1.4 * a_mean / nonzero[0]]
-        if a_max > 0:
-            starts += list(np.geomspace(max(a_mean, 1e-300) / nonzero[-1], a_max / nonzero[0], 8))
-        best: tuple[np.ndarray, float, float] | None = None
-        for alpha0 in starts:
-            if alpha0 <= 0:
-                continue
-            q0 = round_to_set(w / alpha0, cs).astype(np.float64)
-            cand = _refine(w, q0, cs, max_iter)
-            if best is None or cand[2] < best[2]:
-                best = cand
-        if best is None:  # all-zero slice
-            best = (round_to_set(np.zeros_like(w), cs).astype(np.float64), 0.0, 0.0)
-        q, alpha, _ = best
-    if not np.any(q):  # all-zero slice in a set with 0: α is arbitrary, 1 keeps α·q = 0 and divisions safe
-        alpha = 1.0
+    a_max = a.max(axis=1)
+    q, alpha = np.zeros_like(w), np.ones(w.shape[0])
+    grid, q_grid, a_grid = _on_uniform_grid_rows(w, np.where(a_max > 0, a_max, 1.0), top)
+    q[grid], alpha[grid] = q_grid[grid], a_grid[grid]
+    rest = np.flatnonzero((a_max > 0) & ~grid)
+    if rest.size == w.shape[0]:
+        rest = slice(None)  # every row: views, not copies
+    if direct and w[rest].size:
+        q[rest], alpha[rest] = _refine_rows(w[rest], _best_uniform_starts(w[rest], a_max[rest], top), cs, max_iter)
+    elif w[rest].size:
+        q[rest], alpha[rest] = _refine_sorted_rows(w[rest], a[rest], a_max[rest], top, max_iter)
     return q, alpha
+
+
+# --- per-row driver ---------------------------------------------------------------------------
+
+
+def _project_rows(rows: np.ndarray, cs: CodeSet, max_iter: int, method: str, direct: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(q, α) for every row of a (rows, n) float64 array, each row on its own α; ``direct``:
+    the tensor is small enough to score int8's starting scales on the data itself."""
+    # Scale each row by a power of two so max|w| is in [0.5, 1): exact, so q is scale-invariant,
+    # and ⟨w,q⟩² cannot underflow for tiny weights (or overflow for huge ones).
+    exponent = np.frexp(np.max(np.abs(rows), axis=1))[1]
+    w = np.ldexp(rows, -exponent[:, None])
+    if method == "alternating":
+        pairs = [_project_row_alternating(row, cs, max_iter) for row in w]
+        q = np.stack([p[0] for p in pairs])
+        alpha = np.array([p[1] for p in pairs])
+    elif _is_uniform(cs) and cs.levels.size > _EXACT_MAX_LEVELS:
+        q, alpha = _project_uniform_rows(w, cs, max_iter, direct)
+    else:
+        sign = np.where(w < 0, -1.0, 1.0)  # 0 -> +1, matching round_to_set's binary tie rule
+        # the global optimum: the alternation the paper polishes with cannot improve on it
+        q = sign * _exact_magnitudes_rows(np.abs(w), cs.magnitudes.astype(np.float64))
+        alpha = _fit_alpha_rows(w, q)
+    nonzero = np.any(q != 0, axis=1)
+    # all-zero slice in a set with 0: α is arbitrary, 1 keeps α·q = 0 and divisions safe
+    alpha = np.where(nonzero, np.ldexp(alpha, exponent), 1.0)
+    return q, alpha
+
+
+def _project_row_alternating(w: np.ndarray, cs: CodeSet, max_iter: int) -> tuple[np.ndarray, float]:
+    """The paper's alternation alone from several deterministic starting scales: a local optimum."""
+    a = np.abs(w)
+    nonzero = cs.magnitudes[cs.magnitudes > 0].astype(np.float64)
+    a_max, a_mean = float(a.max()), float(a.mean())
+    starts = [a_max / nonzero[-1], 1.4 * a_mean / nonzero[0]]
+    if a_max > 0:
+        starts += list(np.geomspace(max(a_mean, 1e-300) / nonzero[-1], a_max / nonzero[0], 8))
+    best: tuple[np.ndarray, float, float] | None = None
+    for alpha0 in starts:
+        if alpha0 <= 0:
+            continue
+        q0 = round_to_set(w / alpha0, cs).astype(np.float64)[None, :]
+        q, alpha = _refine_rows(w[None, :], q0, cs, max_iter)
+        err = float(_error_rows(w[None, :], q, alpha)[0])
+        if best is None or err < best[2]:
+            best = (q[0], float(alpha[0]), err)
+    if best is None:  # all-zero slice
+        best = (round_to_set(np.zeros_like(w), cs).astype(np.float64), 0.0, 0.0)
+    return best[0], best[1]
 
 
 def project_pow2(
@@ -369,6 +667,7 @@ def project_pow2(
     axis: int | None = None,
     max_iter: int = 100,
     method: str = "exact",
+    progress: "Callable[[int], None] | None" = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best fit w ≈ α·q with q from the code set: argmin over α > 0, q of ‖w − α·q‖².
 
@@ -376,11 +675,13 @@ def project_pow2(
     output channel is axis 0 for conv and linear weights); alpha has the size of that axis there
     and 1 elsewhere, so α·q broadcasts.
 
-    method="exact" (default) finds the global optimum by a search over the rounding breakpoints
-    and then runs the paper's alternation as a polish (for "int8", too many levels for that
-    search, it starts from the best of a grid of clipping scales instead: a local optimum); method="alternating" is the paper's
-    alternation alone (α = ⟨w,q⟩/⟨q,q⟩, q = round(w/α)) from several starting scales, a local
-    optimum. Returns (q as int8 level values, alpha as float32).
+    method="exact" (default) finds the global optimum by a branch and bound over the rounding
+    breakpoints and then runs the paper's alternation as a polish (for "int8", too many levels
+    for that search, it starts from the best of a grid of clipping scales instead: a local
+    optimum); method="alternating" is the paper's alternation alone (α = ⟨w,q⟩/⟨q,q⟩,
+    q = round(w/α)) from several starting scales, a local optimum. Returns (q as int8 level
+    values, alpha as float32). ``progress``, if given, is called with the number of weights
+    done after each batch of slices.
 
     A slice of zeros gets q = 0 and α = 1; for binary (no 0 level) it gets q = +1 and α = 0, the
     only exact fit. NaN/Inf or an empty tensor raise QuantizationError.
@@ -399,9 +700,13 @@ def project_pow2(
         alpha_shape = tuple(arr.shape[axis] if d == axis else 1 for d in range(arr.ndim))
     q_rows = np.empty(rows.shape, dtype=np.int8)
     alphas = np.empty(rows.shape[0], dtype=np.float64)
-    for r in range(rows.shape[0]):
-        q_r, alphas[r] = _project_row(rows[r], cs, max_iter, method)
-        q_rows[r] = q_r.astype(np.int8)
+    step = max(1, _CHUNK_ELEMENTS // rows.shape[1])
+    direct = rows.size * _UNIFORM_STARTS.size <= _DIRECT_START_ELEMENTS
+    for s in range(0, rows.shape[0], step):
+        q_r, alphas[s:s + step] = _project_rows(rows[s:s + step], cs, max_iter, method, direct)
+        q_rows[s:s + step] = q_r.astype(np.int8)
+        if progress is not None:
+            progress(q_r.size)
     if axis is None:
         q = q_rows.reshape(arr.shape)
     else:

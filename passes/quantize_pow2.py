@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 INT8_MAX = 127
+PROGRESS_MIN_WEIGHTS = 16_000_000  # about a few seconds of projection
 _CALIBRATION_ELEMENTS = 1 << 20  # per layer: |x| values kept for the percentile (a seeded subsample)
 # Ops a weight may pass through between its parameter and the layer.
 _WEIGHT_VIEWS = ("relax.permute_dims", "relax.reshape")
@@ -306,25 +307,30 @@ class QuantizePow2:
             by_weight.setdefault(layer.weight, []).append(layer)
         self._layers = {w: [layer.relax_var for layer in ls] for w, ls in by_weight.items()}
         plan: dict[str, QuantInfo] = {}
-        for weight, uses in by_weight.items():
-            choice = self._layer_choice(graph, weight)
-            if choice is not None:
-                if choice.codes == "fp32":
+        total = sum(graph.params[w].size for w in by_weight)
+        with _progress(total) as bar:
+            for weight, uses in by_weight.items():
+                choice = self._layer_choice(graph, weight)
+                if choice is not None:
+                    if choice.codes == "fp32":
+                        bar.update(graph.params[weight].size)
+                        continue
+                    cs = code_set(choice.codes)
+                    per_channel = self.squeeze.per_channel and all(u.axis is not None for u in uses)
+                elif self.codes is None or (weight in keep and first_last is None):
+                    bar.update(graph.params[weight].size)
                     continue
-                cs = code_set(choice.codes)
-                per_channel = self.squeeze.per_channel and all(u.axis is not None for u in uses)
-            elif self.codes is None or (weight in keep and first_last is None):
-                continue
-            elif weight in keep:
-                # the kept layers go on their own (int8) grid, per output channel where it can be told
-                cs, per_channel = code_set(first_last), all(u.axis is not None for u in uses)
-            else:
-                cs, per_channel = self.codes, self.squeeze.per_channel
-            reason = self._skip_reason(uses, per_channel)
-            if reason:
-                log.info("not quantizing %s (%s): %s", weight, graph.source_names.get(weight, weight), reason)
-                continue
-            plan[weight] = self._quantize_weight(graph, weight, uses, cs, per_channel)
+                elif weight in keep:
+                    # the kept layers go on their own (int8) grid, per output channel where it can be told
+                    cs, per_channel = code_set(first_last), all(u.axis is not None for u in uses)
+                else:
+                    cs, per_channel = self.codes, self.squeeze.per_channel
+                reason = self._skip_reason(uses, per_channel)
+                if reason:
+                    log.info("not quantizing %s (%s): %s", weight, graph.source_names.get(weight, weight), reason)
+                    bar.update(graph.params[weight].size)
+                    continue
+                plan[weight] = self._quantize_weight(graph, weight, uses, cs, per_channel, bar.update)
         return plan
 
     def _layer_choice(self, graph: Graph, weight: str):
@@ -348,13 +354,13 @@ class QuantizePow2:
         return ""
 
     def _quantize_weight(self, graph: Graph, weight: str, uses: list[WeightedLayer], cs: CodeSet,
-                         per_channel: bool) -> QuantInfo:
+                         per_channel: bool, progress=None) -> QuantInfo:
         w = graph.params[weight]
         if w.size == 0:
             raise QuantizationError(f"layer {uses[0].var}: weight {weight!r} is empty (shape {w.shape})")
         axis = uses[0].axis if per_channel else None
         try:
-            q, alpha = project_pow2(w, cs, axis=axis)
+            q, alpha = project_pow2(w, cs, axis=axis, progress=progress)
         except QuantizationError as err:
             raise QuantizationError(f"layer {uses[0].var}, weight {weight!r}: {err}") from err
         exact = bool(np.array_equal(dequantize(q, alpha), w))
@@ -463,6 +469,15 @@ class QuantizePow2:
             hi = activation_range(plan[weight].act_bits, plan[weight].act_unsigned)[1]
             scales[weight] = float(np.float32(bound / hi)) if bound > 0 else 1.0  # all-zero input: any s works
         return scales, f"percentile-{sq.activation_percentile:g} of {usable} samples"
+
+
+def _progress(weights: int):
+    """A progress bar over the weights to project, shown only when there are enough of them to
+    take more than a few seconds (`PROGRESS_MIN_WEIGHTS`): quiet for small models and tests."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=weights, desc="quantize", unit="weight", unit_scale=True, leave=False,
+                disable=weights < PROGRESS_MIN_WEIGHTS)
 
 
 def _with_main(mod, func):

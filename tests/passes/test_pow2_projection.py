@@ -325,3 +325,67 @@ def test_int8_zero_and_constant_slices():
     assert not q.any() and np.all(alpha == 1.0)
     q, alpha = project_pow2(np.full(5, -0.3, np.float32), "int8")
     np.testing.assert_allclose(dequantize(q, alpha), -0.3, rtol=1e-6)
+
+
+# --- the fast search against the old one (tests/passes/pow2_projection_reference.py) -------
+
+ALL_SETS = ["binary", "ternary", "pow2-2", "pow2-4", "pow2-8", "pow2-64", "int8"]
+
+
+def _random_weights(rng: np.random.Generator, shape: tuple[int, ...], kind: str) -> np.ndarray:
+    draw = {
+        "normal": lambda: rng.standard_normal(shape),
+        "laplace": lambda: rng.laplace(size=shape),
+        "student-t": lambda: rng.standard_t(3, shape),
+        "uniform": lambda: rng.uniform(-1, 1, shape),
+        "ties": lambda: np.round(rng.standard_normal(shape) * 2) / 2,
+    }[kind]
+    return (draw() * 0.05).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ALL_SETS)
+def test_fast_projection_is_no_worse_than_the_old_one(name):
+    from pow2_projection_reference import project_pow2_reference
+
+    rng = np.random.default_rng(11)
+    # short rows take the batched sweep, long ones the branch and bound (pow2) or sorted rows (int8)
+    for shape in [(12, 3, 3, 3), (40, 9), (6, 700), (3, 2100)]:
+        for kind in ["normal", "laplace", "student-t", "uniform", "ties"]:
+            w = _random_weights(rng, shape, kind)
+            for axis in (None, 0):
+                q, alpha = project_pow2(w, name, axis=axis)
+                q_old, alpha_old = project_pow2_reference(w, name, axis=axis)
+                err, err_old = projection_error(w, q, alpha), projection_error(w, q_old, alpha_old)
+                assert err <= err_old * (1 + 1e-9) + 1e-15, (shape, kind, axis)
+
+
+@pytest.mark.parametrize("name", ["pow2-4", "int8"])
+def test_large_tensor_path_matches_the_old_one(name, monkeypatch):
+    """int8 tensors over `_DIRECT_START_ELEMENTS` weights score their starts on a histogram and
+    alternate on sorted rows: forced here on small ones, it lands where the old search does."""
+    import lastbit.passes.pow2_projection as pp
+    from pow2_projection_reference import project_pow2_reference
+
+    monkeypatch.setattr(pp, "_DIRECT_START_ELEMENTS", 0)
+    monkeypatch.setattr(pp, "_SWEEP_ROW_MOVES", 0)  # pow2: every row through the branch and bound
+    rng = np.random.default_rng(12)
+    for kind in ["normal", "laplace", "student-t", "uniform"]:
+        w = _random_weights(rng, (8, 1500), kind)
+        for axis in (None, 0):
+            q, alpha = pp.project_pow2(w, name, axis=axis)
+            q_old, alpha_old = project_pow2_reference(w, name, axis=axis)
+            assert projection_error(w, q, alpha) <= projection_error(w, q_old, alpha_old) * (1 + 1e-9)
+    # an int8 projection still comes back unchanged through the large path
+    q, alpha = pp.project_pow2(_random_weights(rng, (4, 900), "normal"), "int8", axis=0)
+    q2, alpha2 = pp.project_pow2(dequantize(q, alpha), "int8", axis=0)
+    np.testing.assert_array_equal(dequantize(q2, alpha2), dequantize(q, alpha))
+
+
+def test_progress_reports_every_weight(monkeypatch):
+    import lastbit.passes.pow2_projection as pp
+
+    monkeypatch.setattr(pp, "_CHUNK_ELEMENTS", 1000)  # 10 rows a batch
+    seen = []
+    w = np.random.default_rng(13).standard_normal((55, 100)).astype(np.float32)
+    pp.project_pow2(w, "ternary", axis=0, progress=seen.append)
+    assert seen == [1000] * 5 + [500]
