@@ -75,7 +75,8 @@ def test_lowering_picks_the_kernel_the_cost_says_is_cheaper(monkeypatch, cheap):
 
     model, x = _small_mlp()
     graph = QuantizePow2(Squeeze(codes="ternary", act_bits=2, keep_first_last=False))(import_model(model, (x,)))
-    table = {ARM: {"int8": {"dense": 1.0}, "reference-int": {"dense": 2.0}, "bitserial": {"dense": 3.0}}}
+    table = {ARM: {"int8": {"dense": 1.0}, "reference-int": {"dense": 2.0}, "bitserial": {"dense": 3.0},
+                   "int8-smlal": {"dense": 4.0}}}
     table[ARM][cheap]["dense"] = 0.5
     monkeypatch.setattr(kernel_cost, "load_table", lambda *a: table)
     lowering = LowerQuantizedLayers(ARM)
@@ -98,6 +99,15 @@ def test_shipped_costs_keep_the_measured_arm_choices(triple):
                        act_bits=2, act_unsigned=True)
     ranked = kernel_cost.rank_candidates(["reference-int", "bitserial", "int8"], ternary, triple)
     assert ranked[0].kernel == "bitserial"
+
+
+@pytest.mark.parametrize("triple, smlal", [(ARM, "int8-smlal"), ("armv7a-linux-gnueabihf", "int8-smlal-v7"),
+                                          ("aarch64-dotprod-linux-gnu", "int8-sdot")])
+def test_shipped_costs_put_the_direct_neon_kernels_first_at_3_bits(triple, smlal):
+    """The NEON direct convs (codegen/kernels/neon_int.py) counted fewest instructions at 3 bits."""
+    conv = IntLayer("conv2d", "pow2-4", 3, (1, 32, 14, 14), (32, 32, 3, 3), padding=(1, 1, 1, 1))
+    ranked = kernel_cost.rank_candidates(["reference-int", "int8", "bitserial", smlal], conv, triple)
+    assert ranked[0].kernel == smlal
 
 
 def test_fallbacks_compete_only_when_no_listed_kernel_serves_the_layer():
