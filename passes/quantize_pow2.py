@@ -299,7 +299,8 @@ class QuantizePow2:
         if self.squeeze.keep_first_last and layers:
             keep = {layers[0].weight, layers[-1].weight}
             log.info("keeping first/last weighted layers %s: %s", first_last or "float32", sorted(keep))
-            if self.codes is not None:  # with only per-layer code sets, the named layers decide
+            # with only per-layer code sets the named layers decide; on int8 already, nothing to say
+            if self.codes is not None and self.codes.name != first_last:
                 _warn_if_first_last_dominate(graph, layers, keep, first_last, self.codes.name)
         self._kept = keep
         by_weight: dict[str, list[WeightedLayer]] = {}

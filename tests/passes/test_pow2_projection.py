@@ -381,6 +381,24 @@ def test_large_tensor_path_matches_the_old_one(name, monkeypatch):
     np.testing.assert_array_equal(dequantize(q2, alpha2), dequantize(q, alpha))
 
 
+def test_large_int8_tensors_cap_the_alternation_close_to_the_full_search(monkeypatch):
+    """Past `_LARGE_TENSOR_ELEMENTS` the int8 alternation stops after `_LARGE_TENSOR_ROUNDS`:
+    within a fraction of a percent of the uncapped search, never worse than max-abs scaling."""
+    import lastbit.passes.pow2_projection as pp
+
+    monkeypatch.setattr(pp, "_DIRECT_START_ELEMENTS", 0)
+    rng = np.random.default_rng(5)
+    w = _random_weights(rng, (16, 4000), "normal")
+    q_full, a_full = pp.project_pow2(w, "int8", axis=0)
+    monkeypatch.setattr(pp, "_LARGE_TENSOR_ELEMENTS", 0)
+    monkeypatch.setattr(pp, "_LARGE_TENSOR_ROUNDS", 2)
+    q_cap, a_cap = pp.project_pow2(w, "int8", axis=0)
+    err_full, err_cap = projection_error(w, q_full, a_full), projection_error(w, q_cap, a_cap)
+    a_max = np.abs(w).max(axis=1, keepdims=True) / 127
+    assert err_full <= err_cap <= err_full * 1.01
+    assert err_cap <= projection_error(w, np.clip(np.round(w / a_max), -127, 127), a_max) * (1 + 1e-9)
+
+
 def test_progress_reports_every_weight(monkeypatch):
     import lastbit.passes.pow2_projection as pp
 
