@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accel_sim  # noqa: E402
 import arm_insn_count  # noqa: E402
 import conv_vnni  # noqa: E402
+import datafree_accuracy  # noqa: E402
 import gemv_lowbit  # noqa: E402
 import prune_latency  # noqa: E402
 import quant_accuracy  # noqa: E402
@@ -18,7 +19,7 @@ import zoo_latency  # noqa: E402
 
 import autotune  # noqa: E402 - benchmarks/autotune.py (first on sys.path), not the package
 
-BENCHMARKS = [zoo_latency, quant_accuracy, accel_sim, gemv_lowbit, prune_latency, quant_e2e, conv_vnni, arm_insn_count, autotune]
+BENCHMARKS = [zoo_latency, quant_accuracy, datafree_accuracy, accel_sim, gemv_lowbit, prune_latency, quant_e2e, conv_vnni, arm_insn_count, autotune]
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from lastbit.errors import (
     UnsupportedOpError,
 )
 from lastbit.graph import Graph, QuantInfo, TensorSpec
+from lastbit.passes.datafree import DataFree
 from lastbit.passes.pow2_projection import QuantizationError
 from lastbit.squeeze import Squeeze
 
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Artifact",
     "ArtifactError",
+    "DataFree",
     "Graph",
     "LastbitError",
     "ModelFormatError",

@@ -44,6 +44,10 @@ class DataFree:
     depthwise_int8
         Relative projection error ‖W − α·q‖²/‖W‖² above which a depthwise conv is stored int8
         (None: never, 0: always).
+    requantize
+        With bias correction, re-pick each dense layer's codes from its calibration inputs
+        (GPTQ-style error feedback, α kept; ``dfq.gptq_codes``). Off by default: measured in
+        benchmarks/datafree_accuracy.py ("all + GPTQ codes").
     """
 
     equalize: bool = True
@@ -53,6 +57,8 @@ class DataFree:
     synthetic_steps: int = 200
     synthetic_size: int | None = None
     depthwise_int8: float | None = 0.02
+
+    requantize: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.synthetic, bool) or not isinstance(self.synthetic, int) or self.synthetic < 0:
@@ -113,7 +119,8 @@ class DataFreeQuantize:
             if calib is None:
                 raise QuantizationError("DataFree(bias_correction=True) needs calibration inputs: Squeeze(data=X) "
                                         "or DataFree(synthetic=N > 0)")
-            dfq.bias_correct(reference, quantized, calib, rescale=opts.rescale, projection=report)
+            dfq.bias_correct(reference, quantized, calib, rescale=opts.rescale, projection=report,
+                             requantize=opts.requantize)
         log.info("data-free: %d BN folded, %d pairs equalized, depthwise int8: %s", folded, pairs, report.depthwise_int8)
         kept_float = sq.keep_first_last and sq.first_last_codes is None
         self.state.layer_codes = {f"{name}.weight": codes for name, codes in report.codes.items() if not kept_float}

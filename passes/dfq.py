@@ -192,7 +192,7 @@ def cross_layer_equalize(gm: fx.GraphModule, iterations: int = 4, eps: float = 1
         if pair.activation is not None and isinstance(_module(gm, pair.activation), (nn.ReLU6, ChannelClamp)):
             old = _module(gm, pair.activation)
             channels = _module(gm, pair.first).out_channels
-            upper = old.upper if isinstance(old, ChannelClamp) else torch.full((channels,), 6.0)
+            upper = old.upper if isinstance(old, ChannelClamp) else torch.full((channels,), 6.0, device=_module(gm, pair.first).weight.device)
             name = f"{pair.activation.name}_clamp"  # node names are unique; the module may be shared
             gm.add_submodule(name, ChannelClamp(upper))
             pair.activation.target = name
@@ -229,6 +229,7 @@ class DataFreeProjection:
     relative_error: dict[str, float] = field(default_factory=dict)  # ‖W − α·q‖² / ‖W‖² at the low-bit set
     depthwise_int8: list[str] = field(default_factory=list)
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)  # name -> (q, α)
+    reference: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # name -> W before projection
 
     @property
     def weights(self) -> list[str]:
@@ -272,6 +273,7 @@ def project_traced(
                 report.depthwise_int8.append(node.target)
         report.codes[node.target] = target_cs.name
         report.arrays[node.target] = (q, alpha)
+        report.reference[node.target] = layer.weight.detach().clone()
         layer.weight.copy_(torch.from_numpy(alpha) * torch.from_numpy(q.astype(np.float32)))
     return report
 
@@ -321,6 +323,7 @@ def bias_correct(
     batch_size: int = 32,
     rescale: bool = False,
     projection: DataFreeProjection | None = None,
+    requantize: bool = False,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> dict[str, float]:
     """Empirical DFQ bias correction, in place on ``quantized`` (the same trace as ``reference``
@@ -333,7 +336,13 @@ def bias_correct(
     per-channel α (weights and bias of that channel; the codes stay) - the folded-BN analogue of
     re-estimating BatchNorm statistics. With ``projection`` (from ``project_traced``) the new α
     is stored there and the weight set to exactly float32(α)·q, so the codes are recovered
-    without rounding. Returns, per layer, the mean |shift| applied."""
+    without rounding.
+
+    ``requantize`` (needs ``projection``) first re-picks the codes of each low-bit dense layer
+    (linear, conv with groups 1) from the inputs it sees, column by column with the rounding
+    error of each column spread over the columns not yet rounded (GPTQ, Frantar et al. 2022,
+    with the layer's α kept): the codes minimise ‖(W − α·q) x̂‖ over the calibration inputs
+    rather than ‖W − α·q‖. Returns, per layer, the mean |shift| applied."""
     nodes = list(reference.graph.nodes)
     q_nodes = {n.name: n for n in quantized.graph.nodes}
     frees = _last_uses(reference.graph)
@@ -357,6 +366,8 @@ def bias_correct(
                 outs_f.append(chunk)
                 outs_q.append(chunk)
                 continue
+            if c == 0 and requantize and projection is not None:
+                _requantize(quantized, qn, [env_q[node.args[0]][k] for k in range(len(chunks))], projection)
             f_env = {n: env_f[n][c] for n in node.all_input_nodes}
             q_env = {q_nodes[n.name]: env_q[n][c] for n in node.all_input_nodes}
             outs_f.append(_run_node(reference, node, f_env))
@@ -399,6 +410,71 @@ def bias_correct(
             env_q.pop(dead, None)
     quantized.recompile()
     return shifts
+
+
+def _layer_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's input as rows matching weight.reshape(out, -1) (im2col for a k×k conv)."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if not isinstance(layer, nn.Conv2d) or layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        return None
+    pad = getattr(layer, "static_padding", None)  # "same"-padding convs pad in a submodule first
+    if pad is not None:
+        x = pad(x)
+    cols = torch.nn.functional.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                                      stride=layer.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _nearest_level(v: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    return levels[(v[:, None] - levels[None, :]).abs().argmin(1)]
+
+
+@torch.no_grad()
+def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, alpha: torch.Tensor, levels: torch.Tensor,
+               damp: float = 0.01) -> torch.Tensor:
+    """Codes q (out × in, float) for w ≈ α·q that keep w·x close for inputs with second moment
+    ``hessian`` = Σ x xᵀ: GPTQ's column-by-column rounding with error feedback through the
+    Cholesky factor of the inverse Hessian (``damp`` · mean diagonal added for stability)."""
+    w = w.double().clone()
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0  # an input that is always 0: its weight is free, 0 needs no code
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    a = alpha.double().reshape(-1)
+    lv = levels.double()
+    q = torch.empty_like(w)
+    for j in range(w.shape[1]):
+        col = w[:, j]
+        q[:, j] = _nearest_level(col / a, lv)
+        err = (col - a * q[:, j]) / hinv[j, j]
+        w[:, j + 1:] -= err[:, None] * hinv[j, j + 1:][None, :]
+    return q
+
+
+def _requantize(gm: fx.GraphModule, node: fx.Node, inputs: list[torch.Tensor], projection: DataFreeProjection) -> None:
+    layer = _module(gm, node)
+    name = node.target
+    if not isinstance(layer, WEIGHTED_TYPES) or name not in projection.arrays or projection.codes[name] == "int8":
+        return
+    q_old, alpha = projection.arrays[name]
+    alpha = np.asarray(alpha, dtype=np.float32)
+    if alpha.ndim == 0 or alpha.size != layer.weight.shape[0]:
+        return  # one α for the tensor: keep the plain projection
+    rows = [_layer_rows(layer, x) for x in inputs]
+    if any(r is None for r in rows):
+        return
+    hessian = sum(r.double().T @ r.double() for r in rows)
+    target = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    # the reference weights: α·q is what the layer holds now, the projection's input was W
+    w = projection.reference[name] if name in projection.reference else target
+    levels = torch.from_numpy(code_set(projection.codes[name]).levels.astype(np.float64))
+    q = gptq_codes(w.reshape(w.shape[0], -1), hessian, torch.from_numpy(alpha), levels)
+    q = q.reshape(q_old.shape).numpy().astype(np.int8)
+    projection.arrays[name] = (q, alpha)
+    layer.weight.copy_(torch.from_numpy(alpha) * torch.from_numpy(q.astype(np.float32)))
 
 
 def weighted_layer_names(gm: fx.GraphModule) -> list[str]:

@@ -38,6 +38,7 @@ class DistillConfig:
     lr: float = 0.2
     batch_size: int = 32
     seed: int = 0
+    device: str = "cpu"  # where to optimise ("cuda" when there is one; the images come back on the CPU)
 
 
 class _BnTaps:
@@ -90,6 +91,10 @@ def distill_data(
     if config.size is not None and len(shape) >= 2:
         shape[-2:] = [config.size, config.size]
     generator = torch.Generator().manual_seed(config.seed)
+    if torch.device(config.device) != next(model.parameters()).device:
+        import copy
+
+        model = copy.deepcopy(model).to(config.device)
     was_training = model.training
     model.eval()
     params = [p.requires_grad for p in model.parameters()]
@@ -99,7 +104,7 @@ def distill_data(
     try:
         for start in range(0, config.count, config.batch_size):
             n = min(config.batch_size, config.count - start)
-            x = torch.randn(n, *shape, generator=generator).requires_grad_(True)
+            x = torch.randn(n, *shape, generator=generator).to(config.device).requires_grad_(True)
             opt = torch.optim.Adam([x], lr=config.lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.steps)
             steps = tqdm(range(config.steps), desc="zeroq", disable=not progress, leave=False)
@@ -111,7 +116,7 @@ def distill_data(
                 sched.step()
                 steps.set_postfix(loss=f"{float(loss.detach()):.3f}")
             log.info("distilled %d inputs, BN statistics loss %.4f", n, float(loss.detach()))
-            out.append(x.detach())
+            out.append(x.detach().cpu())
     finally:
         for p, flag in zip(model.parameters(), params):
             p.requires_grad_(flag)
