@@ -38,6 +38,8 @@ ROWS = {
     "+ depthwise int8 (all)": dict(per_channel=True, cle=True, bc=True, rescale=True, dw="rule", gptq=False, calib="zeroq"),
     "all + GPTQ codes": dict(per_channel=True, cle=True, bc=True, rescale=True, dw="rule", gptq=True, calib="zeroq"),
     "all, real crops": dict(per_channel=True, cle=True, bc=True, rescale=True, dw="rule", gptq=False, calib="crops"),
+    "all, real crops, no CLE": dict(per_channel=True, cle=False, bc=True, rescale=True, dw="rule", gptq=False, calib="crops"),
+    "all + GPTQ, real crops": dict(per_channel=True, cle=True, bc=True, rescale=True, dw="rule", gptq=True, calib="crops"),
 }
 # Ternary: the ends of the ladder (the CPU budget of `make bench`); the rows without ZeroQ first.
 TERNARY_ROWS = ("plain projection", "+ per-channel α", "all, real crops", "+ depthwise int8 (all)")
@@ -45,9 +47,9 @@ QUICK_ROWS = ("+ per-channel α", "+ depthwise int8 (all)")
 # Depthwise convs whose relative projection error ‖W − α·q‖²/‖W‖² exceeds this go int8.
 DEPTHWISE_INT8_ERROR = 0.02
 
-# ZeroQ: 8 images at 112² × 50 Adam steps (ZeroQ used 500 at lr 0.5): what a shared 2-core CPU
+# ZeroQ: 4 images at 96² × 40 Adam steps (ZeroQ used 500 at lr 0.5): what a shared 2-core CPU
 # affords in a bench run (see meta.zeroq.compute_s); the "real crops" row shows what better data gives.
-FULL = dict(samples=128, crops=32, zeroq=dict(count=8, size=112, steps=50, lr=0.25, batch_size=8, seed=SEED))
+FULL = dict(samples=128, crops=32, zeroq=dict(count=4, size=96, steps=40, lr=0.25, batch_size=4, seed=SEED))
 QUICK = dict(samples=16, crops=8, zeroq=dict(count=4, size=96, steps=10, lr=0.2, batch_size=4, seed=SEED))
 ZOO_MODEL = "resnet20"
 ZOO_ZEROQ = dict(count=64, size=None, steps=200, lr=0.2, batch_size=64, seed=SEED)
@@ -179,15 +181,16 @@ def effnet_rows(settings: dict, rows: dict[str, tuple[str, ...]], progress: bool
 
     state = State()
 
-    base = {"model": "efficientnet-lite0", "samples": settings["samples"], "crops": settings["crops"],
-            "zeroq": settings["zeroq"], "seed": SEED, "dw_threshold": DEPTHWISE_INT8_ERROR, "version": 1}
+    base = {"model": "efficientnet-lite0", "samples": settings["samples"], "seed": SEED,
+            "dw_threshold": DEPTHWISE_INT8_ERROR, "version": 1}
     out = []
     if any(ROWS[n]["calib"] == "zeroq" for names in rows.values() for n in names):
         state["zeroq"]  # distil (or read) the synthetic images before the rows that need them
     for codes, names in rows.items():
         for name in names:
             how = ROWS[name]
-            row = cached({**base, "codes": codes, **how}, lambda codes=codes, how=how: run_row(state, codes, how))
+            calib = {"zeroq": settings["zeroq"]} if how["calib"] == "zeroq" else {"crops": settings["crops"]} if how["calib"] else {}
+            row = cached({**base, "codes": codes, **how, **calib}, lambda codes=codes, how=how: run_row(state, codes, how))
             out.append({**row, "codes": codes, "row": name})
             print(f"  effnet {codes:<8} {name:<28} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "
                   f"dw int8 {row['depthwise_int8']}/{row['depthwise']}  ({row.get('compute_s', 0):.0f} s)", flush=True)

@@ -321,7 +321,7 @@ def bias_correct(
     quantized: fx.GraphModule,
     x: torch.Tensor,
     batch_size: int = 32,
-    rescale: bool = False,
+    rescale: bool | str = False,
     projection: DataFreeProjection | None = None,
     requantize: bool = False,
     progress: Callable[[Iterable], Iterable] | None = None,
@@ -332,9 +332,10 @@ def bias_correct(
     layer fed by the already corrected quantized network (so errors upstream are corrected
     too). ``x`` is calibration input: ZeroQ synthetic images make it data-free.
 
-    ``rescale`` also matches each output channel's standard deviation by scaling the layer's
+    ``rescale`` (True or "std") also matches each output channel's standard deviation by scaling the layer's
     per-channel α (weights and bias of that channel; the codes stay) - the folded-BN analogue of
-    re-estimating BatchNorm statistics. With ``projection`` (from ``project_traced``) the new α
+    re-estimating BatchNorm statistics; "ls" scales by the least-squares gain cov(y, ŷ)/var(ŷ)
+    instead, which shrinks noisy channels rather than restoring their spread. With ``projection`` (from ``project_traced``) the new α
     is stored there and the weight set to exactly float32(α)·q, so the codes are recovered
     without rounding.
 
@@ -379,7 +380,12 @@ def bias_correct(
             yq = torch.cat([o.transpose(axis, -1).reshape(-1, o.shape[axis]) for o in outs_q])
             mean_f, mean_q = yf.mean(0), yq.mean(0)
             gain = torch.ones_like(mean_f)
-            if rescale:
+            if rescale == "ls":  # least squares: the gain that minimises the channel's error
+                cov = ((yf - mean_f) * (yq - mean_q)).mean(0)
+                var_q = (yq - mean_q).pow(2).mean(0)
+                gain = torch.where(var_q > 1e-24, cov / var_q.clamp_min(1e-24), gain)
+                gain = gain.clamp(0.5, 2.0)
+            elif rescale:
                 std_f, std_q = yf.std(0), yq.std(0)
                 gain = torch.where(std_q > 1e-12, std_f / std_q.clamp_min(1e-12), gain)
                 gain = gain.clamp(0.5, 2.0)  # a wild ratio means a dead channel, not a scale error

@@ -99,21 +99,27 @@ def test_bias_correction_reduces_the_mean_error(inputs):
     assert len(torch.unique(q.get_submodule("expand").weight.abs()[0])) <= 2
 
 
-def test_rescale_keeps_codes_and_matches_spread(inputs):
+@pytest.mark.parametrize("rescale", [True, "ls"])
+def test_rescale_keeps_codes_and_lowers_the_error(inputs, rescale):
     gm = dfq.trace_layers(tiny_net())
     dfq.fold_batch_norms(gm)
+    plain = copy.deepcopy(gm)
+    dfq.project_traced(plain, "ternary", keep_first_last=None)
+    corrected = copy.deepcopy(plain)
+    dfq.bias_correct(gm, corrected, inputs)
     q = copy.deepcopy(gm)
-    dfq.project_traced(q, "ternary", keep_first_last=None)
-    dfq.bias_correct(gm, q, inputs, rescale=True)
-    w = q.get_submodule("project").weight.detach()
-    for row in w.flatten(1):
-        assert len(torch.unique(row.abs()[row != 0])) <= 1  # ternary: one magnitude per channel
+    report = dfq.project_traced(q, "ternary", keep_first_last=None)
+    dfq.bias_correct(gm, q, inputs, rescale=rescale, projection=report)
+    codes, alpha = report.arrays["project"]
+    assert torch.equal(q.get_submodule("project").weight,
+                       torch.from_numpy(alpha) * torch.from_numpy(codes.astype(np.float32)))  # still α·q exactly
+    held_out = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        err = (q(inputs) - gm(inputs)).pow(2).mean()
-    q2 = copy.deepcopy(gm)
-    dfq.project_traced(q2, "ternary", keep_first_last=None)
-    with torch.no_grad():
-        assert err < (q2(inputs) - gm(inputs)).pow(2).mean()
+        ref = gm(held_out)
+        err = (q(held_out) - ref).pow(2).mean()
+        assert err < (plain(held_out) - ref).pow(2).mean()
+        if rescale == "ls":  # the least-squares gain beats bias correction alone
+            assert err < (corrected(held_out) - ref).pow(2).mean()
 
 
 def test_untraceable_model_is_named():
