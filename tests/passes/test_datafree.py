@@ -14,7 +14,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TARGET = "x86_64-linux-gnu"
 
 
-@pytest.mark.slow  # two TVM builds
 def test_datafree_compiles_exactly_and_beats_plain_projection():
     net = tiny_net()
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(5))
