@@ -47,9 +47,9 @@ QUICK_ROWS = ("+ per-channel α", "+ depthwise int8 (all)")
 # Depthwise convs whose relative projection error ‖W − α·q‖²/‖W‖² exceeds this go int8.
 DEPTHWISE_INT8_ERROR = 0.02
 
-# ZeroQ: 4 images at 96² × 40 Adam steps (ZeroQ used 500 at lr 0.5): what a shared 2-core CPU
-# affords in a bench run (see meta.zeroq.compute_s); the "real crops" row shows what better data gives.
-FULL = dict(samples=128, crops=32, zeroq=dict(count=4, size=96, steps=40, lr=0.25, batch_size=4, seed=SEED))
+# ZeroQ: 16 images at 160² × 150 Adam steps (ZeroQ used 500 at lr 0.5): a few minutes on 2 cores
+# (see meta.zeroq.compute_s); the "real crops" rows show what better data gives.
+FULL = dict(samples=128, crops=32, zeroq=dict(count=16, size=160, steps=150, lr=0.25, batch_size=16, seed=SEED))
 QUICK = dict(samples=16, crops=8, zeroq=dict(count=4, size=96, steps=10, lr=0.2, batch_size=4, seed=SEED))
 ZOO_MODEL = "resnet8"  # ResNet-20 training does not fit the shared CPU; ResNet-8 is its 1-block-per-stage sibling
 ZOO_ZEROQ = dict(count=64, size=None, steps=200, lr=0.2, batch_size=64, seed=SEED)
