@@ -147,8 +147,6 @@ def run_row(state: dict, codes: str, how: dict) -> dict:
 
 
 def effnet_rows(settings: dict, rows: dict[str, tuple[str, ...]], progress: bool, device: str = "cpu") -> tuple[list[dict], dict]:
-    import torch
-
     from lastbit.frontend.models.efficientnet import augmented_samples, efficientnet_lite0
     from lastbit.passes import dfq
     from lastbit.passes.zeroq import DistillConfig, distill_data
@@ -194,10 +192,9 @@ def effnet_rows(settings: dict, rows: dict[str, tuple[str, ...]], progress: bool
             out.append({**row, "codes": codes, "row": name})
             print(f"  effnet {codes:<8} {name:<28} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "
                   f"dw int8 {row['depthwise_int8']}/{row['depthwise']}  ({row.get('compute_s', 0):.0f} s)", flush=True)
-    if not zeroq_meta:
-        import torch  # noqa: F811  (only to read the cached metadata when every row was cached)
-
+    if not zeroq_meta:  # every row came from the cache: read the distillation's own record
         from lastbit.frontend.training import cache_dir
+
         blob = json.dumps({"model": "efficientnet-lite0", **settings["zeroq"]}, sort_keys=True)
         path = cache_dir() / "datafree_accuracy" / f"zeroq-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
         if path.is_file():

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +36,7 @@ __all__ = [
     "cross_layer_equalize",
     "equalization_pairs",
     "fold_batch_norms",
+    "gptq_codes",
     "is_depthwise",
     "project_traced",
     "trace_layers",
@@ -481,25 +481,3 @@ def _requantize(gm: fx.GraphModule, node: fx.Node, inputs: list[torch.Tensor], p
     q = q.reshape(q_old.shape).numpy().astype(np.int8)
     projection.arrays[name] = (q, alpha)
     layer.weight.copy_(torch.from_numpy(alpha) * torch.from_numpy(q.astype(np.float32)))
-
-
-def weighted_layer_names(gm: fx.GraphModule) -> list[str]:
-    """Module names of the conv/linear layers in dataflow order."""
-    return [n.target for n, _ in _weighted_nodes(gm)]
-
-
-def relu6_free(gm: fx.GraphModule) -> bool:
-    """Whether no ReLU6 is left (every one became a ChannelClamp)."""
-    return not any(isinstance(_module(gm, n), nn.ReLU6) for n in gm.graph.nodes)
-
-
-def channel_ranges(gm: fx.GraphModule, names: Sequence[str] | None = None) -> dict[str, float]:
-    """Per layer: max over input channels of the range / min nonzero range (1 = equalized)."""
-    out = {}
-    for node, layer in _weighted_nodes(gm):
-        if names is not None and node.target not in names:
-            continue
-        r = _in_channel_range(layer) if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else layer.weight.detach().abs().amax(0)
-        r = r[r > 0]
-        out[node.target] = float(r.max() / r.min()) if r.numel() else math.nan
-    return out
