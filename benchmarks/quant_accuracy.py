@@ -1,5 +1,5 @@
-"""Accuracy of power-of-two weight quantization (projection vs STE vs ADMM) on Fashion-MNIST,
-plus EfficientNet-Lite0 data-free fidelity.  Writes bench/results.json and a PNG.
+"""Accuracy of power-of-two weight quantization (projection vs STE vs ADMM) on Fashion-MNIST.
+Writes bench/results.json and a PNG (EfficientNet-Lite0 data-free: benchmarks/datafree_accuracy.py).
 
 Every trained/evaluated number is cached as JSON under cache_dir()/quant_accuracy/, keyed by
 model, code set, method, budget and seed, so a rerun only re-prints and re-plots.
@@ -48,8 +48,6 @@ BUDGETS = {
     "resnet20": {"train": 10000, "epochs": 1},
 }
 QUICK_BUDGETS = {"lenet5": {"train": 2000, "epochs": 1}}
-EFFNET_SAMPLES = 128
-EFFNET_CALIBRATION = 128  # unlabelled crops (another seed) for BatchNorm re-estimation
 
 
 def cache_path(key: dict) -> Path:
@@ -198,83 +196,6 @@ def fashion_rows(name: str, budget: dict, data: dict, progress: bool) -> list[di
     return rows
 
 
-# Data-free EfficientNet-Lite0 settings, each on top of the one before (all per output channel):
-# first/last int8 (the default; first/last float32 scored the same 0-3% before), the depthwise
-# convs int8 too, then BatchNorm statistics re-estimated on unlabelled crops (no labels, no
-# training). Why it stays low: power-of-two codes are logarithmic, so even the 15-level pow2-64
-# leaves 15-19% relative error in every 1×1 conv (int8: < 1%), and 33 of them in a row with no
-# fine-tuning collapse the logits; see the report.
-EFFNET_VARIANTS = {
-    "first/last int8": {"skip_codes": "int8", "depthwise_int8": False, "bn": False},
-    "+ depthwise int8": {"skip_codes": "int8", "depthwise_int8": True, "bn": False},
-    "+ BN re-estimated": {"skip_codes": "int8", "depthwise_int8": True, "bn": True},
-}
-
-
-def depthwise_layers(model) -> list[str]:
-    """Module names of the grouped convs with one filter per input channel (depthwise)."""
-    from torch import nn
-
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
-
-
-def effnet_rows(samples: int) -> list[dict]:
-    """Data-free fidelity of projected EfficientNet-Lite0 against its own fp32 outputs."""
-    import torch
-    import torch.nn.functional as F
-
-    from lastbit.frontend.models.efficientnet import (
-        augmented_samples,
-        efficientnet_lite0,
-    )
-    from lastbit.passes.admm import project_module, recalibrate_bn
-    from lastbit.passes.pow2_projection import code_set
-
-    state = {}
-
-    def fp32_logits():
-        if "ref" not in state:
-            state["model"] = efficientnet_lite0(pretrained=True)
-            state["x"] = augmented_samples(samples, seed=SEED)
-            state["ref"] = logits_of(state["model"], state["x"])
-        return state["model"], state["x"], state["ref"]
-
-    base = {"model": "efficientnet-lite0", "samples": samples, "seed": SEED, "method": "projection", "per_channel": True}
-    rows = [{**cached({**base, "codes": "fp32", "method": "fp32"}, lambda: {"bytes": model_bytes(fp32_logits()[0])}),
-             "model": "efficientnet-lite0", "codes": "fp32", "method": "fp32", "variant": "fp32", "bits": 32,
-             "top1_agreement": 1.0, "kl": 0.0}]
-    for codes in CODE_SETS:
-        for variant, how in EFFNET_VARIANTS.items():
-            def compute(codes=codes, how=how):
-                model, x, ref = fp32_logits()
-                skip = ("first", "last", *(depthwise_layers(model) if how["depthwise_int8"] else ()))
-                result = project_module(model, codes, per_channel=True, skip=skip, skip_codes=how["skip_codes"])
-                if how["bn"]:
-                    # other random crops (seed 1) of the sample photos, labels unused: BN statistics only
-                    calib = augmented_samples(EFFNET_CALIBRATION, seed=SEED + 1)
-                    recalibrate_bn(result.module, (calib, torch.zeros(len(calib), dtype=torch.long)),
-                                   num_batches=EFFNET_CALIBRATION // 32, batch_size=32)
-                out = logits_of(result.module, x)
-                kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean")
-                return {"top1_agreement": float((out.argmax(1) == ref.argmax(1)).float().mean()), "kl": float(kl),
-                        "bytes": model_bytes(result.module, result)}
-
-            row = cached({**base, "codes": codes, **how, "calibration": EFFNET_CALIBRATION if how["bn"] else 0}, compute)
-            rows.append({**row, "model": "efficientnet-lite0", "codes": codes, "method": "projection", "variant": variant,
-                         "bits": code_set(codes).bits})
-            print(f"  effnet    {codes:<8} {variant:<18} agree {row['top1_agreement']:.3f} KL {row['kl']:.4f}  "
-                  f"({row.get('compute_s', 0):.0f} s)", flush=True)
-    return rows
-
-
-def logits_of(model, x, batch_size: int = 32):
-    import torch
-
-    model.eval()
-    with torch.inference_mode():
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-
-
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -305,7 +226,7 @@ def plot(rows: list[dict], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def print_table(rows: list[dict], effnet: list[dict]) -> None:
+def print_table(rows: list[dict]) -> None:
     print(f"\n{'model':<9} {'codes':<8} {'bits':>4} {'bytes':>9} | {'projection':>10} {'STE':>7} {'ADMM':>7} {'ADMM+KD':>7}")
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
@@ -315,21 +236,13 @@ def print_table(rows: list[dict], effnet: list[dict]) -> None:
             by = {r["method"]: r for r in mine if r["codes"] == codes}
             accs = " ".join(f"{100 * by[m]['accuracy']:>{10 if m == 'projection' else 7}.2f}" for m in METHODS)
             print(f"{model:<9} {codes:<8} {by['admm']['bits']:>4} {by['admm']['bytes']:>9} | {accs}")
-    if effnet:
-        print(f"\nefficientnet-lite0, data-free projection per output channel, top-1 agreement with fp32 (KL) on "
-              f"{EFFNET_SAMPLES} augmented crops of the sample photos (no ImageNet validation set offline: fidelity, not accuracy)")
-        print(f"{'codes':<8} " + " ".join(f"{v:>22}" for v in EFFNET_VARIANTS))
-        for codes in CODE_SETS:
-            by = {r["variant"]: r for r in effnet if r["codes"] == codes}
-            print(f"{codes:<8} " + " ".join(f"{100 * by[v]['top1_agreement']:>12.1f}% ({by[v]['kl']:>6.3f})" for v in EFFNET_VARIANTS))
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="lenet5 only, small budget, no EfficientNet")
+    parser.add_argument("--quick", action="store_true", help="lenet5 only, small budget")
     parser.add_argument("--progress", action="store_true", help="tqdm bars while fine-tuning")
     parser.add_argument("--models", nargs="+", metavar="NAME", help="only these Fashion-MNIST models (default: all of BUDGETS)")
-    parser.add_argument("--no-effnet", action="store_true", help="skip the EfficientNet-Lite0 fidelity rows")
     args = parser.parse_args(argv)
     import torch
     from results import update_section
@@ -357,8 +270,7 @@ def main(argv=None) -> dict:
     rows = []
     for name, budget in budgets.items():
         rows += fashion_rows(name, budget, Data(), args.progress)
-    effnet = [] if args.quick or args.no_effnet else effnet_rows(EFFNET_SAMPLES)
-    print_table(rows, effnet)
+    print_table(rows)
 
     import platform
 
@@ -367,16 +279,14 @@ def main(argv=None) -> dict:
 
     meta = {
         "host": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "lastbit": lastbit.__version__,
-        "per_channel": {"fashion-mnist": ADMM_PER_CHANNEL, "efficientnet-lite0": True}, "skip": list(SKIP),
+        "per_channel": {"fashion-mnist": ADMM_PER_CHANNEL}, "skip": list(SKIP),
         "skip_codes": SKIP_CODES, "budgets": budgets,
         "settings": {m: {method: method_settings(method, math.ceil(b["train"] / BATCH) * b["epochs"])
                          for method in METHODS if method != "projection"} for m, b in budgets.items()},
         "test_set": "fashion-mnist test, 10000 images",
-        "effnet_inputs": f"{EFFNET_SAMPLES} augmented_samples(seed=0); BN re-estimation on {EFFNET_CALIBRATION} "
-                         "augmented_samples(seed=1) (other crops of the same photos, labels unused); no ImageNet validation set offline",
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    section = {"meta": meta, "rows": rows, "efficientnet": effnet}
+    section = {"meta": meta, "rows": rows}
     update_section("quant_accuracy", section)
     plot(rows, OUT_DIR / "quant_accuracy.png")
     print(f"\nwall {meta['wall_s']} s")

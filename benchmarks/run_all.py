@@ -15,6 +15,7 @@ import bitserial_arm  # noqa: E402
 import codesign  # noqa: E402
 import compile_time  # noqa: E402
 import conv_vnni  # noqa: E402
+import datafree_accuracy  # noqa: E402
 import gemv_lowbit  # noqa: E402
 import prune_latency  # noqa: E402
 import quant_accuracy  # noqa: E402
@@ -27,6 +28,7 @@ BENCHMARKS = [
     zoo_latency,
     admm_sweep,
     quant_accuracy,
+    datafree_accuracy,
     accel_sim,
     accel_dse,
     gemv_lowbit,

@@ -17,6 +17,7 @@ from lastbit.errors import (
     UntrustedModelError,
 )
 from lastbit.graph import Graph, QuantInfo, TensorSpec
+from lastbit.passes.datafree import DataFree
 from lastbit.passes.pow2_projection import QuantizationError
 from lastbit.squeeze import Squeeze
 
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Artifact",
     "ArtifactError",
+    "DataFree",
     "Graph",
     "LastbitError",
     "ModelFormatError",

@@ -110,9 +110,15 @@ def squeeze_passes(squeeze=None, torch_module=None, target: Target | None = None
         from lastbit.passes.quantize_pow2 import QuantizePow2
         from lastbit.passes.squeeze import AdmmFinetune
 
+        state = None
         if squeeze.resolved_mode(torch_module is not None) == "admm":
             passes.append(AdmmFinetune(squeeze, torch_module))
-        passes.append(QuantizePow2(squeeze))
+        elif squeeze.datafree is not None:
+            from lastbit.passes.datafree import DataFreeQuantize, DataFreeState
+
+            state = DataFreeState()
+            passes.append(DataFreeQuantize(squeeze, torch_module, state))
+        passes.append(QuantizePow2(squeeze, datafree_state=state))
     return passes
 
 

@@ -95,6 +95,11 @@ class Squeeze:
         each conv/dense weight set to zero; the report stores the codes run-length encoded.
     With any of these three, "auto" quantization is data-free (ADMM fine-tunes the unpruned
     torch module, whose weights no longer fit the graph).
+    datafree
+        ``lastbit.passes.datafree.DataFree(...)``: in the data-free mode, BN folding, cross-layer
+        equalization, bias correction on ZeroQ synthetic (or the given unlabelled) inputs and
+        depthwise layers on int8 where they would lose most (needs the torch module; implies
+        the data-free mode under "auto"). None: plain projection.
     """
 
     bits: int | None = None
@@ -121,6 +126,7 @@ class Squeeze:
     rank: Any = None
     sparsity: float | None = None
     layers: Any = field(default=None, hash=False)
+    datafree: Any = None
 
     def __post_init__(self) -> None:
         if self.data is not None and not hasattr(self.data, "shape") and iter_once(self.data):
@@ -156,6 +162,14 @@ class Squeeze:
 
             object.__setattr__(self, "layers", parse_layers(self.layers))
         self._check_structural()
+        if self.datafree is not None:
+            from lastbit.passes.datafree import DataFree
+
+            if not isinstance(self.datafree, DataFree):
+                raise QuantizationError(f"datafree must be a lastbit.passes.datafree.DataFree, got {self.datafree!r}")
+            if self.mode == "admm" or self.restructures:
+                raise QuantizationError("datafree (DFQ/ZeroQ) works on the unpruned torch module in the data-free mode; "
+                                        "it cannot be combined with mode='admm', prune, rank or sparsity")
 
     def _check_structural(self) -> None:
         """Validate prune / rank / sparsity (each parser raises naming the bad value)."""
@@ -240,7 +254,8 @@ class Squeeze:
             if not torch_module_available:
                 raise QuantizationError("mode='admm' fine-tunes the torch module; compile a torch.nn.Module, not a file")
             return "admm"
-        if self.mode == "auto" and self.has_labels and torch_module_available and not self.restructures:
+        if (self.mode == "auto" and self.has_labels and torch_module_available and not self.restructures
+                and self.datafree is None):
             return "admm"
         return "data-free"
 

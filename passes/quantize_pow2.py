@@ -261,10 +261,12 @@ class QuantizePow2:
     and ``keep_first_last``; without a global code set, the layers it does not name stay float.
     """
 
-    def __init__(self, squeeze):
+    def __init__(self, squeeze, datafree_state=None):
         self.squeeze = squeeze
         self.codes = squeeze.code_set if squeeze.global_quantizes else None
         self.layer_choices = squeeze.layers
+        # passes/datafree.py: per-layer code sets (depthwise int8) and ZeroQ calibration inputs
+        self.datafree_state = datafree_state
 
     def __call__(self, graph: Graph) -> Graph:
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # weight -> (codes, alpha)
@@ -326,6 +328,10 @@ class QuantizePow2:
                     cs, per_channel = code_set(first_last), all(u.axis is not None for u in uses)
                 else:
                     cs, per_channel = self.codes, self.squeeze.per_channel
+                chosen = (self.datafree_state.layer_codes.get(graph.source_names.get(weight, weight))
+                          if self.datafree_state and choice is None else None)
+                if chosen is not None and chosen != cs.name:
+                    cs, per_channel = code_set(chosen), per_channel or chosen == "int8"
                 reason = self._skip_reason(uses, per_channel)
                 if reason:
                     log.info("not quantizing %s (%s): %s", weight, graph.source_names.get(weight, weight), reason)
@@ -446,6 +452,8 @@ class QuantizePow2:
         weight), rounded to float32 so the graph constant and QuantInfo agree exactly."""
         sq = self.squeeze
         x = calibration_inputs(sq.data, sq.calibration_samples)
+        if x is None and self.datafree_state is not None and self.datafree_state.calibration is not None:
+            x = self.datafree_state.calibration[:sq.calibration_samples]  # ZeroQ synthetic inputs
         if x is None:
             return {}, "dynamic"
         if len(graph.inputs) != 1:

@@ -1,0 +1,307 @@
+"""Data-free power-of-two quantization, technique by technique (ablation): EfficientNet-Lite0's
+top-1 agreement and KL divergence with its own fp32 outputs, plus a check that the same
+techniques do not hurt a small zoo net (ResNet-8 on Fashion-MNIST, test accuracy).
+
+No ImageNet validation set ships offline: EfficientNet fidelity is measured on augmented
+crops of scikit-image's sample photos (``augmented_samples``), agreement with fp32, not
+accuracy. Calibration is data-free (ZeroQ images distilled from the BatchNorm statistics)
+except in the rows marked "real crops" (other crops of the same photos, labels unused).
+Every row is cached as JSON under cache_dir()/datafree_accuracy/; writes the
+"datafree_accuracy" section of bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SEED = 0
+
+# Each row adds one technique to the row above it; all rows keep the first and last layers int8
+# per output channel (the library default). "calib" names the calibration inputs of bias
+# correction: "zeroq" (synthetic, data-free) or "crops" (real unlabelled crops, for reference).
+ROWS = {
+    "plain projection": dict(per_channel=False, cle=False, bc=False, rescale=False, dw=None, gptq=False, calib=None),
+    "+ per-channel α": dict(per_channel=True, cle=False, bc=False, rescale=False, dw=None, gptq=False, calib=None),
+    "+ CLE": dict(per_channel=True, cle=True, bc=False, rescale=False, dw=None, gptq=False, calib=None),
+    "+ bias correction (ZeroQ)": dict(per_channel=True, cle=True, bc=True, rescale=False, dw=None, gptq=False, calib="zeroq"),
+    "+ α rescale (ZeroQ)": dict(per_channel=True, cle=True, bc=True, rescale=True, dw=None, gptq=False, calib="zeroq"),
+    "+ depthwise int8 (all)": dict(per_channel=True, cle=True, bc=True, rescale=True, dw="rule", gptq=False, calib="zeroq"),
+    "all + GPTQ codes": dict(per_channel=True, cle=True, bc=True, rescale=True, dw="rule", gptq=True, calib="zeroq"),
+    "all, real crops": dict(per_channel=True, cle=True, bc=True, rescale=True, dw="rule", gptq=False, calib="crops"),
+    "all, real crops, no CLE": dict(per_channel=True, cle=False, bc=True, rescale=True, dw="rule", gptq=False, calib="crops"),
+    "all + GPTQ, real crops": dict(per_channel=True, cle=True, bc=True, rescale=True, dw="rule", gptq=True, calib="crops"),
+}
+# Ternary: the ends of the ladder (the CPU budget of `make bench`); the rows without ZeroQ first.
+TERNARY_ROWS = ("plain projection", "+ per-channel α", "all, real crops", "+ depthwise int8 (all)")
+QUICK_ROWS = ("+ per-channel α", "+ depthwise int8 (all)")
+# Depthwise convs whose relative projection error ‖W − α·q‖²/‖W‖² exceeds this go int8.
+DEPTHWISE_INT8_ERROR = 0.02
+
+# ZeroQ: 16 images at 160² × 150 Adam steps (ZeroQ used 500 at lr 0.5): a few minutes on 2 cores
+# (see meta.zeroq.compute_s); the "real crops" rows show what better data gives.
+FULL = dict(samples=128, crops=32, zeroq=dict(count=16, size=160, steps=150, lr=0.25, batch_size=16, seed=SEED))
+QUICK = dict(samples=16, crops=8, zeroq=dict(count=4, size=96, steps=10, lr=0.2, batch_size=4, seed=SEED))
+ZOO_MODEL = "resnet8"  # ResNet-20 training does not fit the shared CPU; ResNet-8 is its 1-block-per-stage sibling
+ZOO_ZEROQ = dict(count=64, size=None, steps=200, lr=0.2, batch_size=64, seed=SEED)
+
+
+def cached(key: dict, compute) -> dict:
+    """compute() once per key; the result (plain numbers) lives in a JSON beside the weights."""
+    from lastbit.fileio import atomic_write_json
+    from lastbit.frontend.training import cache_dir
+
+    blob = json.dumps(key, sort_keys=True)
+    path = cache_dir() / "datafree_accuracy" / f"{key.get('model')}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())["result"]
+        except (json.JSONDecodeError, KeyError):
+            pass  # a damaged entry is recomputed
+    start = time.perf_counter()
+    result = compute()
+    result["compute_s"] = round(time.perf_counter() - start, 1)
+    atomic_write_json(path, {"key": key, "result": result})
+    return result
+
+
+def cached_tensor(key: dict, compute, device: str = "cpu"):
+    """A tensor computed once per key (ZeroQ images), stored with torch.save, read weights_only."""
+    import io
+
+    import torch
+
+    from lastbit.fileio import atomic_write_bytes
+    from lastbit.frontend.training import cache_dir
+
+    blob = json.dumps(key, sort_keys=True)
+    path = cache_dir() / "datafree_accuracy" / f"zeroq-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)["x"], json.loads(path.with_suffix(".json").read_text())
+    start = time.perf_counter()
+    x = compute()
+    buf = io.BytesIO()
+    torch.save({"x": x}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    meta = {"key": key, "compute_s": round(time.perf_counter() - start, 1), "device": device}
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta).encode())
+    return x, meta
+
+
+def logits_of(model, x, batch_size: int = 32):
+    import torch
+
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def fidelity(out, ref) -> dict:
+    import torch.nn.functional as F
+
+    kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean")
+    return {"top1_agreement": float((out.argmax(1) == ref.argmax(1)).float().mean()), "kl": float(kl)}
+
+
+def deployed_bytes(gm, report) -> int:
+    """Packed codes ceil(n·bits/8) + 4 B per α for every weighted layer, 4 B per other parameter
+    (the folded biases, the clamp bounds)."""
+    from lastbit.passes.pow2_projection import code_set
+
+    total = 0
+    weights = set()
+    for name, (q, alpha) in report.arrays.items():
+        total += math.ceil(q.size * code_set(report.codes[name]).bits / 8) + 4 * int(np.asarray(alpha).size)
+        weights.add(f"{name}.weight")
+    total += sum(4 * p.numel() for n, p in gm.named_parameters() if n not in weights)
+    total += sum(4 * b.numel() for n, b in gm.named_buffers() if n.endswith("upper"))
+    return int(total)
+
+
+def run_row(state: dict, codes: str, how: dict) -> dict:
+    from lastbit.passes import dfq
+
+    base = state["equalized"] if how["cle"] else state["folded"]
+    memo = state.setdefault("projections", {})
+    key = (codes, how["cle"], how["per_channel"], how["dw"])
+    if key not in memo:  # the exact projection is the slow part; rows share it
+        q = copy.deepcopy(base)
+        report = dfq.project_traced(q, codes, per_channel=how["per_channel"], keep_first_last="int8",
+                                    depthwise_int8_error=DEPTHWISE_INT8_ERROR if how["dw"] == "rule" else None)
+        memo[key] = (q, report)
+    q, report = copy.deepcopy(memo[key])
+    if how["bc"]:
+        dfq.bias_correct(base, q, state[how["calib"]], rescale=how["rescale"], projection=report, requantize=how["gptq"])
+    return {**fidelity(logits_of(q, state["x"]), state["ref"]), "bytes": deployed_bytes(q, report),
+            "depthwise_int8": len(report.depthwise_int8),
+            "depthwise": sum(1 for n, m in q.named_modules() if dfq.is_depthwise(m))}
+
+
+def effnet_rows(settings: dict, rows: dict[str, tuple[str, ...]], progress: bool, device: str = "cpu") -> tuple[list[dict], dict]:
+    from lastbit.frontend.models.efficientnet import augmented_samples, efficientnet_lite0
+    from lastbit.passes import dfq
+    from lastbit.passes.zeroq import DistillConfig, distill_data
+
+    zeroq_meta: dict = {}
+
+    class State(dict):
+        """Built on first use, so rows read from the cache cost nothing; ZeroQ only when a row needs it."""
+
+        def __missing__(self, key):
+            if key == "zeroq":
+                config = DistillConfig(**settings["zeroq"], device=device)
+                self["zeroq"], meta = cached_tensor({"model": "efficientnet-lite0", **settings["zeroq"]},
+                                                    lambda: distill_data(self["model"], (3, 224, 224), config,
+                                                                         progress=progress), device)
+                zeroq_meta.update(meta)
+            elif key == "model":
+                self["model"] = efficientnet_lite0(pretrained=True)
+            elif key in ("x", "ref", "crops", "folded", "equalized"):
+                self["x"] = augmented_samples(settings["samples"], seed=SEED)
+                self["ref"] = logits_of(self["model"], self["x"])
+                self["crops"] = augmented_samples(settings["crops"], seed=SEED + 1)
+                self["folded"] = dfq.trace_layers(self["model"])
+                dfq.fold_batch_norms(self["folded"])
+                self["equalized"] = copy.deepcopy(self["folded"])
+                dfq.cross_layer_equalize(self["equalized"])
+            else:
+                raise KeyError(key)
+            return self[key]
+
+    state = State()
+
+    base = {"model": "efficientnet-lite0", "samples": settings["samples"], "seed": SEED,
+            "dw_threshold": DEPTHWISE_INT8_ERROR, "version": 1}
+    out = []
+    if any(ROWS[n]["calib"] == "zeroq" for names in rows.values() for n in names):
+        state["zeroq"]  # distil (or read) the synthetic images before the rows that need them
+    for codes, names in rows.items():
+        for name in names:
+            how = ROWS[name]
+            calib = {"zeroq": settings["zeroq"]} if how["calib"] == "zeroq" else {"crops": settings["crops"]} if how["calib"] else {}
+            row = cached({**base, "codes": codes, **how, **calib}, lambda codes=codes, how=how: run_row(state, codes, how))
+            out.append({**row, "codes": codes, "row": name})
+            print(f"  effnet {codes:<8} {name:<28} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "
+                  f"dw int8 {row['depthwise_int8']}/{row['depthwise']}  ({row.get('compute_s', 0):.0f} s)", flush=True)
+    if not zeroq_meta:  # every row came from the cache: read the distillation's own record
+        from lastbit.frontend.training import cache_dir
+
+        blob = json.dumps({"model": "efficientnet-lite0", **settings["zeroq"]}, sort_keys=True)
+        path = cache_dir() / "datafree_accuracy" / f"zeroq-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+        if path.is_file():
+            zeroq_meta.update(json.loads(path.read_text()))
+    return out, zeroq_meta
+
+
+def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
+    """ZOO_MODEL on Fashion-MNIST: per-channel projection vs all the data-free techniques, test accuracy."""
+    import torch
+
+    from lastbit.frontend.datasets import fashion_mnist
+    from lastbit.frontend.models import get_model
+    from lastbit.passes import dfq
+    from lastbit.passes.zeroq import DistillConfig, distill_data
+
+    model, example = get_model(ZOO_MODEL, pretrained=True)
+    test = fashion_mnist("test")
+    x, y = torch.from_numpy(test.images), torch.from_numpy(test.labels)
+
+    def accuracy(m) -> float:
+        return float((logits_of(m, x, 500).argmax(1) == y).float().mean())
+
+    base = {"model": ZOO_MODEL, "dataset": "fashion-mnist test 10k", "zeroq": ZOO_ZEROQ, "version": 1}
+    rows = [{**cached({**base, "row": "fp32"}, lambda: {"accuracy": accuracy(model)}), "codes": "fp32", "row": "fp32"}]
+    print(f"  {ZOO_MODEL} fp32 acc {100 * rows[0]['accuracy']:.2f}%", flush=True)
+    for codes in ("pow2-4", "ternary"):
+        for name in ("+ per-channel α", "+ depthwise int8 (all)", "all + GPTQ codes"):
+            how = ROWS[name]
+
+            def compute(codes=codes, how=how):
+                folded = dfq.trace_layers(model)
+                dfq.fold_batch_norms(folded)
+                if how["cle"]:
+                    dfq.cross_layer_equalize(folded)
+                q = copy.deepcopy(folded)
+                report = dfq.project_traced(q, codes, keep_first_last="int8",
+                                            depthwise_int8_error=DEPTHWISE_INT8_ERROR if how["dw"] == "rule" else None)
+                if how["bc"]:
+                    calib = distill_data(model, tuple(example.shape[1:]), DistillConfig(**ZOO_ZEROQ, device=device),
+                                         progress=progress)
+                    dfq.bias_correct(folded, q, calib, rescale=how["rescale"], projection=report, requantize=how["gptq"])
+                return {"accuracy": accuracy(q)}
+
+            row = cached({**base, "codes": codes, **how}, compute)
+            rows.append({**row, "codes": codes, "row": name})
+            print(f"  {ZOO_MODEL} {codes:<8} {name:<28} acc {100 * row['accuracy']:.2f}%  ({row.get('compute_s', 0):.0f} s)", flush=True)
+    return rows
+
+
+def print_table(rows: list[dict], samples: int) -> None:
+    print(f"\nefficientnet-lite0 data-free, top-1 agreement with fp32 (KL) on {samples} augmented crops of the sample "
+          "photos (no ImageNet validation set offline: fidelity, not accuracy)")
+    codes_list = list(dict.fromkeys(r["codes"] for r in rows))
+    print(f"{'':<28} " + " ".join(f"{c:>18}" for c in codes_list))
+    for name in ROWS:
+        cells = []
+        for codes in codes_list:
+            r = next((r for r in rows if r["codes"] == codes and r["row"] == name), None)
+            cells.append(f"{100 * r['top1_agreement']:>9.1f}% ({r['kl']:5.3f})" if r else f"{'-':>18}")
+        if any(c.strip() != "-" for c in cells):
+            print(f"{name:<28} " + " ".join(cells))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="16 crops, a tiny ZeroQ set, two pow2-4 rows, no zoo check")
+    parser.add_argument("--no-zoo", action="store_true", help="skip the small zoo net (ResNet-8, Fashion-MNIST) check")
+    parser.add_argument("--progress", action="store_true", help="tqdm bars while distilling")
+    parser.add_argument("--device", default="cpu", help="where ZeroQ optimises its images (cuda when there is one)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--codes", nargs="+", metavar="SET", help="only these code sets' rows (and write no results)")
+    parser.add_argument("--skip-zeroq", action="store_true", help="only the rows that need no ZeroQ images (write no results)")
+    args = parser.parse_args(argv)
+    import platform
+
+    import torch
+    from results import update_section
+
+    import lastbit
+
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    start = time.perf_counter()
+    settings = QUICK if args.quick else FULL
+    rows = {"pow2-4": QUICK_ROWS} if args.quick else {"pow2-4": tuple(ROWS), "ternary": TERNARY_ROWS}
+    if args.codes:  # fill the row cache for some code sets (e.g. two processes); a full run then writes
+        rows = {c: r for c, r in rows.items() if c in args.codes}
+    if args.skip_zeroq:
+        rows = {c: tuple(n for n in r if ROWS[n]["calib"] != "zeroq") for c, r in rows.items()}
+    effnet, zeroq_meta = effnet_rows(settings, rows, args.progress, args.device)
+    zoo = [] if args.quick or args.no_zoo else zoo_rows(args.progress, args.device)
+    print_table(effnet, settings["samples"])
+    meta = {
+        "host": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "lastbit": lastbit.__version__,
+        "inputs": f"{settings['samples']} augmented_samples(seed={SEED}); 'real crops' rows calibrate on {settings['crops']} "
+                  f"augmented_samples(seed={SEED + 1}); no ImageNet validation set offline",
+        "zeroq": {**settings["zeroq"], "compute_s": zeroq_meta.get("compute_s"), "device": zeroq_meta.get("device")},
+        "depthwise_int8_error": DEPTHWISE_INT8_ERROR, "first_last": "int8 per output channel",
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    section = {"meta": meta, "efficientnet": effnet, "zoo": zoo}
+    if not args.codes and not args.skip_zeroq:
+        update_section("datafree_accuracy", section)
+    print(f"\nwall {meta['wall_s']} s")
+    return section
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The data-free squeeze step (``Squeeze(datafree=DataFree(...))``): DFQ and ZeroQ on the
+source torch module before the power-of-two rewrite, the graph re-imported from the result.
+
+On a torch.fx trace of the module it folds BatchNorm, equalizes consecutive conv pairs
+(``passes/dfq.py``), projects every weight (depthwise layers that would lose most go to int8),
+and corrects biases and per-channel α on calibration inputs: the user's unlabelled ``data`` or,
+without any, ZeroQ images distilled from the BatchNorm statistics (``passes/zeroq.py``). The
+weights are then exactly α·codes, so the ``QuantizePow2`` pass that follows recovers them
+without rounding; it reads the per-layer code sets and the calibration inputs from the
+shared :class:`DataFreeState`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lastbit.graph import Graph
+from lastbit.passes.pow2_projection import QuantizationError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DataFree", "DataFreeQuantize", "DataFreeState"]
+
+
+@dataclass(frozen=True)
+class DataFree:
+    """Which data-free techniques to apply (each measured in benchmarks/datafree_accuracy.py).
+
+    equalize
+        Cross-layer equalization of consecutive conv pairs, BN folded first (DFQ).
+    bias_correction
+        Empirical bias correction, layer by layer, on the calibration inputs (DFQ).
+    rescale
+        With bias correction, also match each output channel's spread by rescaling its α
+        (the folded-BN counterpart of re-estimating BatchNorm statistics).
+    synthetic
+        ZeroQ images to distil from BatchNorm statistics when ``Squeeze.data`` is None (0: none;
+        then bias correction needs ``data``). ``synthetic_steps`` / ``synthetic_size``: their
+        optimisation steps and side (None: the model input's).
+    depthwise_int8
+        Relative projection error ‖W − α·q‖²/‖W‖² above which a depthwise conv is stored int8
+        (None: never, 0: always).
+    requantize
+        With bias correction, re-pick each dense layer's codes from its calibration inputs
+        (GPTQ-style error feedback, α kept; ``dfq.gptq_codes``). Measured in
+        benchmarks/datafree_accuracy.py: +8 points on ResNet-8 and +7 on EfficientNet-Lite0 with
+        ZeroQ images, +15 there with real crops.
+    """
+
+    equalize: bool = True
+    bias_correction: bool = True
+    rescale: bool = True
+    synthetic: int = 32
+    synthetic_steps: int = 200
+    synthetic_size: int | None = None
+    depthwise_int8: float | None = 0.02
+
+    requantize: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.synthetic, bool) or not isinstance(self.synthetic, int) or self.synthetic < 0:
+            raise QuantizationError(f"DataFree.synthetic must be an int ≥ 0, got {self.synthetic!r}")
+        if not isinstance(self.synthetic_steps, int) or self.synthetic_steps < 1:
+            raise QuantizationError(f"DataFree.synthetic_steps must be a positive int, got {self.synthetic_steps!r}")
+        if self.depthwise_int8 is not None and not 0 <= self.depthwise_int8 <= 1:
+            raise QuantizationError(f"DataFree.depthwise_int8 must be in [0, 1] or None, got {self.depthwise_int8!r}")
+
+
+@dataclass
+class DataFreeState:
+    """What the data-free step hands the power-of-two rewrite: code set per torch weight name
+    (the layers it moved to int8) and the calibration inputs for the int8 activation scales."""
+
+    layer_codes: dict[str, str] = field(default_factory=dict)
+    calibration: np.ndarray | None = None
+    report: object = None  # the dfq.DataFreeProjection
+
+
+class DataFreeQuantize:
+    """Graph -> Graph: the data-free techniques of ``squeeze.datafree`` applied to the torch
+    module the graph was imported from; the graph is re-imported from the quantized trace."""
+
+    def __init__(self, squeeze, torch_module, state: DataFreeState | None = None):
+        self.squeeze = squeeze
+        self.torch_module = torch_module
+        self.state = state if state is not None else DataFreeState()
+
+    def __call__(self, graph: Graph) -> Graph:
+        import torch
+
+        from lastbit.frontend import from_torch
+        from lastbit.passes import dfq
+        from lastbit.passes.quantize_pow2 import calibration_inputs
+        from lastbit.passes.zeroq import DistillConfig, distill_data
+
+        sq, opts = self.squeeze, self.squeeze.datafree
+        if graph.source != "torch" or self.torch_module is None:
+            raise QuantizationError(f"the data-free DFQ/ZeroQ step needs the torch module; '{graph.name}' came from {graph.source}")
+        if len(graph.inputs) != 1:
+            raise QuantizationError(f"the data-free DFQ/ZeroQ step supports single-input models; '{graph.name}' has {len(graph.inputs)}")
+        spec = graph.inputs[0]
+        x = calibration_inputs(sq.data, sq.calibration_samples)
+        calib = None if x is None else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if calib is None and opts.synthetic and (opts.bias_correction or sq.integer_kernels):
+            config = DistillConfig(count=opts.synthetic, steps=opts.synthetic_steps, size=opts.synthetic_size)
+            log.info("distilling %d ZeroQ inputs from %s's BatchNorm statistics", config.count, graph.name)
+            calib = distill_data(self.torch_module, spec.shape[1:], config)
+        reference = dfq.trace_layers(self.torch_module)
+        folded = dfq.fold_batch_norms(reference)
+        pairs = dfq.cross_layer_equalize(reference) if opts.equalize else 0
+        quantized = copy.deepcopy(reference)
+        report = dfq.project_traced(quantized, sq.code_set, per_channel=sq.per_channel,
+                                    keep_first_last=sq.first_last_codes if sq.keep_first_last else None,
+                                    depthwise_int8_error=opts.depthwise_int8)
+        if opts.bias_correction:
+            if calib is None:
+                raise QuantizationError("DataFree(bias_correction=True) needs calibration inputs: Squeeze(data=X) "
+                                        "or DataFree(synthetic=N > 0)")
+            dfq.bias_correct(reference, quantized, calib, rescale=opts.rescale, projection=report,
+                             requantize=opts.requantize)
+        log.info("data-free: %d BN folded, %d pairs equalized, depthwise int8: %s", folded, pairs, report.depthwise_int8)
+        kept_float = sq.keep_first_last and sq.first_last_codes is None
+        self.state.layer_codes = {f"{name}.weight": codes for name, codes in report.codes.items() if not kept_float}
+        self.state.calibration = None if calib is None else calib.numpy()
+        self.state.report = report
+        examples = tuple(torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in graph.inputs)
+        return from_torch(quantized, examples, name=graph.name)

@@ -1,0 +1,52 @@
+"""The data-free squeeze step end to end: Squeeze(datafree=DataFree(...)) through lastbit.compile."""
+
+import numpy as np
+import pytest
+import torch
+from dfq_models import tiny_net
+
+import lastbit
+from lastbit.passes.datafree import DataFree
+from lastbit.passes.pow2_projection import QuantizationError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TARGET = "x86_64-linux-gnu"
+
+
+def test_datafree_compiles_exactly_and_beats_plain_projection():
+    net = tiny_net()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    held_out = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = net(held_out).numpy()
+    options = DataFree(synthetic=16, synthetic_steps=30, depthwise_int8=0.0)
+    squeezed = lastbit.compile(net, TARGET, (x,), squeeze=lastbit.Squeeze(codes="ternary", datafree=options,
+                                                                           integer_kernels=False))
+    plain = lastbit.compile(net, TARGET, (x,), squeeze=lastbit.Squeeze(codes="ternary", integer_kernels=False))
+    quant = {info.source_name: info for info in squeezed.graph.quant.values()}
+    assert quant["dw.weight"].code_set == "int8"  # threshold 0: every depthwise conv on int8
+    assert quant["expand.weight"].code_set == "ternary" and quant["project.weight"].code_set == "ternary"
+    assert all(info.exact for info in quant.values())  # the rewrite recovered the corrected codes as they were
+    assert not any("bn" in name for name in squeezed.graph.source_names.values())  # BatchNorm folded
+
+    def run(artifact):
+        return np.concatenate([artifact.run(held_out[i:i + 4].numpy()) for i in range(0, len(held_out), 4)])
+
+    err_datafree = float(np.mean((run(squeezed) - ref) ** 2))
+    err_plain = float(np.mean((run(plain) - ref) ** 2))
+    assert err_datafree < 0.5 * err_plain
+
+
+def test_datafree_options_are_checked():
+    with pytest.raises(QuantizationError, match="synthetic"):
+        DataFree(synthetic=-1)
+    with pytest.raises(QuantizationError, match="depthwise_int8"):
+        DataFree(depthwise_int8=2.0)
+    with pytest.raises(QuantizationError, match="DataFree"):
+        lastbit.Squeeze(bits=3, datafree={"equalize": True})
+    with pytest.raises(QuantizationError, match="prune"):
+        lastbit.Squeeze(bits=3, datafree=DataFree(), prune=0.5)
+    # labelled data would mean ADMM under "auto"; with datafree it stays data-free
+    data = (np.zeros((8, 3, 8, 8), "float32"), np.zeros(8, "int64"))
+    assert lastbit.Squeeze(bits=3, data=data, datafree=DataFree()).resolved_mode(True) == "data-free"
