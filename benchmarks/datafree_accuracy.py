@@ -56,22 +56,10 @@ ZOO_ZEROQ = dict(count=64, size=None, steps=200, lr=0.2, batch_size=64, seed=SEE
 
 
 def cached(key: dict, compute) -> dict:
-    """compute() once per key; the result (plain numbers) lives in a JSON beside the weights."""
-    from lastbit.fileio import atomic_write_json
-    from lastbit.frontend.training import cache_dir
+    """compute() once per key (benchmarks/results.py cached_result, beside the weights)."""
+    from results import cached_result
 
-    blob = json.dumps(key, sort_keys=True)
-    path = cache_dir() / "datafree_accuracy" / f"{key.get('model')}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())["result"]
-        except (json.JSONDecodeError, KeyError):
-            pass  # a damaged entry is recomputed
-    start = time.perf_counter()
-    result = compute()
-    result["compute_s"] = round(time.perf_counter() - start, 1)
-    atomic_write_json(path, {"key": key, "result": result})
-    return result
+    return cached_result("datafree_accuracy", key, compute)
 
 
 def cached_tensor(key: dict, compute, device: str = "cpu"):

@@ -8,9 +8,7 @@ model, code set, method, budget and seed, so a rerun only re-prints and re-plots
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
-import json
 import logging
 import math
 import time
@@ -50,30 +48,11 @@ BUDGETS = {
 QUICK_BUDGETS = {"lenet5": {"train": 2000, "epochs": 1}}
 
 
-def cache_path(key: dict) -> Path:
-    from lastbit.frontend.training import cache_dir
-
-    blob = json.dumps(key, sort_keys=True)
-    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    tag = "-".join(str(key[k]) for k in ("model", "codes", "method") if k in key)
-    return cache_dir() / "quant_accuracy" / f"{tag}-{digest}.json"
-
-
 def cached(key: dict, compute) -> dict:
-    """compute() once per key; the result dict (plain numbers) lives in a JSON beside the weights."""
-    from lastbit.fileio import atomic_write_json
+    """compute() once per key (benchmarks/results.py cached_result, beside the weights)."""
+    from results import cached_result
 
-    path = cache_path(key)
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())["result"]
-        except (json.JSONDecodeError, KeyError):
-            pass  # a damaged entry is recomputed
-    start = time.perf_counter()
-    result = compute()
-    result["compute_s"] = round(time.perf_counter() - start, 2)
-    atomic_write_json(path, {"key": key, "result": result})
-    return result
+    return cached_result("quant_accuracy", key, compute, tag_fields=("model", "codes", "method"))
 
 
 def model_bytes(module, result=None) -> int:

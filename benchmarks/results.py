@@ -2,6 +2,7 @@
 replaces atomically, and the one way latencies are measured (warm, median of repeats)."""
 
 import argparse
+import hashlib
 import json
 import logging
 import time
@@ -50,3 +51,24 @@ def model_bench_args(argv, description: str) -> argparse.Namespace:
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.WARNING)
     return args
+
+
+def cached_result(folder: str, key: dict, compute, tag_fields: tuple[str, ...] = ("model",)) -> dict:
+    """``compute()`` once per ``key``: its result (a dict of plain numbers) lives as JSON under
+    the weight cache's ``folder``, so a rerun only re-prints and re-plots. A damaged entry is
+    recomputed; ``compute_s`` records how long the computation took."""
+    from lastbit.frontend.training import cache_dir
+
+    blob = json.dumps(key, sort_keys=True)
+    tag = "-".join(str(key[k]) for k in tag_fields if k in key)
+    path = cache_dir() / folder / f"{tag}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())["result"]
+        except (json.JSONDecodeError, KeyError):
+            pass
+    start = time.perf_counter()
+    result = compute()
+    result["compute_s"] = round(time.perf_counter() - start, 2)
+    atomic_write_json(path, {"key": key, "result": result})
+    return result
