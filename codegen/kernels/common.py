@@ -172,6 +172,29 @@ def conv_tuning_space(layer: IntLayer):
 # --------------------------------------------------------------------------------------------
 
 
+def dot4_desc(a_dtype: str, lanes: int, acc_scope: str):
+    """The TensorIR description both dot-product intrinsics tensorize:
+    ``C[lanes] += Σ_k A[k] · B[i, k]`` over k < 4, A of ``a_dtype``, B int8, C int32."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1, scope=acc_scope),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
 @functools.lru_cache(maxsize=None)
 def register_vnni_intrin(acc_scope: str = "global") -> str:
     """Register ``C[16] += Σ_k u8 A[k] · s8 B[i, k]`` (k < 4) as one vpdpbusd; returns its name.
@@ -183,20 +206,7 @@ def register_vnni_intrin(acc_scope: str = "global") -> str:
 
     name = VNNI_INTRIN if acc_scope == "global" else f"{VNNI_INTRIN}_{acc_scope}_acc"
 
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((16, 4), "int8", offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1, scope=acc_scope),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    desc = dot4_desc("uint8", 16, acc_scope)
 
     @T.prim_func(s_tir=True)
     def impl(

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lastbit.codegen.kernels import IntKernel, IntLayer, KernelError, register_kernel
-from lastbit.codegen.kernels.common import check_codes_shape, code_levels, conv_output_shape, first_missing
+from lastbit.codegen.kernels.common import check_codes_shape, code_levels, conv_output_shape, dot4_desc, first_missing
 
 SDOT_INTRIN = "lastbit_sdot_4x4_i8i32_neon"
 INT16_MAX = 32767
@@ -185,20 +185,7 @@ def register_sdot_intrin() -> str:
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((4,), "int8", offset_factor=1),
-        B: T.Buffer((4, 4), "int8", offset_factor=1),
-        C: T.Buffer((4,), "int32", offset_factor=1, scope="local"),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-            T.writes(C[0:4])
-            for i in T.serial(0, 4):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    desc = dot4_desc("int8", 4, "local")
 
     @T.prim_func(s_tir=True)
     def impl(
