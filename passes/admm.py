@@ -632,25 +632,19 @@ def admm_finetune(
                             if p.grad is not None and id(p) not in quantized_ids:
                                 v.mul_(momentum).add_(p.grad)
                                 p.sub_(v, alpha=state["eta"])
-                elif w_step == "sgd":
-                    start = [p.detach() for p in params]  # step_from copies each p onto itself first
-                    loss, right = gradient(x, y)
-                    _check_finite(loss, "ADMM", epoch, n_batches)
-                    with torch.no_grad():  # v = μv + ∇f(W), W ← prox(W − ηv)
-                        for p, v in zip(params, velocity):
-                            if p.grad is not None:
-                                v.mul_(momentum).add_(p.grad)
-                        step_from(start, velocity)
-                    if update_every != "epoch" and (step + 1) % update_every == 0:
-                        residual = g_step()
                 else:
-                    start = [p.detach().clone() for p in params]
+                    extragradient = w_step != "sgd"
+                    # plain SGD: step_from copies each p onto itself first, so views are enough
+                    start = [p.detach().clone() if extragradient else p.detach() for p in params]
                     loss, right = gradient(x, y)
                     _check_finite(loss, "ADMM", epoch, n_batches)
-                    with torch.no_grad():  # predictor: W̃ = prox(W − η(μv + ∇f(W)))
-                        step_from(start, [None if p.grad is None else p.grad + momentum * v for p, v in zip(params, velocity)])
-                    gradient(x, y)
-                    with torch.no_grad():  # corrector: v = μv + ∇f(W̃), W ← prox(W − ηv) from the start point
+                    if extragradient:
+                        with torch.no_grad():  # predictor: W̃ = prox(W − η(μv + ∇f(W)))
+                            step_from(start, [None if p.grad is None else p.grad + momentum * v
+                                              for p, v in zip(params, velocity)])
+                        gradient(x, y)
+                    # v = μv + ∇f (at W̃ after a predictor), W ← prox(W − ηv) from the start point
+                    with torch.no_grad():
                         for p, v in zip(params, velocity):
                             if p.grad is not None:
                                 v.mul_(momentum).add_(p.grad)
