@@ -450,14 +450,12 @@ def pareto_front(tables: SearchTables, max_drop: float, steps: int = 40, bins: i
 def plot_front(front: list[Candidate], chosen: Candidate | None, path: Path, title: str,
                uniform: dict[str, Candidate] | None = None) -> Path:
     """Predicted drop × cost, bytes as colour, as a PNG (written atomically)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lastbit.fileio import atomic_write_bytes
+    from lastbit.fileio import atomic_write_bytes, figure_png
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     xs = [c.drop for c in front]
@@ -476,10 +474,7 @@ def plot_front(front: list[Candidate], chosen: Candidate | None, path: Path, tit
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, figure_png(fig))
 
 
 def evaluate_config(tables: SearchTables, config: LayerConfig) -> Candidate:

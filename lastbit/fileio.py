@@ -46,6 +46,19 @@ def atomic_save_npy(path: "str | Path", array: np.ndarray) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (for atomic_write_bytes), closing the figure."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 # --- whole directories (bundles, exports): built beside the destination, renamed into place ---
 
 

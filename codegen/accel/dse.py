@@ -21,7 +21,6 @@ An int8-MAC PE takes any int8 code in one pass.
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 import logging
 import time
@@ -433,6 +432,8 @@ def _plot_sweep(result: SweepResult, title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from lastbit.fileio import figure_png
+
     feasible = [r for r in result.rows if r["feasible"]]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for pe, marker in (("shift-add", "o"), ("mac8", "s")):
@@ -460,7 +461,4 @@ def _plot_sweep(result: SweepResult, title: str) -> bytes:
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(f"{title}: {len(feasible)} configs, {len(front)} on the front")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)

@@ -21,7 +21,6 @@ an accuracy. The search takes any proxy table, so a measured one plugs in unchan
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -196,6 +195,8 @@ def _plot_joint(result: JointResult) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from lastbit.fileio import figure_png
+
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ok = sorted((a for a in result.per_array if a.get("curve")), key=lambda a: a.get("energy_pj", np.inf))
     for a in ok[:8]:  # the arrays whose budget point costs least: more would hide the curves
@@ -216,7 +217,4 @@ def _plot_joint(result: JointResult) -> bytes:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)
