@@ -113,9 +113,10 @@ class DataFreeQuantize:
         folded = dfq.fold_batch_norms(reference)
         pairs = dfq.cross_layer_equalize(reference) if opts.equalize else 0
         quantized = copy.deepcopy(reference)
+        kept_float = sq.keep_first_last and sq.first_last_codes is None
         report = dfq.project_traced(quantized, sq.code_set, per_channel=sq.per_channel,
                                     keep_first_last=sq.first_last_codes if sq.keep_first_last else None,
-                                    depthwise_int8_error=opts.depthwise_int8)
+                                    depthwise_int8_error=opts.depthwise_int8, keep_float=kept_float)
         if opts.bias_correction:
             if calib is None:
                 raise QuantizationError("DataFree(bias_correction=True) needs calibration inputs: Squeeze(data=X) "
@@ -123,8 +124,7 @@ class DataFreeQuantize:
             dfq.bias_correct(reference, quantized, calib, rescale=opts.rescale, projection=report,
                              requantize=opts.requantize)
         log.info("data-free: %d BN folded, %d pairs equalized, depthwise int8: %s", folded, pairs, report.depthwise_int8)
-        kept_float = sq.keep_first_last and sq.first_last_codes is None
-        self.state.layer_codes = {f"{name}.weight": codes for name, codes in report.codes.items() if not kept_float}
+        self.state.layer_codes = {f"{name}.weight": codes for name, codes in report.codes.items()}
         self.state.calibration = None if calib is None else calib.numpy()
         self.state.report = report
         examples = tuple(torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in graph.inputs)

@@ -247,17 +247,21 @@ def project_traced(
     per_channel: bool = True,
     keep_first_last: str | None = "int8",
     depthwise_int8_error: float | None = None,
+    keep_float: bool = False,
 ) -> DataFreeProjection:
     """Set every conv/linear weight of ``gm`` (in place) to α·q on ``codes`` (one α per output
     channel when ``per_channel``). The first and last weighted layers in dataflow order go on
     ``keep_first_last`` ("int8"; None: on ``codes`` too). A depthwise conv whose relative
     projection error ‖W − α·q‖²/‖W‖² exceeds ``depthwise_int8_error`` goes on int8 instead
-    (None: never; 0: always), the rule that keeps only the depthwise layers that would lose most."""
+    (None: never; 0: always), the rule that keeps only the depthwise layers that would lose most.
+    ``keep_float``: the first and last layers stay float32 instead (not in the report)."""
     cs = code_set(codes)
     layers = _weighted_nodes(gm)
-    kept = {layers[0][0].target, layers[-1][0].target} if keep_first_last and layers else set()
+    kept = {layers[0][0].target, layers[-1][0].target} if (keep_first_last or keep_float) and layers else set()
     report = DataFreeProjection()
     for node, layer in layers:
+        if keep_float and node.target in kept:
+            continue
         w = layer.weight.detach().cpu().numpy()
         if node.target in kept:
             target_cs, axis = code_set(keep_first_last), 0

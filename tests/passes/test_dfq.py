@@ -82,6 +82,18 @@ def test_projection_rule_and_first_last(inputs):
         assert np.allclose(ratios, np.round(ratios)) and set(np.round(ratios)) <= {1.0, 2.0, 4.0}
 
 
+def test_first_last_kept_float_stay_float_and_leave_the_rest(inputs):
+    """Squeeze(first_last_codes=None): stem and fc keep their float weights, and the depthwise
+    int8 choice of the other layers still reaches the report."""
+    gm = dfq.trace_layers(tiny_net())
+    dfq.fold_batch_norms(gm)
+    q = copy.deepcopy(gm)
+    report = dfq.project_traced(q, "ternary", keep_first_last=None, depthwise_int8_error=0.0, keep_float=True)
+    assert report.codes == {"expand": "ternary", "dw": "int8", "project": "ternary"}
+    for name in ("stem", "fc"):
+        torch.testing.assert_close(q.get_submodule(name).weight, gm.get_submodule(name).weight, rtol=0, atol=0)
+
+
 def test_bias_correction_reduces_the_mean_error(inputs):
     gm = dfq.trace_layers(tiny_net())
     dfq.fold_batch_norms(gm)
