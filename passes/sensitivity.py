@@ -27,19 +27,13 @@ class Score:
 
 
 def score(module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> Score:
-    """Loss and accuracy of ``module`` (eval mode, no gradients) on (x, y)."""
+    """Loss and accuracy of ``module`` (eval mode, no gradients) on (x, y): admm.evaluate."""
     import torch
 
-    total, correct = 0.0, 0
-    module.eval()
+    from lastbit.passes.admm import evaluate
+
     with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            xb = torch.as_tensor(np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32))
-            yb = torch.as_tensor(np.asarray(y[start:start + batch_size])).long()
-            logits = module(xb)
-            total += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
-            correct += int((logits.argmax(1) == yb).sum())
-    return Score(total / len(x), correct / len(x))
+        return Score(*evaluate(module, (x, y), batch_size))
 
 
 @contextlib.contextmanager
