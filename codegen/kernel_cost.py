@@ -69,12 +69,9 @@ class KernelCost:
 
 def work_units(kernel: str, layer) -> float:
     """The layer's work in the unit the cost rates are per (see the module docstring)."""
-    if layer.op == "conv2d":
-        from lastbit.codegen.kernels.common import conv_output_shape
+    from lastbit.codegen.kernels.common import output_shape
 
-        outputs = int(np.prod(conv_output_shape(layer)))
-    else:
-        outputs = int(layer.data_shape[0]) * int(layer.weight_shape[0])
+    outputs = int(np.prod(output_shape(layer)))
     macs = float(outputs) * float(np.prod(layer.weight_shape[1:]))
     if kernel == "bitserial":
         planes = 1 if layer.code_set == "binary" else 2

@@ -122,7 +122,12 @@ def count_bundle(bundle: Path, inputs: "list[np.ndarray]", timeout_s: float = 18
             log_path = Path(tmp) / f"qemu-{repeat}.log"
             cmd = [*prefix, "-d", "in_asm,exec,nochain", "-D", str(log_path),
                    str(bundle / "lastbit_run"), str(bundle), tmp, "--repeat", str(repeat), "--threads", "1"]
-            subprocess.run(cmd, check=True, capture_output=True, timeout=timeout_s)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            if proc.returncode:  # e.g. SIGILL: code for an extension the target's qemu cpu lacks
+                from lastbit.errors import RunError
+
+                raise RunError(f"counting {bundle} under {' '.join(prefix)}: exit {proc.returncode}: "
+                               f"{proc.stderr.strip()[-2000:] or 'no output'}")
             runs[repeat] = count_log(log_path)
             log_path.unlink()
     return (runs[3] - runs[1]).scaled(0.5)

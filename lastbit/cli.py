@@ -143,7 +143,6 @@ def codesign_cmd(model: str, target: str, objective: str, max_drop: float, datas
     from lastbit.codesign import finetune_config, run_codesign
     from lastbit.frontend.datasets import load
     from lastbit.frontend.training import cache_dir
-    from lastbit.pipeline import import_model
 
     module, example = _load_model(model, pretrained=not untrained)
     if example is None:
@@ -159,8 +158,7 @@ def codesign_cmd(model: str, target: str, objective: str, max_drop: float, datas
     data = calibration[0]  # without fine-tuning: data-free codes, activation scales calibrated
     if finetune_epochs:
         data = (train.images, train.labels)
-    graph = import_model(module, example, name=Path(model).stem)
-    artifact = finetune_config(module, example[0], graph, result.chosen.config, data, target, epochs=max(finetune_epochs, 1),
+    artifact = finetune_config(module, example[0], result.graph, result.chosen.config, data, target, epochs=max(finetune_epochs, 1),
                                name=Path(model).stem)
     artifact.export(out_dir / "bundle")
     click.echo(artifact.report().format_table())

@@ -276,11 +276,12 @@ def restructure_module(module, graph: Graph, config: LayerConfig, lanes: int = 8
     from lastbit.passes.prune_channels import PruneTarget, choose_channels
     from lastbit.passes.prune_finetune import shrink_module
 
-    shrunk = copy.deepcopy(module)
-    if config.prune_ratios:
+    if config.prune_ratios:  # shrink_module works on a copy
         analysis = analyze_channels(graph)
         removed = choose_channels(graph, analysis, PruneTarget(per_layer=config.prune_ratios), "l1", round_to=lanes)
         shrunk = shrink_module(module, graph, analysis, removed)
+    else:
+        shrunk = copy.deepcopy(module)
     modules = dict(shrunk.named_modules())
     for name, rank in config.ranks.items():
         conv = modules.get(name)
@@ -543,6 +544,7 @@ class CodesignResult:
     sensitivity: dict[str, float]
     measured_points: int
     predicted_points: int
+    graph: Any = None  # the imported model the search ran on (compile the chosen point from it)
 
     def to_json(self) -> dict:
         return {
@@ -601,7 +603,8 @@ def run_codesign(module, example, target: str, calibration: tuple[np.ndarray, np
     timings["search"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     result = CodesignResult(chosen, front, uniform, costs.model_scores, timings, sites, sens,
-                            measured_points=len(costs.measured), predicted_points=len(costs.values) - len(costs.measured))
+                            measured_points=len(costs.measured), predicted_points=len(costs.values) - len(costs.measured),
+                            graph=graph)
     if chosen is not None:
         chosen.config.to_json(out_dir / "config.json")
     atomic_write_json(out_dir / "pareto.json", {"model": name, "target": t.triple, "objective": objective,

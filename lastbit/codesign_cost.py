@@ -224,12 +224,20 @@ class CostCache:
 
     def __init__(self, path: "str | Path"):
         self.path = Path(path)
-        self.entries: dict[str, dict | None] = {}
-        if self.path.is_file():
-            try:
-                self.entries = json.loads(self.path.read_text()).get("entries", {})
-            except (json.JSONDecodeError, AttributeError):
-                log.warning("cost cache %s is unreadable; starting it again", self.path)
+        self.entries: dict[str, dict | None] = self._read()
+        if self.entries is None:
+            log.warning("cost cache %s is unreadable; starting it again", self.path)
+            self.entries = {}
+
+    def _read(self) -> "dict | None":
+        """The entries on disk: {} when there is no file, None when it cannot be read."""
+        if not self.path.is_file():
+            return {}
+        try:
+            entries = json.loads(self.path.read_text()).get("entries", {})
+        except (OSError, ValueError, AttributeError):  # ValueError: bad JSON or not UTF-8
+            return None
+        return entries if isinstance(entries, dict) else None
 
     @staticmethod
     def key(source: CostSource, point: CostPoint) -> str:
@@ -246,12 +254,7 @@ class CostCache:
         """Write the cache atomically, merged with what another run wrote there meanwhile."""
         from lastbit.fileio import atomic_write_json
 
-        if self.path.is_file():
-            try:
-                on_disk = json.loads(self.path.read_text()).get("entries", {})
-                self.entries = {**on_disk, **self.entries}
-            except (json.JSONDecodeError, AttributeError):
-                pass
+        self.entries = {**(self._read() or {}), **self.entries}
         atomic_write_json(self.path, {"format": "lastbit-cost-cache/1", "entries": self.entries})
 
 

@@ -315,7 +315,9 @@ def compile_layer(layer: ConvLayer, codes: np.ndarray, config: AccelConfig, tili
         raise AccelCompileError(f"{layer.name}: codes have shape {codes.shape}, the layer needs {want}")
     weights = encode_weights(codes, config)
     tiling, estimate, dram, instructions = schedule_layer(layer, config, tiling)
-    assert dram.bias - dram.weight >= weights.size  # schedule_layer sizes the region from the geometry
+    if dram.bias - dram.weight < weights.size:  # schedule_layer sizes the region from the geometry
+        raise AccelCompileError(f"{layer.name}: encoded weights take {weights.size} B, the layout reserves "
+                                f"{dram.bias - dram.weight} B")
     log.debug("%s: tiling %s, %d instructions, estimate %.0f cycles", layer.name, tiling, len(instructions), estimate)
     return AccelProgram(layer, config, tiling, instructions, dram, weights, estimated_cycles=estimate)
 
