@@ -119,7 +119,8 @@ def _translate(program, name: str):
     program = program.run_decompositions()
     importer = NodeNamingImporter()
     try:
-        return importer.from_exported_program(program, True, False, False, None)
+        return importer.from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=False,
+                                              no_bind_return_tuple=False, custom_convert_map=None)
     except NodeImportError:
         close_block_builder(importer.block_builder)  # raised inside the function being built
         raise

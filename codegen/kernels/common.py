@@ -84,6 +84,14 @@ def output_shape(layer: IntLayer) -> tuple[int, ...]:
     return conv_output_shape(layer)
 
 
+def check_int8_codes(layer: IntLayer, codes: np.ndarray, kernel: str) -> np.ndarray:
+    """``codes`` of the layer's weight shape, every value in int8, as int8."""
+    codes = check_codes_shape(layer, codes, kernel)
+    if codes.size and (codes.min() < -128 or codes.max() > 127):
+        raise KernelError(f"{kernel}: weight codes outside int8: [{codes.min()}, {codes.max()}]")
+    return codes.astype(np.int8)
+
+
 def first_missing(features: frozenset[str], needed: frozenset[str]) -> str | None:
     missing = sorted(needed - features)
     return f"target lacks {', '.join(missing)}" if missing else None

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from lastbit.codegen.kernels import IntKernel, IntLayer, KernelError, register_kernel
+from lastbit.codegen.kernels import IntKernel, IntLayer, register_kernel
 from lastbit.codegen.kernels.common import (
     X86_VNNI_FEATURES,
-    check_codes_shape,
+    check_int8_codes,
     conv2d_reduce,
     conv_tuning_space,
     first_missing,
@@ -30,13 +30,6 @@ ROWS, DEPTH = 16, 4  # the vpdpbusd operand
 PANEL = 16  # output rows per panel of the generic dense kernel
 
 
-def _check_int8(layer: IntLayer, codes: np.ndarray, kernel: str) -> np.ndarray:
-    codes = check_codes_shape(layer, codes, kernel)
-    if codes.size and (codes.min() < -128 or codes.max() > 127):
-        raise KernelError(f"{kernel}: weight codes outside int8: [{codes.min()}, {codes.max()}]")
-    return codes.astype(np.int8)
-
-
 def _pad_to(n: int, block: int) -> int:
     return -(-n // block) * block
 
@@ -47,7 +40,7 @@ def _pad_to(n: int, block: int) -> int:
 
 
 def vnni_pack(layer: IntLayer, codes: np.ndarray) -> list[np.ndarray]:
-    codes = _check_int8(layer, codes, "int8-vnni")
+    codes = check_int8_codes(layer, codes, "int8-vnni")
     n, k = codes.shape
     np_, kp = _pad_to(n, ROWS), _pad_to(k, DEPTH)
     full = np.zeros((np_, kp), np.int8)
@@ -143,7 +136,7 @@ def vnni_tuning_space(layer: IntLayer, features: frozenset[str]):
 
 
 def generic_pack(layer: IntLayer, codes: np.ndarray) -> list[np.ndarray]:
-    codes = _check_int8(layer, codes, "int8")
+    codes = check_int8_codes(layer, codes, "int8")
     if layer.op == "conv2d":
         return [np.ascontiguousarray(codes)]
     n, k = codes.shape

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lastbit.codegen.kernels import IntKernel, IntLayer, KernelError, register_kernel
-from lastbit.codegen.kernels.common import check_codes_shape, code_levels, conv_output_shape, dot4_desc, first_missing
+from lastbit.codegen.kernels.common import check_int8_codes, code_levels, conv_output_shape, dot4_desc, first_missing
 
 SDOT_INTRIN = "lastbit_sdot_4x4_i8i32_neon"
 INT16_MAX = 32767
@@ -134,12 +134,9 @@ def pack_weight_blocks(codes: np.ndarray, oc_block: int, ic_block: int, channels
 
 
 def pack(flavour: Flavour, layer: IntLayer, codes: np.ndarray) -> list[np.ndarray]:
-    codes = check_codes_shape(layer, codes, flavour.name)
-    if codes.size and (codes.min() < -128 or codes.max() > 127):
-        raise KernelError(f"{flavour.name}: weight codes outside int8: [{codes.min()}, {codes.max()}]")
+    codes = check_int8_codes(layer, codes, flavour.name)
     if flavour.int16 and codes.size and np.abs(codes.astype(np.int64)).max() > max_code(layer.code_set):
         raise KernelError(f"{flavour.name}: codes exceed the code set {layer.code_set} (int16 block bound)")
-    codes = codes.astype(np.int8)
     if layer.op == "dense":
         codes = codes[:, :, None, None]
     group = default_knobs(flavour, layer).oc_blocks
