@@ -156,7 +156,11 @@ def layer_cost(layer: ConvLayer, codes: str | int | CodeSet, config: AccelConfig
     the buffers or the geometry is unsupported, ``QuantizationError`` for an unknown code set.
     Cached: call it freely."""
     terms = code_terms(codes, config.pe)
-    return _cached_cost(replace(layer, name=""), terms, _normal(config))
+    try:
+        return _cached_cost(replace(layer, name=""), terms, _normal(config))
+    except AccelCompileError as err:  # the cached call ran without the names: put them back
+        reason = str(err).removeprefix(": ").replace(f"'{_normal(config).name}'", f"'{config.name}'")
+        raise AccelCompileError(f"{layer.name or 'layer'}: {reason}") from None
 
 
 # --- a model's layers ------------------------------------------------------------------------------
@@ -372,10 +376,7 @@ def model_cost(layers: Sequence[ModelLayer], config: AccelConfig,
         cs = (code_sets or {}).get(ml.name, ml.code_set)
         if cs is None:
             raise AccelCompileError(f"{ml.name}: float layer has no code set (give one)")
-        try:
-            c = layer_cost(ml.layer, cs, config)
-        except AccelCompileError as err:
-            raise AccelCompileError(f"{ml.name}: {err}") from None
+        c = layer_cost(replace(ml.layer, name=ml.name), cs, config)
         cycles += c.cycles
         dram += c.dram_bytes
         macs += c.macs
