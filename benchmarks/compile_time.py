@@ -101,6 +101,30 @@ def projection_speedup(quick: bool) -> list[dict]:
     return out
 
 
+def large_tensor_cap(quick: bool) -> dict:
+    """What capping the int8 alternation on large tensors costs: projection error with the
+    default cap vs run to convergence, and vs plain max-abs scaling, on the benchmark's widest
+    Linear (quick: a 2048² one, forced onto the large-tensor path)."""
+    import lastbit.passes.pow2_projection as pp
+
+    width = 2048 if quick else 8192
+    w = _linear(width)[0][0].weight.detach().numpy()
+    saved = pp._LARGE_TENSOR_ELEMENTS, pp._LARGE_TENSOR_ROUNDS
+    errors = {}
+    try:
+        pp._LARGE_TENSOR_ELEMENTS = min(saved[0], w.size)
+        for name, rounds in (("capped", saved[1]), ("converged", 1000)):
+            pp._LARGE_TENSOR_ROUNDS = rounds
+            errors[name] = pp.projection_error(w, *pp.project_pow2(w, "int8", axis=0))
+    finally:
+        pp._LARGE_TENSOR_ELEMENTS, pp._LARGE_TENSOR_ROUNDS = saved
+    scale = np.abs(w).max(axis=1, keepdims=True) / 127
+    errors["max_abs"] = pp.projection_error(w, np.clip(np.round(w / scale), -127, 127), scale)
+    return {"shape": list(w.shape), "rounds": saved[1], **{f"error_{k}": v for k, v in errors.items()},
+            "capped_over_converged": errors["capped"] / errors["converged"],
+            "capped_over_max_abs": errors["capped"] / errors["max_abs"]}
+
+
 def main(argv=None) -> dict:
     from results import model_bench_args, update_section
 
@@ -123,8 +147,11 @@ def main(argv=None) -> dict:
     for row in speedups:
         print(f"projection {row['codes']:<8} {row['shape']}: old {row['old_cpu_s']:.2f} s, new {row['new_cpu_s']:.2f} s "
               f"CPU ({row['speedup']:.0f}x), error new/old {row['error_ratio_new_over_old']:.6f}")
+    cap = large_tensor_cap(args.quick)
+    print(f"int8 {cap['shape']} capped at {cap['rounds']} rounds: error ×{cap['capped_over_converged']:.5f} of the "
+          f"converged search, ×{cap['capped_over_max_abs']:.4f} of max-abs scaling")
     data = {"quick": args.quick, "first_compile_s": round(first_compile_s, 2), "load_avg_1min": os.getloadavg()[0],
-            "cpus": os.cpu_count(), "rows": rows, "projection": speedups}
+            "cpus": os.cpu_count(), "rows": rows, "projection": speedups, "large_tensor_cap": cap}
     update_section("compile_time", data)
     return data
 

@@ -360,21 +360,30 @@ def test_fast_projection_is_no_worse_than_the_old_one(name):
 
 
 @pytest.mark.parametrize("name", ["pow2-4", "int8"])
-def test_large_tensor_path_matches_the_old_one(name, monkeypatch):
+@pytest.mark.parametrize("over_relax", [1.0, 2.0])
+def test_large_tensor_path_matches_the_old_one(name, over_relax, monkeypatch):
     """int8 tensors over `_DIRECT_START_ELEMENTS` weights score their starts on a histogram and
-    alternate on sorted rows: forced here on small ones, it lands where the old search does."""
+    alternate on sorted rows: forced here on small ones. With the plain alternation (ω = 1) it
+    lands where the old search does; over-relaxed (the default) it may settle in another local
+    optimum, a hair worse on a row now and then but better overall."""
     import lastbit.passes.pow2_projection as pp
     from pow2_projection_reference import project_pow2_reference
 
     monkeypatch.setattr(pp, "_DIRECT_START_ELEMENTS", 0)
     monkeypatch.setattr(pp, "_SWEEP_ROW_MOVES", 0)  # pow2: every row through the branch and bound
+    monkeypatch.setattr(pp, "_OVER_RELAX", over_relax)
     rng = np.random.default_rng(12)
+    total, total_old = 0.0, 0.0
     for kind in ["normal", "laplace", "student-t", "uniform"]:
         w = _random_weights(rng, (8, 1500), kind)
         for axis in (None, 0):
             q, alpha = pp.project_pow2(w, name, axis=axis)
             q_old, alpha_old = project_pow2_reference(w, name, axis=axis)
-            assert projection_error(w, q, alpha) <= projection_error(w, q_old, alpha_old) * (1 + 1e-9)
+            err, err_old = projection_error(w, q, alpha), projection_error(w, q_old, alpha_old)
+            assert err <= err_old * (1 + (1e-9 if over_relax == 1.0 or name != "int8" else 1e-5)), (kind, axis)
+            total, total_old = total + err, total_old + err_old
+    if name == "int8" and over_relax > 1.0:
+        assert total < total_old
     # an int8 projection still comes back unchanged through the large path
     q, alpha = pp.project_pow2(_random_weights(rng, (4, 900), "normal"), "int8", axis=0)
     q2, alpha2 = pp.project_pow2(dequantize(q, alpha), "int8", axis=0)
@@ -407,3 +416,22 @@ def test_progress_reports_every_weight(monkeypatch):
     w = np.random.default_rng(13).standard_normal((55, 100)).astype(np.float32)
     pp.project_pow2(w, "ternary", axis=0, progress=seen.append)
     assert seen == [1000] * 5 + [500]
+
+
+def test_large_tensors_project_chunks_in_threads_with_the_same_result(monkeypatch):
+    """Past `_LARGE_TENSOR_ELEMENTS` row chunks run on a thread pool: same codes and scales as
+    one thread, every weight reported to the progress callback once."""
+    import lastbit.passes.pow2_projection as pp
+
+    monkeypatch.setattr(pp, "_LARGE_TENSOR_ELEMENTS", 0)
+    monkeypatch.setattr(pp, "_DIRECT_START_ELEMENTS", 0)
+    monkeypatch.setattr(pp, "_CHUNK_ELEMENTS", 3000)  # 3 rows a chunk: 7 chunks
+    w = _random_weights(np.random.default_rng(14), (20, 1000), "laplace")
+    results = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(pp, "_PROJECTION_THREADS", threads)
+        seen = []
+        results[threads] = pp.project_pow2(w, "int8", axis=0, progress=seen.append)
+        assert sum(seen) == w.size and len(seen) == 7
+    np.testing.assert_array_equal(results[1][0], results[3][0])
+    np.testing.assert_array_equal(results[1][1], results[3][1])
