@@ -19,17 +19,22 @@ def tvm_error_summary(err: BaseException, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def describe_tensor(name: str, ty) -> str:
-    """``name dtype[d0,d1]`` from a Relax type (or ``name`` alone when it has no tensor type)."""
-    shape = getattr(ty, "shape", None)
-    dtype = getattr(ty, "dtype", None)
+def tensor_label(name: str, dtype: object, dims: object = None) -> str:
+    """``name dtype[d0,d1]`` (``[?]`` when the rank is unknown, ``name`` alone with no dtype):
+    how every import error names an input."""
     if dtype is None:
         return name
-    dims_list = getattr(shape, "values", None)  # a ShapeExpr; None when the rank is unknown
-    if dims_list is None:
+    if dims is None:
         return f"{name} {dtype}[?]"
-    dims = ",".join(str(int(d.value)) if hasattr(d, "value") else str(d) for d in dims_list)
-    return f"{name} {dtype}[{dims}]"
+    return f"{name} {dtype}[{','.join(str(d) for d in dims)}]"
+
+
+def describe_tensor(name: str, ty) -> str:
+    """`tensor_label` from a Relax type."""
+    dims = getattr(getattr(ty, "shape", None), "values", None)  # a ShapeExpr; None when the rank is unknown
+    if dims is not None:
+        dims = [int(d.value) if hasattr(d, "value") else d for d in dims]
+    return tensor_label(name, getattr(ty, "dtype", None), dims)
 
 
 def node_import_error(op: str, node: str, inputs: list[str], err: BaseException) -> NodeImportError:

@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from lastbit.errors import ModelFormatError, UnsupportedOpError, UntrustedModelError
+from lastbit.frontend.node_errors import tensor_label
 from lastbit.graph import Graph, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,7 @@ def _describe_args(node) -> list[str]:
     for arg in node.all_input_nodes:
         val = arg.meta.get("val")
         if hasattr(val, "shape") and hasattr(val, "dtype"):
-            dims = ",".join(str(d) for d in val.shape)
-            described.append(f"{arg.name} {str(val.dtype).removeprefix('torch.')}[{dims}]")
+            described.append(tensor_label(arg.name, str(val.dtype).removeprefix("torch."), list(val.shape)))
         else:
             described.append(arg.name)
     return described
