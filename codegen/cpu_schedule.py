@@ -173,20 +173,30 @@ def balanced_tile(extent: int, bound: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def conv2d_nchwc_compute(data, kernel, strides, padding, dilation, groups: int = 1):
-    """``data [N, C/ib, H, W, ib]`` * ``kernel [O/ob, C/g/ib, KH, KW, ib, ob]`` ->
-    ``[N, O/ob, OH, OW, ob]``; ``padding`` is (top, left, bottom, right)."""
-    from tvm import te, topi
+def _pad_nchwc(data, kh: int, kw: int, strides, padding, dilation):
+    """(``data`` zero-padded by (top, left, bottom, right) ``padding``, output height, width)
+    of a ``kh×kw`` window over NCHWc ``data``."""
+    from tvm import topi
 
-    n, _, h, w, _ = (int(d) for d in data.shape)
-    oc_chunks, ic_chunks, kh, kw, ib, ob = (int(d) for d in kernel.shape)
-    sh, sw = strides
-    dh, dw = dilation
-    pt, pl, pb, pr = padding
+    _, _, h, w, _ = (int(d) for d in data.shape)
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = strides, dilation, padding
     oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
     ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
     if pt or pl or pb or pr:
         data = topi.nn.pad(data, [0, 0, pt, pl, 0], [0, 0, pb, pr, 0], name="data_pad")
+    return data, oh, ow
+
+
+def conv2d_nchwc_compute(data, kernel, strides, padding, dilation, groups: int = 1):
+    """``data [N, C/ib, H, W, ib]`` * ``kernel [O/ob, C/g/ib, KH, KW, ib, ob]`` ->
+    ``[N, O/ob, OH, OW, ob]``; ``padding`` is (top, left, bottom, right)."""
+    from tvm import te
+
+    n = int(data.shape[0])
+    oc_chunks, ic_chunks, kh, kw, ib, ob = (int(d) for d in kernel.shape)
+    sh, sw = strides
+    dh, dw = dilation
+    data, oh, ow = _pad_nchwc(data, kh, kw, strides, padding, dilation)
     ric = te.reduce_axis((0, ic_chunks), name="ic_chunk")
     rkh = te.reduce_axis((0, kh), name="kh")
     rkw = te.reduce_axis((0, kw), name="kw")
@@ -210,17 +220,13 @@ def conv2d_nchwc_compute(data, kernel, strides, padding, dilation, groups: int =
 
 def depthwise_conv2d_nchwc_compute(data, kernel, strides, padding, dilation):
     """``data [N, C/b, H, W, b]`` * ``kernel [C/b, KH, KW, b]`` -> ``[N, C/b, OH, OW, b]``."""
-    from tvm import te, topi
+    from tvm import te
 
-    n, chunks, h, w, b = (int(d) for d in data.shape)
+    n, chunks, _, _, b = (int(d) for d in data.shape)
     _, kh, kw, _ = (int(d) for d in kernel.shape)
     sh, sw = strides
     dh, dw = dilation
-    pt, pl, pb, pr = padding
-    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
-    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
-    if pt or pl or pb or pr:
-        data = topi.nn.pad(data, [0, 0, pt, pl, 0], [0, 0, pb, pr, 0], name="data_pad")
+    data, oh, ow = _pad_nchwc(data, kh, kw, strides, padding, dilation)
     rkh = te.reduce_axis((0, kh), name="kh")
     rkw = te.reduce_axis((0, kw), name="kw")
     return te.compute(
