@@ -3,7 +3,7 @@ inference batch-norm and ReLU that follow it) becomes the integer path of
 ``codegen/quant_reference.py``, with a kernel chosen per target.
 
     conv2d/matmul(x, astype(codes) * α) [+ b] [→ batch_norm] [→ relu]
-      =>  x_q = int8(clip(rint(x · 1/s_x)))                   Relax ops (fusable)
+      =>  x_q = int8(clip(rint(x · 1/s_x)))                   call_tir, one opaque PrimFunc
           acc = call_tir(kernel, x_q, *packed codes)          int32, the chosen kernel
           y   = float32((acc + bias_q) [max 0]) · scale       call_tir, one opaque PrimFunc
 
@@ -35,6 +35,8 @@ import numpy as np
 
 from lastbit.codegen import quant_reference as qr
 from lastbit.graph import Graph, QuantInfo
+
+from lastbit.codegen.quant_prims import epilogue_prim_func, quantize_prim_func, rounds_in_vector  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -492,26 +494,6 @@ def _per_channel_alpha(alpha: np.ndarray, out_axis: int, channels: int, codes_sh
 # --- the IR rewrite ------------------------------------------------------------------------------
 
 
-def epilogue_prim_func(acc_shape: tuple[int, ...], channel_axis: int, relu: bool):
-    """float32((acc + bias_q[c]) [max 0]) · scale[c]: ``quant_reference.epilogue`` in TE."""
-    from tvm import te, tirx
-
-    acc = te.placeholder(acc_shape, "int32", name="acc")
-    channels = acc_shape[channel_axis]
-    bias = te.placeholder((channels,), "int32", name="bias_q")
-    scale = te.placeholder((channels,), "float32", name="scale")
-
-    def body(*idx):
-        c = idx[channel_axis]
-        total = acc[idx] + bias[c]
-        if relu:
-            total = tirx.max(total, tirx.const(0, "int32"))
-        return total.astype("float32") * scale[c]
-
-    out = te.compute(acc_shape, body, name="epilogue")
-    return te.create_prim_func([acc, bias, scale, out])
-
-
 def _rewriter_class():
     """The mutator class (built lazily: tvm is imported on first use, 3 s)."""
     from tvm import relax
@@ -567,7 +549,7 @@ def _rewriter_class():
             lo, hi = qr.activation_range(plan.info.act_bits, plan.info.act_unsigned)
             channels = layer.weight_shape[0]
             if s is not None:
-                inv = relax.const(np.float32(1.0 / float(np.float32(s))), "float32")
+                inv = np.float32(1.0 / float(np.float32(s)))
                 scale_np = qr.output_scale(plan.alpha, np.float32(s))
                 scale = relax.const(scale_np, "float32")
                 bias_q = relax.const(qr.integer_bias(plan.bias, scale_np, channels), "int32")
@@ -584,8 +566,9 @@ def _rewriter_class():
                     ratio = op.divide(relax.const(plan.bias, "float64"), op.astype(scale, "float64"))
                     i32 = np.iinfo(np.int32)
                     bias_q = bb.emit(op.astype(op.clip(op.round(ratio), float(i32.min), float(i32.max)), "int32"))
-            x_q = bb.emit(op.astype(op.clip(op.round(op.multiply(x, inv)), lo, hi), "int8"),
-                          plan.layer_var.name + "_q")
+            quantize_gv = self._quantize_func(layer.data_shape, lo, hi, float(inv) if s is not None else None)
+            x_q = bb.emit(relax.call_tir(quantize_gv, relax.Tuple([x] if s is not None else [x, inv]),
+                                         out_ty=relax.TensorType(layer.data_shape, "int8")), plan.layer_var.name + "_q")
             packed = [relax.const(np.ascontiguousarray(a)) for a in plan.kernel.pack(layer, plan.codes)]
             acc_shape = self._acc_shape(plan)
             kernel_gv = self._kernel_func(plan)
@@ -625,12 +608,18 @@ def _rewriter_class():
                 self.funcs[key] = self.builder_.add_func(func, name)
             return self.funcs[key]
 
+        def _quantize_func(self, shape, lo: int, hi: int, inv: float | None):
+            key = ("quantize", tuple(shape), lo, hi, inv)
+            if key not in self.funcs:
+                func = quantize_prim_func(tuple(shape), lo, hi, inv, self.info.lanes, rounds_in_vector(self.target))
+                self.funcs[key] = self.builder_.add_func(func.with_attr("op_pattern", OPAQUE), "int_quantize")
+            return self.funcs[key]
+
         def _epilogue_func(self, acc_shape, channel_axis: int, relu: bool):
             key = ("epilogue", tuple(acc_shape), channel_axis, relu)
             if key not in self.funcs:
-                func = schedule_prim_func(epilogue_prim_func(tuple(acc_shape), channel_axis, relu), self.info,
-                                          name="int_epilogue")
-                func = func.without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
+                func = epilogue_prim_func(tuple(acc_shape), channel_axis, relu, self.info.lanes)
+                func = func.with_attr("op_pattern", OPAQUE)
                 self.funcs[key] = self.builder_.add_func(func, "int_epilogue_relu" if relu else "int_epilogue")
             return self.funcs[key]
 

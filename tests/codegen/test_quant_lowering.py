@@ -357,3 +357,17 @@ def test_act_bits_end_to_end_is_bit_exact_under_qemu():
                                                                data=calib))
     assert "bitserial" in {layer.kernel for layer in art.report().layers}  # the cost table's pick on aarch64
     np.testing.assert_array_equal(art.run(x), _numpy_act_bits_mlp(model, art.graph, x.numpy()))
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("triple", ["aarch64-dotprod-linux-gnu", "armv7a-linux-gnueabihf"])
+def test_small_cnn_integer_path_is_bit_exact_under_qemu(small_cnn, triple):
+    """Quantize, NEON kernel and epilogue together (armv7 rounds by hand: quant_prims.py)."""
+    missing = get_target(triple).missing_tools()
+    if missing:
+        pytest.skip(f"{triple} needs {', '.join(missing)}")
+    model, x = small_cnn
+    calib = np.random.default_rng(2).standard_normal((8, 3, 8, 8)).astype("float32")
+    art = lastbit.compile(model, triple, (x,), squeeze=Squeeze(bits=3, data=calib))
+    assert {layer.kernel for layer in art.report().layers} <= _integer_kernel_names()
+    np.testing.assert_array_equal(art.run(x), _numpy_small_cnn(model, art.graph, x.numpy()))
