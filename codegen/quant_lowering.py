@@ -184,6 +184,7 @@ class _Plan:
     bias: np.ndarray | None
     relu: bool
     out_shape: tuple[int, ...]  # the float layer output shape (dense: may be >2-D)
+    relu_var: Any = None  # the ReLU output the layer reads, when ``data`` is that ReLU's input
 
 
 class LowerQuantizedLayers:
@@ -253,6 +254,10 @@ class LowerQuantizedLayers:
             if source is None:
                 return fallback(f"the {info.act_bits}-bit activation fake-quant before the layer was not found")
             data = source
+        relu_var = None
+        if info.activation_scale is not None and _op_name(var2val.get(data, data)) == "relax.nn.relu":
+            # quantize(relu(x)) in one pass over x; the ReLU binding dies unless others read it
+            relu_var, data = data, var2val[data].args[0]
         data_shape = _static_shape(data)
         if data_shape is None or str(getattr(data.ty, "dtype", "")) != "float32":
             return fallback("the layer input has no static float32 shape")
@@ -304,7 +309,7 @@ class LowerQuantizedLayers:
         log.info("layer %s (%s): kernel %s%s", var.name, info.source_name, kernel.name,
                  f", epilogue {'+'.join(epilogue.ops)}" if epilogue.ops else "")
         return _Plan(info, var, last, skipped, data, int_layer, kernel, codes, alpha_pos, epilogue.bias,
-                     epilogue.relu, out_shape)
+                     epilogue.relu, out_shape, relu_var)
 
     @staticmethod
     def _epilogue_chain(graph, var, kind, alpha_vec, out_shape, channel_axis, var2val, consumers, param_names):
@@ -542,7 +547,9 @@ def _rewriter_class():
         def _emit_integer_layer(self, plan: _Plan):
             bb = self.builder_
             layer = plan.int_layer
-            x = self.visit_expr(plan.data)
+            # a ReLU ending another layer's replaced chain is in that layer's epilogue already
+            fold_relu = plan.relu_var is not None and not ({plan.relu_var, plan.data} & self.skipped)
+            x = self.visit_expr(plan.data if plan.relu_var is None or fold_relu else plan.relu_var)
             if layer.op == "dense" and tuple(_static_shape(plan.data)) != layer.data_shape:
                 x = bb.emit(op.reshape(x, layer.data_shape))
             s = plan.info.activation_scale
@@ -566,7 +573,8 @@ def _rewriter_class():
                     ratio = op.divide(relax.const(plan.bias, "float64"), op.astype(scale, "float64"))
                     i32 = np.iinfo(np.int32)
                     bias_q = bb.emit(op.astype(op.clip(op.round(ratio), float(i32.min), float(i32.max)), "int32"))
-            quantize_gv = self._quantize_func(layer.data_shape, lo, hi, float(inv) if s is not None else None)
+            quantize_gv = self._quantize_func(layer.data_shape, lo, hi, float(inv) if s is not None else None,
+                                              fold_relu)
             x_q = bb.emit(relax.call_tir(quantize_gv, relax.Tuple([x] if s is not None else [x, inv]),
                                          out_ty=relax.TensorType(layer.data_shape, "int8")), plan.layer_var.name + "_q")
             packed = [relax.const(np.ascontiguousarray(a)) for a in plan.kernel.pack(layer, plan.codes)]
@@ -608,11 +616,13 @@ def _rewriter_class():
                 self.funcs[key] = self.builder_.add_func(func, name)
             return self.funcs[key]
 
-        def _quantize_func(self, shape, lo: int, hi: int, inv: float | None):
-            key = ("quantize", tuple(shape), lo, hi, inv)
+        def _quantize_func(self, shape, lo: int, hi: int, inv: float | None, relu: bool):
+            key = ("quantize", tuple(shape), lo, hi, inv, relu)
             if key not in self.funcs:
-                func = quantize_prim_func(tuple(shape), lo, hi, inv, self.info.lanes, rounds_in_vector(self.target))
-                self.funcs[key] = self.builder_.add_func(func.with_attr("op_pattern", OPAQUE), "int_quantize")
+                func = quantize_prim_func(tuple(shape), lo, hi, inv, self.info.lanes, rounds_in_vector(self.target),
+                                          relu=relu)
+                self.funcs[key] = self.builder_.add_func(func.with_attr("op_pattern", OPAQUE),
+                                                         "int_relu_quantize" if relu else "int_quantize")
             return self.funcs[key]
 
         def _epilogue_func(self, acc_shape, channel_axis: int, relu: bool):

@@ -43,7 +43,7 @@ def rounds_in_vector(target) -> bool:
     return not triple.startswith(("arm", "thumb"))
 
 
-def _vector_loop(extent: int, lanes: int, body, name: str):
+def vector_loop(extent: int, lanes: int, body, name: str):
     """``for i in range(extent): body(i)`` as a ``lanes``-wide vectorized loop plus a scalar
     tail (either part left out when empty)."""
     from tvm import tirx
@@ -62,15 +62,17 @@ def _vector_loop(extent: int, lanes: int, body, name: str):
     return tirx.SeqStmt(parts) if len(parts) > 1 else parts[0]
 
 
-def _flat(buffer, name: str):
-    """A 1-D view of ``buffer``'s memory and the buffer (declared together by _prim_func)."""
+def flat_view(buffer, name: str):
+    """A 1-D view of ``buffer``'s memory and the buffer (declared together by flat_prim_func)."""
     from tvm import tirx
 
     size = int(math.prod(int(d) for d in buffer.shape))
     return tirx.decl_buffer((size,), buffer.dtype, name=name), buffer
 
 
-def _prim_func(buffers, views, body):
+def flat_prim_func(buffers, views, body):
+    """A scheduled PrimFunc of ``buffers`` (its parameters, in order) whose ``body`` reads
+    them through ``views`` (:func:`flat_view` pairs)."""
     from tvm import tirx
 
     # a flat view is a DeclBuffer statement ahead of the loops that use it (TVM 0.27 form)
@@ -84,10 +86,11 @@ def _prim_func(buffers, views, body):
 
 
 def quantize_prim_func(shape: tuple[int, ...], lo: int, hi: int, inv: float | None, lanes: int,
-                       vector_round: bool = True, parallel_min: int = 16384):
+                       vector_round: bool = True, parallel_min: int = 16384, relu: bool = False):
     """``x_q = int8(clip(rint(x · inv), lo, hi))`` over a float32 tensor of ``shape``. ``inv``
     is the compile-time reciprocal scale, or None for a runtime one (a float32 ``()`` tensor,
     the second parameter). ``vector_round`` False: the clip-then-1.5·2²³ rounding (armv7).
+    ``relu``: quantize ``max(x, 0)`` (the ReLU before the layer, folded in).
     One flat loop; from ``parallel_min`` elements on, parallel rows of the trailing dims."""
     from tvm import tirx
 
@@ -98,14 +101,15 @@ def quantize_prim_func(shape: tuple[int, ...], lo: int, hi: int, inv: float | No
     x = tirx.decl_buffer(shape, "float32", name="x")
     out = tirx.decl_buffer(shape, "int8", name="x_q")
     inv_buf = None if inv is not None else tirx.decl_buffer((), "float32", name="inv")
-    views = [_flat(x, "x_flat"), _flat(out, "x_q_flat")]
+    views = [flat_view(x, "x_flat"), flat_view(out, "x_q_flat")]
     (xf, _), (of, _) = views
     f32 = "float32"
     lo_f, hi_f = tirx.const(float(lo), f32), tirx.const(float(hi), f32)
 
     def body(i):
         factor = tirx.const(float(inv), f32) if inv is not None else tirx.BufferLoad(inv_buf, [])
-        v = tirx.BufferLoad(xf, [i]) * factor
+        v = tirx.BufferLoad(xf, [i])
+        v = (tirx.Max(v, tirx.const(0.0, f32)) if relu else v) * factor
         if vector_round:
             r = tirx.Min(tirx.Max(tirx.nearbyint(v), lo_f), hi_f)
             return tirx.BufferStore(of, tirx.Cast("int8", r), [i])
@@ -116,12 +120,12 @@ def quantize_prim_func(shape: tuple[int, ...], lo: int, hi: int, inv: float | No
     total = int(math.prod(shape))
     rows = int(math.prod(shape[:2])) if len(shape) > 2 else (shape[0] if len(shape) == 2 else 1)
     if total < parallel_min or rows < 2:
-        loop = _vector_loop(total, lanes, body, "i")
+        loop = vector_loop(total, lanes, body, "i")
     else:
         row, inner = tirx.Var("row", "int32"), total // rows
-        loop = tirx.For(row, 0, rows, tirx.ForKind.PARALLEL, _vector_loop(inner, lanes, lambda j: body(row * inner + j), "i"))
+        loop = tirx.For(row, 0, rows, tirx.ForKind.PARALLEL, vector_loop(inner, lanes, lambda j: body(row * inner + j), "i"))
     buffers = [x] + ([inv_buf] if inv_buf is not None else []) + [out]
-    return _prim_func(buffers, views, loop)
+    return flat_prim_func(buffers, views, loop)
 
 
 def epilogue_prim_func(acc_shape: tuple[int, ...], channel_axis: int, relu: bool, lanes: int = 4,
@@ -140,7 +144,7 @@ def epilogue_prim_func(acc_shape: tuple[int, ...], channel_axis: int, relu: bool
     bias = tirx.decl_buffer((channels,), "int32", name="bias_q")
     scale = tirx.decl_buffer((channels,), "float32", name="scale")
     out = tirx.decl_buffer(acc_shape, "float32", name="epilogue")
-    views = [_flat(acc, "acc_flat"), _flat(out, "epilogue_flat")]
+    views = [flat_view(acc, "acc_flat"), flat_view(out, "epilogue_flat")]
     (af, _), (of, _) = views
 
     def value(i, c):
@@ -151,10 +155,10 @@ def epilogue_prim_func(acc_shape: tuple[int, ...], channel_axis: int, relu: bool
 
     row = tirx.Var("row", "int32")
     if inner == 1:  # channels innermost (dense [M, N]): one row per sample, bias/scale as vectors
-        rows, row_body = outer, _vector_loop(channels, lanes, lambda c: value(row * channels + c, c), "c")
+        rows, row_body = outer, vector_loop(channels, lanes, lambda c: value(row * channels + c, c), "c")
     else:  # one row per (sample, channel): bias/scale broadcast along the contiguous spatial run
         c = tirx.floormod(row, channels) if outer > 1 else row
-        rows, row_body = outer * channels, _vector_loop(inner, lanes, lambda s: value(row * inner + s, c), "s")
+        rows, row_body = outer * channels, vector_loop(inner, lanes, lambda s: value(row * inner + s, c), "s")
     kind = tirx.ForKind.PARALLEL if rows > 1 and outer * channels * inner >= parallel_min else tirx.ForKind.SERIAL
     loop = tirx.For(row, 0, rows, kind, row_body)
-    return _prim_func([acc, bias, scale, out], views, loop)
+    return flat_prim_func([acc, bias, scale, out], views, loop)

@@ -17,12 +17,13 @@ from lastbit.targets import get_target
 HOST = "x86_64-linux-gnu"
 ARM = ("aarch64-linux-gnu", "armv7a-linux-gnueabihf")
 
-# (shape, act bits, unsigned, scale, runtime scale)
+# (shape, act bits, unsigned, scale, runtime scale, ReLU folded in)
 QUANTIZE = [
-    ((1, 5, 7, 3), 8, False, 0.05, False),  # 105 elements: a scalar tail at any vector width
-    ((2, 3, 4, 4), 8, False, 1.0, True),  # scale 1: the ties below hit exactly .5
-    ((3, 37), 2, True, 0.5, False),
-    ((2, 19), 3, False, 0.25, True),
+    ((1, 5, 7, 3), 8, False, 0.05, False, False),  # 105 elements: a scalar tail at any vector width
+    ((2, 3, 4, 4), 8, False, 1.0, True, False),  # scale 1: the ties below hit exactly .5
+    ((3, 37), 2, True, 0.5, False, True),
+    ((2, 19), 3, False, 0.25, True, False),
+    ((1, 4, 7, 7), 8, False, 1.0, False, True),
 ]
 # (acc shape, channel axis, relu)
 EPILOGUE = [((2, 5, 3, 3), 1, True), ((3, 37), 1, False), ((1, 4, 7, 7), 1, True), ((1, 6, 5, 4), 1, False)]
@@ -38,22 +39,23 @@ def _quantize_input(rng, shape, scale):
 
 
 def _cases(seed: int = 0):
-    """(kind, PrimFunc args, inputs, constants, expected) per case, numpy reference included."""
+    """(kind, PrimFunc args, input, constants, expected, ReLU folded in) per case."""
     rng = np.random.default_rng(seed)
     out = []
-    for shape, bits, unsigned, scale, runtime in QUANTIZE:
+    for shape, bits, unsigned, scale, runtime, relu in QUANTIZE:
         x = _quantize_input(rng, shape, scale)
         inv = np.float32(1.0 / float(np.float32(scale)))
         lo, hi = qr.activation_range(bits, unsigned)
         consts = [np.array(inv, np.float32)] if runtime else []
-        out.append(("quantize", (shape, lo, hi, None if runtime else float(inv)), x, consts,
-                    qr.quantize_activation(x, scale, bits, unsigned)))
+        expected = qr.quantize_activation(np.maximum(x, np.float32(0)) if relu else x, scale, bits, unsigned)
+        out.append(("quantize", (shape, lo, hi, None if runtime else float(inv)), x, consts, expected, relu))
     for shape, axis, relu in EPILOGUE:
         channels = shape[axis]
         acc = rng.integers(-(1 << 20), 1 << 20, size=shape, dtype=np.int32)
         bias = rng.integers(-5000, 5000, size=channels, dtype=np.int32)
         scale = rng.uniform(1e-5, 1e-2, size=channels).astype(np.float32)
-        out.append(("epilogue", (shape, axis, relu), acc, [bias, scale], qr.epilogue(acc, bias, scale, relu, axis)))
+        out.append(("epilogue", (shape, axis, relu), acc, [bias, scale], qr.epilogue(acc, bias, scale, relu, axis),
+                    False))
     return out
 
 
@@ -62,13 +64,13 @@ def _module(cases, lanes: int, vector_round: bool):
     from tvm import relax
 
     bb = relax.BlockBuilder()
-    params = [relax.Var(f"x_{i}", relax.TensorType(x.shape, str(x.dtype))) for i, (_, _, x, _, _) in enumerate(cases)]
+    params = [relax.Var(f"x_{i}", relax.TensorType(case[2].shape, str(case[2].dtype))) for i, case in enumerate(cases)]
     with bb.function("main", params):
         with bb.dataflow():
             outs = []
-            for i, ((kind, args, _, consts, expected), x) in enumerate(zip(cases, params)):
+            for i, ((kind, args, _, consts, expected, relu), x) in enumerate(zip(cases, params)):
                 if kind == "quantize":
-                    func = quantize_prim_func(*args, lanes=lanes, vector_round=vector_round)
+                    func = quantize_prim_func(*args, lanes=lanes, vector_round=vector_round, relu=relu)
                 else:
                     func = epilogue_prim_func(*args, lanes=lanes)
                 gv = bb.add_func(func, f"{kind}_{i}")
@@ -81,7 +83,7 @@ def _module(cases, lanes: int, vector_round: bool):
 
 
 def _check(cases, outs) -> None:
-    for (kind, args, _, _, expected), got in zip(cases, outs):
+    for (kind, args, _, _, expected, _), got in zip(cases, outs):
         assert got.dtype == expected.dtype, (kind, args)
         bad = int(np.count_nonzero(got != expected))
         assert bad == 0, f"{kind} {args}: {bad} of {expected.size} values differ"
@@ -95,7 +97,7 @@ def test_bit_exact_natively(lanes, vector_round):
 
     cases = _cases()
     vm = relax.VirtualMachine(tvm.compile(_module(cases, lanes, vector_round), get_target(HOST).tvm()), tvm.cpu())
-    result = vm["main"](*[tvm.runtime.tensor(x) for _, _, x, _, _ in cases])
+    result = vm["main"](*[tvm.runtime.tensor(case[2]) for case in cases])
     _check(cases, [result[i].numpy() for i in range(len(cases))])
 
 
@@ -137,4 +139,4 @@ def test_bit_exact_under_qemu(triple, tmp_path):
     cases = _cases(seed=1)
     mod = _module(cases, cpu_info(target).lanes, rounds_in_vector(target))
     bundle = build_bundle(mod, target, tmp_path / triple)
-    _check(cases, run_bundle(bundle, [x for _, _, x, _, _ in cases], timeout_s=600))
+    _check(cases, run_bundle(bundle, [case[2] for case in cases], timeout_s=600))
