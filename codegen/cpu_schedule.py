@@ -1255,13 +1255,14 @@ def flat_elementwise(func, info: CpuInfo, min_parallel_elems: int = 16384):
 
     if not same_index(body.indices):
         return None
-    views: dict = {}
+    views: list = []  # (flat view, buffer) per buffer the block touches
 
     def view(buffer):
-        key = buffer.name
-        if key not in views:
-            views[key] = flat_view(buffer, buffer.name + "_flat")
-        return views[key][0]
+        for flat, source in views:
+            if source.same_as(buffer):
+                return flat
+        views.append(flat_view(buffer, buffer.name + "_flat"))
+        return views[-1][0]
 
     def rebuild(expr, i):
         kind = type(expr).__name__
@@ -1311,7 +1312,7 @@ def flat_elementwise(func, info: CpuInfo, min_parallel_elems: int = 16384):
         loop = tirx.For(r, 0, total // row, tirx.ForKind.PARALLEL, vector_loop(row, lanes, lambda j: store(r * row + j), "i"))
     else:
         loop = vector_loop(total, lanes, store, "i")
-    flat = flat_prim_func(list(func.params), list(views.values()), loop)
+    flat = flat_prim_func(list(func.params), views, loop)
     for key, value in (func.attrs.items() if func.attrs is not None else ()):
         flat = flat.with_attr(key, value)
     return flat.with_attr("tirx.is_scheduled", True)
