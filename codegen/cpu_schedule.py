@@ -1309,7 +1309,8 @@ def flat_elementwise(func, info: CpuInfo, min_parallel_elems: int = 16384):
     row = shape[-1] * (shape[-2] if len(shape) > 1 else 1)
     if total >= min_parallel_elems and total // row > 1:
         r = tirx.Var("row", "int32")
-        loop = tirx.For(r, 0, total // row, tirx.ForKind.PARALLEL, vector_loop(row, lanes, lambda j: store(r * row + j), "i"))
+        per_row = vector_loop(row, lanes, lambda j: store(r * row + j), "i")
+        loop = tirx.For(r, 0, total // row, tirx.ForKind.PARALLEL, per_row)
     else:
         loop = vector_loop(total, lanes, store, "i")
     flat = flat_prim_func(list(func.params), views, loop)

@@ -123,7 +123,8 @@ def quantize_prim_func(shape: tuple[int, ...], lo: int, hi: int, inv: float | No
         loop = vector_loop(total, lanes, body, "i")
     else:
         row, inner = tirx.Var("row", "int32"), total // rows
-        loop = tirx.For(row, 0, rows, tirx.ForKind.PARALLEL, vector_loop(inner, lanes, lambda j: body(row * inner + j), "i"))
+        per_row = vector_loop(inner, lanes, lambda j: body(row * inner + j), "i")
+        loop = tirx.For(row, 0, rows, tirx.ForKind.PARALLEL, per_row)
     buffers = [x] + ([inv_buf] if inv_buf is not None else []) + [out]
     return flat_prim_func(buffers, views, loop)
 

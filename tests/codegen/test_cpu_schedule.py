@@ -299,11 +299,14 @@ def test_odd_nchw_elementwise_runs_as_one_flat_vector_loop(triple):
         assert ("fadd\tv" in asm) if triple.startswith("aarch64") else ("vadd.f32\tq" in asm)
         return
     rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((2, 3, 7, 7)).astype("float32") for _ in range(2))
-    lib = tvm.tirx.build(flat.with_attr("global_symbol", "f"), target=target)
-    out = tvm.runtime.tensor(np.zeros_like(a))
-    lib["f"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), out)
-    np.testing.assert_array_equal(out.numpy(), np.maximum(a + b, np.float32(0)))
+    big = cpu_schedule.flat_elementwise(_add_relu((2, 8, 33, 33))[0], info)  # parallel rows
+    assert big is not None and "parallel" in big.script()
+    for func, shape in ((flat, (2, 3, 7, 7)), (big, (2, 8, 33, 33))):
+        a, b = (rng.standard_normal(shape).astype("float32") for _ in range(2))
+        lib = tvm.tirx.build(func.with_attr("global_symbol", "f"), target=target)
+        out = tvm.runtime.tensor(np.zeros_like(a))
+        lib["f"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), out)
+        np.testing.assert_array_equal(out.numpy(), np.maximum(a + b, np.float32(0)))
 
 
 @pytest.mark.qemu

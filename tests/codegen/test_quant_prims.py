@@ -24,9 +24,11 @@ QUANTIZE = [
     ((3, 37), 2, True, 0.5, False, True),
     ((2, 19), 3, False, 0.25, True, False),
     ((1, 4, 7, 7), 8, False, 1.0, False, True),
+    ((2, 8, 33, 33), 8, False, 0.02, False, False),  # ≥ 16384 elements: parallel rows
 ]
 # (acc shape, channel axis, relu)
-EPILOGUE = [((2, 5, 3, 3), 1, True), ((3, 37), 1, False), ((1, 4, 7, 7), 1, True), ((1, 6, 5, 4), 1, False)]
+EPILOGUE = [((2, 5, 3, 3), 1, True), ((3, 37), 1, False), ((1, 4, 7, 7), 1, True), ((1, 6, 5, 4), 1, False),
+            ((2, 8, 33, 33), 1, True)]  # the last runs its rows in parallel
 TIES = np.array([0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 126.5, -126.5, 127.5, -127.5, 128.0, -129.0, 1e30, -1e30], np.float32)
 
 
