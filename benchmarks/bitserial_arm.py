@@ -48,7 +48,6 @@ def squeeze_for(x: np.ndarray):
 
 def arm_row(name: str, triple: str, workdir: Path) -> dict:
     import lastbit
-    from arm_insn_count import instructions_per_inference
 
     module, example = layer_model(name)
     x = example.numpy()
@@ -73,6 +72,13 @@ def arm_row(name: str, triple: str, workdir: Path) -> dict:
     }
 
 
+def instructions_per_inference(bundle: Path, x: np.ndarray) -> int:
+    """qemu count of one inference (codegen/qemu_count.py: repeat 3 minus repeat 1, halved)."""
+    from lastbit.codegen.qemu_count import count_bundle
+
+    return count_bundle(bundle, [x]).total
+
+
 def int_layer(name: str):
     from lastbit.codegen.kernels import IntLayer
 
@@ -85,8 +91,6 @@ def int_layer(name: str):
 def kernel_instructions(name: str, triple: str, workdir: Path, kernel: str = "bitserial") -> int:
     """Instructions of one ``kernel`` call on the layer's shape (random ternary codes, 2-bit
     unsigned activations), run as its own bundle."""
-    from arm_insn_count import instructions_per_inference
-
     from lastbit.codegen.bundle import build_bundle
     from lastbit.codegen.kernels import get_kernel
     from lastbit.codegen.kernels.common import kernels_module

@@ -1009,6 +1009,14 @@ def schedule_prim_func(func, info: CpuInfo, name: str = "func"):
     except Exception as err:  # pragma: no cover - simplification is an optimization only
         log.debug("schedule_for_cpu: StmtSimplify failed for %s: %s", name, _first_line(err))
     kind = _kernel_kind(func)
+    if kind is None:
+        try:
+            flat = flat_elementwise(func, info)
+        except Exception as err:  # noqa: BLE001 - an optimization only: the generic schedule serves
+            log.debug("schedule_for_cpu: no flat loop for %s: %s", name, _first_line(err))
+            flat = None
+        if flat is not None:
+            return flat
     attempts = []
     if kind in _KERNEL_SCHEDULES:
         attempts.append((kind, _KERNEL_SCHEDULES[kind]))
@@ -1205,6 +1213,120 @@ def schedule_generic(sch, info: CpuInfo, knobs: GenericKnobs | None = None) -> N
         except Exception as err:
             log.debug("schedule_generic: block %s kept partly scheduled: %s", sch.get(block).name_hint,
                       _first_line(err))
+
+
+_FLAT_BINARY = ("Add", "Sub", "Mul", "Div", "Mod", "FloorDiv", "FloorMod", "Min", "Max", "EQ", "NE", "LT", "LE",
+                "GT", "GE", "And", "Or")
+
+
+def flat_elementwise(func, info: CpuInfo, min_parallel_elems: int = 16384):
+    """``func`` as one flat vector loop over 1-D views of its buffers (``quant_prims``), when,
+    after inlining its intermediates, it is a single block that reads every input at exactly
+    the indices it writes (a residual add, a ReLU, a cast) and its innermost loop is not a
+    multiple of the vector width (an NCHW tensor at 14×14, 7×7); else None.
+
+    The generic schedule fuses such a nest and splits off the lanes, so each lane's indices
+    become divisions, ``(4i + lane) // 196``, that the vectorizer leaves per lane (scalar
+    code). Element-wise, the order does not matter: ``out[i] = f(a[i], b[i])`` flat."""
+    from tvm import s_tir, tirx
+
+    from lastbit.codegen.quant_prims import flat_prim_func, flat_view, vector_loop
+
+    sch = s_tir.Schedule(func)
+    root = sch.get_sblock("root")
+    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
+    for block in _root_blocks(sch):
+        if sch.get(block).name_hint not in outputs and _is_spatial(sch, block):
+            sch.compute_inline(block)
+    blocks = _root_blocks(sch)
+    if len(blocks) != 1 or sch.get(root).alloc_buffers or not _is_spatial(sch, blocks[0]):
+        return None
+    block = blocks[0]
+    stmt, loops = sch.get(block), sch.get_loops(block)
+    lanes = info.lanes
+    if not loops or len(loops) != len(stmt.iter_vars) or _extent(sch, loops[-1]) % lanes == 0:
+        return None
+    ivars = [iv.var for iv in stmt.iter_vars]
+    body = stmt.body
+    if not isinstance(body, tirx.BufferStore) or stmt.init is not None or stmt.match_buffers:
+        return None
+    out = _region_buffer(body)
+    shape = [int(d) for d in out.shape]
+
+    def matches(index, var, extent: int) -> bool:  # the var itself, or 0 on a unit axis
+        return index.same_as(var) or (extent == 1 and isinstance(index, tirx.IntImm) and int(index) == 0)
+
+    def same_index(indices) -> bool:
+        return len(indices) == len(ivars) and all(matches(i, v, d) for i, v, d in zip(indices, ivars, shape))
+
+    if not same_index(body.indices):
+        return None
+    views: list = []  # (flat view, buffer) per buffer the block touches
+
+    def view(buffer):
+        for flat, source in views:
+            if source.same_as(buffer):
+                return flat
+        views.append(flat_view(buffer, buffer.name + "_flat"))
+        return views[-1][0]
+
+    def rebuild(expr, i):
+        kind = type(expr).__name__
+        if kind in ("BufferLoad", "TensorLoad"):  # TVM 0.27 builds loads as tvm.ir.TensorLoad
+            buffer = _region_buffer(expr)
+            if [int(d) for d in buffer.shape] != shape or not same_index(expr.indices):
+                raise _NotFlat(buffer.name)
+            return tirx.BufferLoad(view(buffer), [i])
+        if kind in ("IntImm", "FloatImm", "StringImm"):
+            return expr
+        if kind == "Var":
+            if any(expr.same_as(v) for v in ivars):
+                raise _NotFlat("index used as a value")
+            return expr
+        if kind in _FLAT_BINARY:
+            return type(expr)(rebuild(expr.a, i), rebuild(expr.b, i))
+        if kind == "Not":
+            return tirx.Not(rebuild(expr.a, i))
+        if kind == "Cast":
+            return tirx.Cast(str(expr.ty), rebuild(expr.value, i))
+        if kind == "Select":
+            return tirx.Select(rebuild(expr.condition, i), rebuild(expr.true_value, i), rebuild(expr.false_value, i))
+        if kind == "Call":
+            return tirx.call_intrin(str(expr.ty), expr.op.name, *(rebuild(a, i) for a in expr.args))
+        raise _NotFlat(kind)
+
+    realize = sch.mod["main"].body.block.body  # root block -> the loop nest -> the block's realize
+    while isinstance(realize, tirx.For):
+        realize = realize.body
+    if not isinstance(realize, s_tir.SBlockRealize) or any(
+            not matches(v, sch.get(lp).loop_var, _extent(sch, lp)) for v, lp in zip(realize.iter_values, loops)):
+        return None
+    try:
+        rebuild(body.value, tirx.Var("probe", "int32"))
+    except _NotFlat:
+        return None
+
+    def store(i):
+        return tirx.BufferStore(view(out), rebuild(body.value, i), [i])
+
+    total = 1
+    for d in shape:
+        total *= d
+    row = shape[-1] * (shape[-2] if len(shape) > 1 else 1)
+    if total >= min_parallel_elems and total // row > 1:
+        r = tirx.Var("row", "int32")
+        per_row = vector_loop(row, lanes, lambda j: store(r * row + j), "i")
+        loop = tirx.For(r, 0, total // row, tirx.ForKind.PARALLEL, per_row)
+    else:
+        loop = vector_loop(total, lanes, store, "i")
+    flat = flat_prim_func(list(func.params), views, loop)
+    for key, value in (func.attrs.items() if func.attrs is not None else ()):
+        flat = flat.with_attr(key, value)
+    return flat.with_attr("tirx.is_scheduled", True)
+
+
+class _NotFlat(Exception):
+    """An expression :func:`flat_elementwise` cannot rewrite to flat indices."""
 
 
 def _generic_spatial(sch, block, knobs: GenericKnobs) -> None:

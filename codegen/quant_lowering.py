@@ -3,7 +3,7 @@ inference batch-norm and ReLU that follow it) becomes the integer path of
 ``codegen/quant_reference.py``, with a kernel chosen per target.
 
     conv2d/matmul(x, astype(codes) * α) [+ b] [→ batch_norm] [→ relu]
-      =>  x_q = int8(clip(rint(x · 1/s_x)))                   Relax ops (fusable)
+      =>  x_q = int8(clip(rint(x · 1/s_x)))                   call_tir, one opaque PrimFunc
           acc = call_tir(kernel, x_q, *packed codes)          int32, the chosen kernel
           y   = float32((acc + bias_q) [max 0]) · scale       call_tir, one opaque PrimFunc
 
@@ -35,6 +35,8 @@ import numpy as np
 
 from lastbit.codegen import quant_reference as qr
 from lastbit.graph import Graph, QuantInfo
+
+from lastbit.codegen.quant_prims import epilogue_prim_func, quantize_prim_func, rounds_in_vector  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +184,7 @@ class _Plan:
     bias: np.ndarray | None
     relu: bool
     out_shape: tuple[int, ...]  # the float layer output shape (dense: may be >2-D)
+    relu_var: Any = None  # the ReLU output the layer reads, when ``data`` is that ReLU's input
 
 
 class LowerQuantizedLayers:
@@ -251,6 +254,10 @@ class LowerQuantizedLayers:
             if source is None:
                 return fallback(f"the {info.act_bits}-bit activation fake-quant before the layer was not found")
             data = source
+        relu_var = None
+        if info.activation_scale is not None and _op_name(var2val.get(data, data)) == "relax.nn.relu":
+            # quantize(relu(x)) in one pass over x; the ReLU binding dies unless others read it
+            relu_var, data = data, var2val[data].args[0]
         data_shape = _static_shape(data)
         if data_shape is None or str(getattr(data.ty, "dtype", "")) != "float32":
             return fallback("the layer input has no static float32 shape")
@@ -302,7 +309,7 @@ class LowerQuantizedLayers:
         log.info("layer %s (%s): kernel %s%s", var.name, info.source_name, kernel.name,
                  f", epilogue {'+'.join(epilogue.ops)}" if epilogue.ops else "")
         return _Plan(info, var, last, skipped, data, int_layer, kernel, codes, alpha_pos, epilogue.bias,
-                     epilogue.relu, out_shape)
+                     epilogue.relu, out_shape, relu_var)
 
     @staticmethod
     def _epilogue_chain(graph, var, kind, alpha_vec, out_shape, channel_axis, var2val, consumers, param_names):
@@ -492,26 +499,6 @@ def _per_channel_alpha(alpha: np.ndarray, out_axis: int, channels: int, codes_sh
 # --- the IR rewrite ------------------------------------------------------------------------------
 
 
-def epilogue_prim_func(acc_shape: tuple[int, ...], channel_axis: int, relu: bool):
-    """float32((acc + bias_q[c]) [max 0]) · scale[c]: ``quant_reference.epilogue`` in TE."""
-    from tvm import te, tirx
-
-    acc = te.placeholder(acc_shape, "int32", name="acc")
-    channels = acc_shape[channel_axis]
-    bias = te.placeholder((channels,), "int32", name="bias_q")
-    scale = te.placeholder((channels,), "float32", name="scale")
-
-    def body(*idx):
-        c = idx[channel_axis]
-        total = acc[idx] + bias[c]
-        if relu:
-            total = tirx.max(total, tirx.const(0, "int32"))
-        return total.astype("float32") * scale[c]
-
-    out = te.compute(acc_shape, body, name="epilogue")
-    return te.create_prim_func([acc, bias, scale, out])
-
-
 def _rewriter_class():
     """The mutator class (built lazily: tvm is imported on first use, 3 s)."""
     from tvm import relax
@@ -560,14 +547,16 @@ def _rewriter_class():
         def _emit_integer_layer(self, plan: _Plan):
             bb = self.builder_
             layer = plan.int_layer
-            x = self.visit_expr(plan.data)
+            # a ReLU ending another layer's replaced chain is in that layer's epilogue already
+            fold_relu = plan.relu_var is not None and not ({plan.relu_var, plan.data} & self.skipped)
+            x = self.visit_expr(plan.data if plan.relu_var is None or fold_relu else plan.relu_var)
             if layer.op == "dense" and tuple(_static_shape(plan.data)) != layer.data_shape:
                 x = bb.emit(op.reshape(x, layer.data_shape))
             s = plan.info.activation_scale
             lo, hi = qr.activation_range(plan.info.act_bits, plan.info.act_unsigned)
             channels = layer.weight_shape[0]
             if s is not None:
-                inv = relax.const(np.float32(1.0 / float(np.float32(s))), "float32")
+                inv = np.float32(1.0 / float(np.float32(s)))
                 scale_np = qr.output_scale(plan.alpha, np.float32(s))
                 scale = relax.const(scale_np, "float32")
                 bias_q = relax.const(qr.integer_bias(plan.bias, scale_np, channels), "int32")
@@ -584,8 +573,10 @@ def _rewriter_class():
                     ratio = op.divide(relax.const(plan.bias, "float64"), op.astype(scale, "float64"))
                     i32 = np.iinfo(np.int32)
                     bias_q = bb.emit(op.astype(op.clip(op.round(ratio), float(i32.min), float(i32.max)), "int32"))
-            x_q = bb.emit(op.astype(op.clip(op.round(op.multiply(x, inv)), lo, hi), "int8"),
-                          plan.layer_var.name + "_q")
+            quantize_gv = self._quantize_func(layer.data_shape, lo, hi, float(inv) if s is not None else None,
+                                              fold_relu)
+            x_q = bb.emit(relax.call_tir(quantize_gv, relax.Tuple([x] if s is not None else [x, inv]),
+                                         out_ty=relax.TensorType(layer.data_shape, "int8")), plan.layer_var.name + "_q")
             packed = [relax.const(np.ascontiguousarray(a)) for a in plan.kernel.pack(layer, plan.codes)]
             acc_shape = self._acc_shape(plan)
             kernel_gv = self._kernel_func(plan)
@@ -625,12 +616,20 @@ def _rewriter_class():
                 self.funcs[key] = self.builder_.add_func(func, name)
             return self.funcs[key]
 
+        def _quantize_func(self, shape, lo: int, hi: int, inv: float | None, relu: bool):
+            key = ("quantize", tuple(shape), lo, hi, inv, relu)
+            if key not in self.funcs:
+                func = quantize_prim_func(tuple(shape), lo, hi, inv, self.info.lanes, rounds_in_vector(self.target),
+                                          relu=relu)
+                self.funcs[key] = self.builder_.add_func(func.with_attr("op_pattern", OPAQUE),
+                                                         "int_relu_quantize" if relu else "int_quantize")
+            return self.funcs[key]
+
         def _epilogue_func(self, acc_shape, channel_axis: int, relu: bool):
             key = ("epilogue", tuple(acc_shape), channel_axis, relu)
             if key not in self.funcs:
-                func = schedule_prim_func(epilogue_prim_func(tuple(acc_shape), channel_axis, relu), self.info,
-                                          name="int_epilogue")
-                func = func.without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
+                func = epilogue_prim_func(tuple(acc_shape), channel_axis, relu, self.info.lanes)
+                func = func.with_attr("op_pattern", OPAQUE)
                 self.funcs[key] = self.builder_.add_func(func, "int_epilogue_relu" if relu else "int_epilogue")
             return self.funcs[key]
 

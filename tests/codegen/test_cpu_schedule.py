@@ -270,3 +270,69 @@ def test_rounding_loops_stay_vectorized():
     lib = tvm.tirx.build(sch.mod, target=get_target("aarch64-linux-gnu").tvm())
     asm = lib.inspect_source("asm") if hasattr(lib, "inspect_source") else lib.imports[0].inspect_source("asm")
     assert "frinti\tv" in asm and "fcmp" not in asm
+
+
+def _add_relu(shape, broadcast=False):
+    from tvm import te
+
+    a = te.placeholder(shape, "float32", name="a")
+    b = te.placeholder((shape[1],) if broadcast else shape, "float32", name="b")
+    total = te.compute(shape, lambda *i: a(*i) + (b[i[1]] if broadcast else b(*i)), name="add")
+    out = te.compute(shape, lambda *i: te.max(total(*i), 0.0), name="relu")
+    return te.create_prim_func([a, b, out]), b.shape
+
+
+@pytest.mark.parametrize("triple", [HOST, "aarch64-linux-gnu", "armv7a-linux-gnueabihf"])
+def test_odd_nchw_elementwise_runs_as_one_flat_vector_loop(triple):
+    """A residual add + ReLU at 7×7 (rows not a multiple of the vector) becomes one flat
+    vectorized loop with no per-lane index division; broadcasts and lane-multiple rows keep
+    the generic schedule. The flat function computes the same values (host)."""
+    target = get_target(triple).tvm()
+    info = cpu_schedule.cpu_info(target)
+    func, _ = _add_relu((2, 3, 7, 7))
+    flat = cpu_schedule.flat_elementwise(func, info)
+    assert flat is not None and "vectorized" in flat.script() and "//" not in flat.script()
+    assert cpu_schedule.flat_elementwise(_add_relu((2, 3, 7, 7), broadcast=True)[0], info) is None
+    assert cpu_schedule.flat_elementwise(_add_relu((2, 3, 7, 4 * info.lanes))[0], info) is None
+    if triple != HOST:
+        asm = tvm.tirx.build(flat.with_attr("global_symbol", "f"), target=target).inspect_source("asm")
+        assert ("fadd\tv" in asm) if triple.startswith("aarch64") else ("vadd.f32\tq" in asm)
+        return
+    rng = np.random.default_rng(0)
+    big = cpu_schedule.flat_elementwise(_add_relu((2, 8, 33, 33))[0], info)  # parallel rows
+    assert big is not None and "parallel" in big.script()
+    for func, shape in ((flat, (2, 3, 7, 7)), (big, (2, 8, 33, 33))):
+        a, b = (rng.standard_normal(shape).astype("float32") for _ in range(2))
+        lib = tvm.tirx.build(func.with_attr("global_symbol", "f"), target=target)
+        out = tvm.runtime.tensor(np.zeros_like(a))
+        lib["f"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), out)
+        np.testing.assert_array_equal(out.numpy(), np.maximum(a + b, np.float32(0)))
+
+
+@pytest.mark.qemu
+def test_odd_residual_block_is_bit_exact_under_qemu_on_armv7():
+    """The flat loops on 32-bit ARM, end to end: a 3-bit residual block at 7×7 (integer
+    kernels keep NCHW, so the residual add + ReLU is a flat loop) gives the host's bits."""
+    import lastbit
+    from lastbit import Squeeze
+
+    triple = "armv7a-linux-gnueabihf"
+    missing = get_target(triple).missing_tools()
+    if missing:
+        pytest.skip(f"{triple} needs {', '.join(missing)}")
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return F.relu(x + F.relu(self.conv(x)))
+
+    torch.manual_seed(0)
+    model, x = Residual().eval(), torch.randn(1, 8, 7, 7)
+    calib = np.random.default_rng(0).standard_normal((4, 8, 7, 7)).astype("float32")
+    squeeze = Squeeze(bits=3, keep_first_last=False, data=calib)
+    arm, host = (lastbit.compile(model, t, (x,), squeeze=squeeze) for t in (triple, HOST))
+    assert any("_flat" in f.script() for gv, f in arm.mod.functions_items() if gv.name_hint.startswith("fused_add"))
+    np.testing.assert_array_equal(arm.run(x), host.run(x))

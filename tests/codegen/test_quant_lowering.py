@@ -357,3 +357,34 @@ def test_act_bits_end_to_end_is_bit_exact_under_qemu():
                                                                data=calib))
     assert "bitserial" in {layer.kernel for layer in art.report().layers}  # the cost table's pick on aarch64
     np.testing.assert_array_equal(art.run(x), _numpy_act_bits_mlp(model, art.graph, x.numpy()))
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("triple", ["aarch64-dotprod-linux-gnu", "armv7a-linux-gnueabihf"])
+def test_small_cnn_integer_path_is_bit_exact_under_qemu(small_cnn, triple):
+    """Quantize, NEON kernel and epilogue together (armv7 rounds by hand: quant_prims.py)."""
+    missing = get_target(triple).missing_tools()
+    if missing:
+        pytest.skip(f"{triple} needs {', '.join(missing)}")
+    model, x = small_cnn
+    calib = np.random.default_rng(2).standard_normal((8, 3, 8, 8)).astype("float32")
+    art = lastbit.compile(model, triple, (x,), squeeze=Squeeze(bits=3, data=calib))
+    assert {layer.kernel for layer in art.report().layers} <= _integer_kernel_names()
+    np.testing.assert_array_equal(art.run(x), _numpy_small_cnn(model, art.graph, x.numpy()))
+
+
+def test_relu_before_a_layer_folds_into_its_quantize():
+    """ReLU → conv (calibrated): one pass quantizes max(x, 0), the ReLU binding is gone, and
+    the result is still quant_reference's, bit for bit."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(4, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 4, 7, 7)
+    calib = np.random.default_rng(1).standard_normal((8, 4, 7, 7)).astype("float32")
+    art = lastbit.compile(model, HOST, (x,), squeeze=Squeeze(bits=3, keep_first_last=False, data=calib))
+    names = [gv.name_hint for gv in art.mod.get_global_vars()]
+    assert "int_relu_quantize" in names and not any("relu" in n and "quantize" not in n and "epilogue" not in n
+                                                    for n in names), names
+    (info,) = art.graph.quant.values()
+    expected = _int_layer(np.maximum(x.numpy(), 0), info, art.graph.params, "conv2d",
+                          bias=model[1].bias.detach().numpy(), padding=1)
+    np.testing.assert_array_equal(art.run(x), expected)
