@@ -96,22 +96,27 @@ def admm_schedule(batches: int) -> dict:
     G-steps (and dual updates) spread over the ADMM phase, ρ growing ×ADMM_RHO_GROWTH at each from
     ADMM_RHO, then the last ADMM_FIXED of the batches with the quantized weights fixed at Π(W + λ)
     while BatchNorm, biases and the int8 first/last layers absorb that last jump; the W-step and
-    BatchNorm handling as ADMM_W_STEP / ADMM_FREEZE_BN. Those defaults come from
+    BatchNorm handling as ADMM_W_STEP / ADMM_FREEZE_BN, the prox's pull ηρ on the base lr
+    (ADMM_PENALTY_LR, from admm_sweep.py --bn-sweep). Those defaults come from
     benchmarks/admm_sweep.py (structure, then ρ schedule, then distillation, on ResNet-8/20 at
     this table's budgets); its docstring and bench/results.json["admm_sweep"] hold the evidence.
     """
     from lastbit.passes.admm import (
         ADMM_FIXED,
+        ADMM_FORWARD,
         ADMM_FREEZE_BN,
+        ADMM_PENALTY_LR,
         ADMM_RHO,
         ADMM_RHO_GROWTH,
+        ADMM_TAIL,
         ADMM_W_STEP,
         auto_update_every,
     )
 
     # The library's defaults, spelled out so they are part of every cache key.
     return {"update_every": auto_update_every(batches), "rho": ADMM_RHO, "rho_growth": ADMM_RHO_GROWTH,
-            "fixed_fraction": ADMM_FIXED, "w_step": ADMM_W_STEP, "freeze_bn": ADMM_FREEZE_BN}
+            "fixed_fraction": ADMM_FIXED, "w_step": ADMM_W_STEP, "freeze_bn": ADMM_FREEZE_BN,
+            "penalty_lr": ADMM_PENALTY_LR, "forward": ADMM_FORWARD, "tail": ADMM_TAIL}
 
 
 def method_settings(method: str, batches: int) -> dict:

@@ -445,6 +445,22 @@ def project_module(
 ADMM_RHO, ADMM_RHO_GROWTH, ADMM_G_STEPS, ADMM_FIXED = 1.0, 1.3, 20, 0.1
 W_STEPS = ("extragradient", "sgd")
 ADMM_W_STEP = "sgd"
+# Where the W-step evaluates ∇f: at the float W ("float", the paper's), or at its projection Π(W)
+# ("projected", the straight-through point: the network being trained is the quantized one, so
+# BatchNorm's batch statistics and γ, β see the weights the deployed model has).
+FORWARDS = ("float", "projected")
+ADMM_FORWARD = "float"
+# What the last fixed_fraction of the batches does: "fixed" keeps the quantized weights at
+# Π(W + λ) and trains the rest; "ste" keeps training them straight-through from W + λ.
+TAILS = ("fixed", "ste")
+ADMM_TAIL = "fixed"
+# The proximal pull per batch is ηρ: with η on the cosine schedule it fades to nothing over the
+# last third of a one-epoch run, so W never reaches the codes and the final projection is a jump
+# the BatchNorm network cannot absorb (ResNet-20 binary: 65.8 %). "constant" takes ηρ with the
+# base lr (the loss gradient keeps the schedule): W lands on the codes (78.6 %). From
+# `admm_sweep.py --bn-sweep`, bench/admm_bn_sweep_gpu.json: mean over the 8 ResNet cells 81.4 → 83.3.
+PENALTY_LRS = ("schedule", "constant")
+ADMM_PENALTY_LR = "constant"
 ADMM_PER_CHANNEL = False
 ADMM_FREEZE_BN = False
 ADMM_KD_TEMPERATURE, ADMM_KD_WEIGHT = 4.0, 0.3
@@ -484,6 +500,9 @@ def admm_finetune(
     seed: int = 0,
     momentum: float = 0.9,
     layer_codes: LayerCodes | None = None,
+    forward: str = ADMM_FORWARD,
+    tail: str = ADMM_TAIL,
+    penalty_lr: str = ADMM_PENALTY_LR,
 ) -> AdmmResult:
     """Scaled ADMM fine-tuning onto W ∈ α·codes; returns a copy whose quantized weights are exactly α·codes.
 
@@ -518,6 +537,13 @@ def admm_finetune(
     loss = (1−β)·CE + β·T²·KL(teacher ‖ student) with β = distill_weight and T = temperature.
     The history's loss is f alone (no penalty); its accuracy is that of the float W being stepped,
     eval_accuracy (with eval_data) that of W = G.
+
+    penalty_lr="constant" (the default) takes the prox's ηρ with the base lr rather than the
+    scheduled η, so the pull onto the codes does not fade with the cosine decay (see
+    ADMM_PENALTY_LR); "schedule" is the plain proximal step. forward="projected" evaluates ∇f at
+    Π(W) (straight through) instead of W; tail="ste" trains the quantized weights straight
+    through during the last fixed_fraction (from W + λ) instead of fixing them. Both were
+    measured on ResNet-8/20 (`admm_sweep.py --bn-sweep`) and lost to the defaults.
     """
     cs = code_set(codes)
     if epochs < 1 or lr <= 0 or rho < 0 or rho_growth <= 0:
@@ -529,6 +555,12 @@ def admm_finetune(
     _check_schedule(lr_schedule)
     if w_step not in W_STEPS:
         raise QuantizationError(f"unknown w_step {w_step!r}; known: {', '.join(W_STEPS)}")
+    if forward not in FORWARDS:
+        raise QuantizationError(f"unknown forward {forward!r}; known: {', '.join(FORWARDS)}")
+    if tail not in TAILS:
+        raise QuantizationError(f"unknown tail {tail!r}; known: {', '.join(TAILS)}")
+    if penalty_lr not in PENALTY_LRS:
+        raise QuantizationError(f"unknown penalty_lr {penalty_lr!r}; known: {', '.join(PENALTY_LRS)}")
     per_epoch = _num_batches(data, batch_size)
     total = per_epoch * epochs if per_epoch else None
     if total is None and (fixed_fraction > 0 or lr_schedule != "constant"):
@@ -554,17 +586,30 @@ def admm_finetune(
         lam = {n: torch.zeros_like(w) for n, w in weights.items()}
     state = {"rho": rho, "eta": lr, "frozen": False}
 
-    def gradient(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    def gradient(x: torch.Tensor, y: torch.Tensor, projected: bool = False) -> tuple[float, int]:
+        """f and ∇f on a batch, at W or (projected) at Π(W) with W restored afterwards (straight through)."""
         for p in params:
             p.grad = None
+        latent = {}
+        if projected:
+            with torch.no_grad():
+                for n, w in weights.items():
+                    latent[n] = w.detach().clone()
+                    w.copy_(quant.fast_project(n, w))
         logits = model(x)
         loss = objective(logits, x, y)
         loss.backward()
+        if projected:
+            with torch.no_grad():
+                for n, w in weights.items():
+                    w.copy_(latent[n])
         return float(loss.detach()), _correct(logits, y)
 
     def step_from(start: list[torch.Tensor], direction: list[torch.Tensor | None]) -> None:
         """W ← prox(W0 − η·d): the ρ/2‖W − (G − λ)‖² term is taken exactly, so no ρ makes the step unstable."""
         eta, r = state["eta"], state["rho"]
+        if penalty_lr == "constant" and eta > 0:  # the pull ηρ with the base lr, off the cosine decay
+            r = r * lr / eta
         for p, p0, d in zip(params, start, direction):
             p.copy_(p0)
             if d is not None:
@@ -598,11 +643,12 @@ def admm_finetune(
         return math.sqrt(sq_res / sq_w) if sq_w > 0 else 0.0
 
     def freeze() -> None:
-        """W = Π(W + λ) for good: from here on only the other parameters train."""
+        """W = Π(W + λ) for good ("fixed": from here on only the other parameters train), or
+        W = W + λ trained straight through ("ste")."""
         with torch.no_grad():
             for n, w in weights.items():
                 g[n] = quant.project(w + lam[n], n)[0]
-                w.copy_(g[n])
+                w.copy_(g[n] if tail == "fixed" else w + lam[n])
                 lam[n].zero_()
         state["frozen"] = True
 
@@ -622,27 +668,27 @@ def admm_finetune(
                 x, y = _to_device(batch, dev)
                 if admm_steps is not None and step >= admm_steps and not state["frozen"]:
                     freeze()
-                    residual = 0.0
+                    residual = 0.0 if tail == "fixed" else float("nan")
                 state["eta"] = _lr_at(lr, lr_schedule, step, total or 0)
                 if state["frozen"]:
-                    loss, right = gradient(x, y)
+                    loss, right = gradient(x, y, projected=tail == "ste")
                     _check_finite(loss, "ADMM", epoch, n_batches)
                     with torch.no_grad():  # momentum SGD on everything but the fixed quantized weights
                         for p, v in zip(params, velocity):
-                            if p.grad is not None and id(p) not in quantized_ids:
+                            if p.grad is not None and (tail == "ste" or id(p) not in quantized_ids):
                                 v.mul_(momentum).add_(p.grad)
                                 p.sub_(v, alpha=state["eta"])
                 else:
                     extragradient = w_step != "sgd"
                     # plain SGD: step_from copies each p onto itself first, so views are enough
                     start = [p.detach().clone() if extragradient else p.detach() for p in params]
-                    loss, right = gradient(x, y)
+                    loss, right = gradient(x, y, projected=forward == "projected")
                     _check_finite(loss, "ADMM", epoch, n_batches)
                     if extragradient:
                         with torch.no_grad():  # predictor: W̃ = prox(W − η(μv + ∇f(W)))
                             step_from(start, [None if p.grad is None else p.grad + momentum * v
                                               for p, v in zip(params, velocity)])
-                        gradient(x, y)
+                        gradient(x, y, projected=forward == "projected")
                     # v = μv + ∇f (at W̃ after a predictor), W ← prox(W − ηv) from the start point
                     with torch.no_grad():
                         for p, v in zip(params, velocity):
@@ -660,7 +706,10 @@ def admm_finetune(
             if update_every == "epoch" and not state["frozen"]:
                 residual = g_step()
             elif math.isnan(residual):
-                residual = 0.0 if state["frozen"] else distance_to_codes()
+                if state["frozen"] and tail == "ste":  # W moved straight through: its distance to Π(W)
+                    with torch.no_grad():
+                        g.update({n: quant.project(w, n)[0] for n, w in weights.items()})
+                residual = 0.0 if state["frozen"] and tail == "fixed" else distance_to_codes()
             stats = EpochStats(epoch, loss_sum / n_batches, correct / seen, residual, rho_epoch)
             if eval_data is not None:
                 stats.eval_accuracy = _eval_at(model, weights, g, eval_data, dev, freeze_bn)
