@@ -267,57 +267,56 @@ def _op(value) -> str:
     return getattr(getattr(value, "op", None), "name", "")
 
 
-def _plan_layer(var, kind, parts, var2val, users, params, info, config: AccelConfig, label: str) -> dict:
-    from tvm import relax
-
-    codes = _constant(parts["codes"], var2val, params)
-    alpha = _constant(parts["alpha"], var2val, params)
-    if codes is None or alpha is None:
-        raise AccelCompileError("codes or α are not constants")
-    call = var2val[var]
+def layer_geometry(call, out_shape: list[int], kind: str, weight_shape: tuple, label: str, var2val: dict) -> ConvLayer:
+    """The accelerator's view of one conv2d/dense ``call`` (``weight_shape``: OIHW, dense
+    [N, K]), or AccelCompileError saying why the array cannot run it. The one layer planner:
+    offloading (``_plan_layer``) and design-space exploration (``dse.model_layers``) both
+    see a layer through it, so what DSE costs is what the compiler offloads."""
     data_shape = [int(d) for d in call.args[0].ty.shape]
-    out_shape = [int(d) for d in var.ty.shape]
     if kind == "conv2d":
         attrs = call.attrs
         if int(attrs.groups) != 1 or any(int(d) != 1 for d in attrs.dilation):
-            raise AccelCompileError(f"grouped or dilated convolution (groups={int(attrs.groups)})")
-        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW":
+            raise AccelCompileError(f"grouped or dilated convolution (groups={int(attrs.groups)}, "
+                                    f"dilation {[int(d) for d in attrs.dilation]})")
+        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW" \
+                or len(data_shape) != 4:
             raise AccelCompileError(f"layout {attrs.data_layout}/{attrs.kernel_layout}, need NCHW/OIHW")
         pad = [int(p) for p in attrs.padding]
         pad = (pad * 4)[:4] if len(pad) == 1 else (pad * 2 if len(pad) == 2 else pad)
-        layer = ConvLayer(label, *data_shape, codes.shape[0], tuple(codes.shape[2:]),
-                          tuple(int(s) for s in attrs.strides), tuple(pad))
         if pad[0] != pad[2] or pad[1] != pad[3]:
             raise AccelCompileError(f"asymmetric padding {pad}")
-        channels, channel_axis = codes.shape[0], 1
-    elif kind == "dense":
+        return ConvLayer(label, *data_shape, int(weight_shape[0]), tuple(int(k) for k in weight_shape[2:]),
+                         tuple(int(s) for s in attrs.strides), tuple(pad))
+    if kind == "dense":
         operand = var2val.get(call.args[1])
         transposed = _op(operand) == "relax.permute_dims" and (
             operand.attrs.axes is None or [int(a) for a in operand.attrs.axes] == [1, 0])
-        if len(data_shape) != 2 or codes.ndim != 2 or not transposed or len(out_shape) != 2:
-            raise AccelCompileError(f"dense layer with data {data_shape}, codes {codes.shape}: "
+        if len(data_shape) != 2 or len(weight_shape) != 2 or not transposed or len(out_shape) != 2:
+            raise AccelCompileError(f"dense layer with data {data_shape}, weight {list(weight_shape)}: "
                                     "only x[M, K] @ permute_dims(W[N, K]) is offloaded")
-        layer = ConvLayer.dense(label, data_shape[0], data_shape[1], codes.shape[0])
-        codes = codes[:, :, None, None]
-        channels, channel_axis = codes.shape[0], 1
-    else:
-        raise AccelCompileError(f"{kind} layers are not offloaded")
-    pow2_fields(codes)  # raises when a code is not a power of two the PE takes
-    from lastbit.codegen.quant_lowering import LayerEpilogue, fold_epilogue
+        return ConvLayer.dense(label, data_shape[0], data_shape[1], int(weight_shape[0]))
+    raise AccelCompileError(f"{kind} layers are not offloaded")
 
-    epilogue = LayerEpilogue(alpha=np.broadcast_to(np.asarray(alpha, np.float64).reshape(-1), (channels,)).copy())
-    # follow the chain: bias add, batch-norm (conv2d), ReLU
+
+def epilogue_chain(var, kind: str, channels: int, out_shape: list[int], var2val: dict, users: dict,
+                   params: dict) -> tuple[list[tuple[str, Any]], Any]:
+    """What directly follows the layer bound to ``var`` and fuses into it, in order —
+    ("bias", b[C]), ("batch_norm", (γ, β, mean, var, ε)) for a conv, ("relu", None) — and the
+    var that ends the chain. Only constant per-channel terms fuse (a residual add does not)."""
+    from tvm import relax
+
+    steps: list[tuple[str, Any]] = []
     end = var
     user, value = _sole_user(end, var2val, users)
     if _op(value) == "relax.add":
         other = value.args[1] if value.args[0].same_as(end) else value.args[0]
         b = _constant(other, var2val, params)
-        if b is not None and b.size == channels and _is_channel_vector(b.shape, len(out_shape), channel_axis) \
+        if b is not None and b.size == channels and _is_channel_vector(b.shape, len(out_shape), 1) \
                 and [int(d) for d in user.ty.shape] == out_shape:
-            epilogue.add_bias(b.reshape(-1))
+            steps.append(("bias", b.reshape(-1)))
             end = user
             user, value = _sole_user(end, var2val, users)
-    if kind == "conv2d" and _op(value) == "relax.nn.batch_norm" and int(value.attrs.axis) == channel_axis:
+    if kind == "conv2d" and _op(value) == "relax.nn.batch_norm" and int(value.attrs.axis) == 1:
         consts = [_constant(a, var2val, params) for a in value.args[1:5]]
         getter, get_value = _sole_user(user, var2val, users)
         if all(c is not None for c in consts) and isinstance(get_value, relax.TupleGetItem) and get_value.index == 0:
@@ -326,14 +325,39 @@ def _plan_layer(var, kind, parts, var2val, users, params, info, config: AccelCon
                 gamma = np.ones_like(mean)
             if not bool(value.attrs.center):
                 beta = np.zeros_like(mean)
-            epilogue.batch_norm(gamma, beta, mean, variance, float(value.attrs.epsilon))
+            steps.append(("batch_norm", (gamma, beta, mean, variance, float(value.attrs.epsilon))))
             end = getter
             user, value = _sole_user(end, var2val, users)
-    relu = _op(value) == "relax.nn.relu"
-    if relu:
-        epilogue.relu = True
-        epilogue.ops.append("relu")
+    if _op(value) == "relax.nn.relu":
+        steps.append(("relu", None))
         end = user
+    return steps, end
+
+
+def _plan_layer(var, kind, parts, var2val, users, params, info, config: AccelConfig, label: str) -> dict:
+    codes = _constant(parts["codes"], var2val, params)
+    alpha = _constant(parts["alpha"], var2val, params)
+    if codes is None or alpha is None:
+        raise AccelCompileError("codes or α are not constants")
+    out_shape = [int(d) for d in var.ty.shape]
+    layer = layer_geometry(var2val[var], out_shape, kind, codes.shape, label, var2val)
+    if kind == "dense":
+        codes = codes[:, :, None, None]
+    channels = codes.shape[0]
+    pow2_fields(codes)  # raises when a code is not a power of two the PE takes
+    from lastbit.codegen.quant_lowering import LayerEpilogue, fold_epilogue
+
+    epilogue = LayerEpilogue(alpha=np.broadcast_to(np.asarray(alpha, np.float64).reshape(-1), (channels,)).copy())
+    steps, end = epilogue_chain(var, kind, channels, out_shape, var2val, users, params)
+    for step, value in steps:  # bias add, batch-norm (conv2d), ReLU
+        if step == "bias":
+            epilogue.add_bias(value)
+        elif step == "batch_norm":
+            epilogue.batch_norm(*value)
+        else:
+            epilogue.relu = True
+            epilogue.ops.append("relu")
+    relu = epilogue.relu
     try:
         codes, alpha_eff = fold_epilogue(codes, epilogue)
     except ValueError as err:
