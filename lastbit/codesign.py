@@ -494,28 +494,22 @@ def _nearest(options: tuple[float, ...], keep: float) -> float:
     return min(options, key=lambda k: abs(k - keep))
 
 
-def uniform_configs(sites: list[LayerSite], accelerator: bool = False) -> dict[str, LayerConfig]:
+def uniform_configs(sites: list[LayerSite]) -> dict[str, LayerConfig]:
     """The uniform baselines of the issue: int8 everywhere; 3-bit (pow2-4) with the first and
     last layers at int8 (the project's default Squeeze(bits=3)); and that with every prunable
-    group at keep 0.7 (rounded to the keeps each layer offers). ``accelerator``: a shift-add
-    array runs power-of-two codes only, so int8 layers would fall back to the host, outside
-    the simulated cycles and energy: no int8 baseline, and the first and last layers at pow2-4
-    too (every layer on the array, as the searched configuration has them)."""
-    first_last = set() if accelerator else {sites[0].name, sites[-1].name}
+    group at keep 0.7 (rounded to the keeps each layer offers)."""
+    first_last = {sites[0].name, sites[-1].name}
 
     def three_bit(name: str) -> str:
         return "int8" if name in first_last else "pow2-4"
 
-    configs = {
+    return {
         "uniform int8": LayerConfig({s.name: LayerChoice("int8") for s in sites}),
         "uniform 3-bit": LayerConfig({s.name: LayerChoice(three_bit(s.name)) for s in sites}),
         # keep 0.7 on every layer prunes every group by 30 % like Squeeze(prune=0.3); the search
         # tables only price the groups a layer prunes alone (evaluate_config rounds the others to 1)
         "uniform 3-bit + 30% prune": LayerConfig({s.name: LayerChoice(three_bit(s.name), 0.7) for s in sites}),
     }
-    if accelerator:
-        del configs["uniform int8"]
-    return configs
 
 
 # --- fine-tuning and the whole flow --------------------------------------------------------------
@@ -609,7 +603,7 @@ def run_codesign(module, example, target: str, calibration: tuple[np.ndarray, np
     tables = option_tables(groups, costs, deltas, sens["slope"], metric)
     chosen = search(tables, max_drop)
     front = pareto_front(tables, max_drop)
-    uniform = {k: evaluate_config(tables, c) for k, c in uniform_configs(sites, t.runner == "sim").items()}
+    uniform = {k: evaluate_config(tables, c) for k, c in uniform_configs(sites).items()}
     timings["search"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     result = CodesignResult(chosen, front, uniform, costs.model_scores, timings, sites, sens,

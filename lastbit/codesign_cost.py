@@ -189,13 +189,16 @@ class HostLatency:
 
 class AccelSimCost:
     """Cycles and energy of the one-layer model on a simulated accelerator (codegen/accel's
-    compiler and timing simulator); a float layer does not run there (None)."""
+    compiler and timing simulator; int8 codes as power-of-two digit planes, one pass per
+    term); a float layer does not run there (None)."""
 
     metrics = ("cycles", "energy_pj", "latency_ms")
 
     def __init__(self, target: str = "accel-sim"):
         self.target = target
-        self.name = f"{target}/cycles"
+        # "/planes": measured since int8 layers run on the array as digit planes (older cache
+        # entries recorded int8 as not runnable there)
+        self.name = f"{target}/cycles/planes"
 
     def measure(self, point: CostPoint) -> dict[str, float] | None:
         if point.codes == "fp32":

@@ -1,7 +1,7 @@
 """Partition a Graph between the accelerator and the host (bring-your-own-codegen style).
 
-Every quantized conv2d/dense layer whose codes the PE array takes (``find_quantized_layers``
-finds ``conv2d(x, astype(codes)·α)`` / ``matmul(x, permute_dims(astype(codes)·α))``) is
+Every quantized conv2d/dense layer (``find_quantized_layers`` finds
+``conv2d(x, astype(codes)·α)`` / ``matmul(x, permute_dims(astype(codes)·α))``) is
 merged with what directly follows it — a bias add, an inference batch-norm, a ReLU — and
 the whole chain is replaced by ``call_dps_packed`` to a packed function registered from
 Python: the accelerator's driver. Everything else stays in the Relax graph and is compiled
@@ -14,7 +14,11 @@ folded into α' and the bias, never into the codes, so codes stay powers of two;
 whose folded α' is negative has its codes and α' negated (the code sets are symmetric), so
 the ReLU stays in int32 on the accelerator. That folding is the numpy part of the x86/ARM
 integer lowering (``LayerEpilogue`` and ``fold_epilogue`` of ``codegen/quant_lowering.py``),
-reused here so both paths compute the same float terms bit for bit.
+reused here so both paths compute the same float terms bit for bit. Codes that are not one
+power of two (int8) run on a shift-add array as digit planes: the layer is compiled with its
+input channels repeated once per signed power-of-two term its codes need (up to 5 for int8,
+``dse.digit_planes``), the driver repeats the input, and Σ_t P_t·x = q·x exactly — so int8
+layers cost their real extra passes in cycles and energy instead of falling back to the host.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -63,6 +67,15 @@ class OffloadedLayer:
     func_name: str
     timing: TimingReport
     fused: tuple[str, ...] = ()  # the ops merged into it ("bias", "batch_norm", "relu")
+    # digit planes: codes that are not one power of two (int8) run as ``terms`` planes of
+    # power-of-two codes over the input repeated ``terms`` times (dse.digit_planes); 1: direct
+    terms: int = 1
+
+    @property
+    def geometry(self) -> ConvLayer:
+        """The layer itself (the program's layer reads the input ``terms`` times over)."""
+        lay = self.program.layer
+        return replace(lay, in_channels=lay.in_channels // self.terms) if self.terms > 1 else lay
 
     def quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.float32]:
         s_x = qr.activation_scale(x, self.activation_scale)
@@ -83,13 +96,18 @@ class OffloadedLayer:
         bias_q = qr.integer_bias(self.bias, scale, len(scale))
         axis = 1
         if reference:
-            lay = self.program.layer
+            lay = self.geometry
             if self.kind == "dense":
                 acc = qr.int_dense(x_q, self.codes[:, :, 0, 0])
             else:
                 acc = qr.int_conv2d(x_q, self.codes, lay.stride, (lay.padding[0], lay.padding[1]))
             return qr.epilogue(acc, bias_q, scale, relu=self.relu, axis=axis)
-        total = self._from_image(run_layer(self.program, self._as_image(x_q), bias_q, simulator))
+        image = self._as_image(x_q)
+        if self.terms > 1:
+            from lastbit.codegen.accel.dse import repeat_input
+
+            image = repeat_input(image, self.terms)
+        total = self._from_image(run_layer(self.program, image, bias_q, simulator))
         # bias and ReLU were applied in int32 on the accelerator: what is left is the multiply
         return qr.epilogue(total, np.zeros_like(bias_q), scale, relu=False, axis=axis)
 
@@ -130,14 +148,14 @@ class AccelModule:
         rows, mac8_total, ours_total = [], None, None
         for layer in self.layers:
             energy = estimate_energy(layer.timing, cfg)
-            row = {"layer": layer.name, "kind": layer.kind, "kernel": list(layer.program.layer.kernel),
+            row = {"layer": layer.name, "kind": layer.kind, "kernel": list(layer.program.layer.kernel), "passes": layer.terms,
                    "tiling": vars(layer.program.tiling), "instructions": len(layer.program.instructions),
                    **_numbers(layer.timing, energy)}
             ours_total = energy if ours_total is None else ours_total + energy
             if compare_mac8:
                 twin = cfg.mac8_twin()
-                program = compile_layer(layer.program.layer, layer.codes, twin)
-                timing = simulate_timing(program.instructions, twin, layer.program.layer.macs)
+                program = compile_layer(layer.geometry, layer.codes, twin)  # int8 MACs: one pass
+                timing = simulate_timing(program.instructions, twin, layer.geometry.macs)
                 twin_energy = estimate_energy(timing, twin)
                 row["mac8"] = _numbers(timing, twin_energy)
                 mac8_total = twin_energy if mac8_total is None else mac8_total + twin_energy
@@ -344,7 +362,9 @@ def _plan_layer(var, kind, parts, var2val, users, params, info, config: AccelCon
     if kind == "dense":
         codes = codes[:, :, None, None]
     channels = codes.shape[0]
-    pow2_fields(codes)  # raises when a code is not a power of two the PE takes
+    # a shift-add PE applies one power of two per pass (int8 codes: up to 5 digit planes); an
+    # int8-MAC PE takes any int8 code in one
+    terms = 1 if config.pe == "mac8" else _code_terms(codes)
     from lastbit.codegen.quant_lowering import LayerEpilogue, fold_epilogue
 
     epilogue = LayerEpilogue(alpha=np.broadcast_to(np.asarray(alpha, np.float64).reshape(-1), (channels,)).copy())
@@ -364,12 +384,36 @@ def _plan_layer(var, kind, parts, var2val, users, params, info, config: AccelCon
         raise AccelCompileError(f"cannot fold {'+'.join(epilogue.ops)}: {err}") from err
     bias_eff, fused = epilogue.bias, list(epilogue.ops)
     layer = ConvLayer(**{**vars(layer), "relu": relu})
-    program = compile_layer(layer, codes, config)
+    if terms > 1:  # int8 codes as power-of-two digit planes over the repeated input
+        from lastbit.codegen.accel.dse import digit_planes
+
+        wide = replace(layer, in_channels=layer.in_channels * terms)
+        program = compile_layer(wide, digit_planes(np.asarray(codes, np.int8), terms), config)
+    else:
+        program = compile_layer(layer, codes, config)
     timing = simulate_timing(program.instructions, config, layer.macs)
     scale = info.activation_scale if info is not None else None
     offloaded = OffloadedLayer(label, kind, program, np.asarray(codes, np.int8), alpha_eff, bias_eff, scale, relu,
-                               func_name="", timing=timing, fused=tuple(fused))
+                               func_name="", timing=timing, fused=tuple(fused), terms=terms)
     return {"layer": offloaded, "end": end}
+
+
+def _code_terms(codes: np.ndarray) -> int:
+    """Passes the shift-add PE needs for these codes: 1 when every code is 0 or ±2^k (k ≤ 6),
+    else the most signed power-of-two terms any code needs (int8: up to 5)."""
+    try:
+        pow2_fields(codes)
+        return 1
+    except AccelCompileError:
+        from lastbit.codegen.accel.dse import _signed_pow2_terms
+
+        table = _signed_pow2_terms()
+        values = np.unique(np.asarray(codes, np.int64))
+        bad = [int(v) for v in values if int(v) not in table]
+        if bad:
+            raise AccelCompileError(f"weight code {bad[0]} is outside int8; the shift-add PE takes sums of "
+                                    "power-of-two codes within int8 only") from None
+        return max(len(table[int(v)]) for v in values)
 
 
 def _is_channel_vector(shape: tuple, ndim: int, axis: int) -> bool:

@@ -174,14 +174,3 @@ def test_arm_cycles_refuses_a_target_it_cannot_count():
     with pytest.raises(LastbitError, match="cortex-z9"):
         ArmCycles("aarch64-linux-gnu", core="cortex-z9")
 
-
-def test_uniform_baselines_on_the_accelerator_keep_every_layer_on_the_array():
-    from lastbit.codesign import uniform_configs
-
-    sites = _toy_sites()
-    host = uniform_configs(sites)
-    assert host["uniform 3-bit"]["a"].codes == "int8" and host["uniform 3-bit"]["b"].codes == "pow2-4"
-    accel = uniform_configs(sites, accelerator=True)
-    assert "uniform int8" not in accel  # int8 does not run on the shift-add array
-    assert {c.codes for cfg in accel.values() for c in cfg.layers.values()} == {"pow2-4"}
-    assert {c.keep for c in accel["uniform 3-bit + 30% prune"].layers.values()} == {0.7}
