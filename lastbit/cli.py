@@ -127,7 +127,7 @@ def _structural_squeeze(prune: str | None, criterion: str, lowrank: str | None, 
 @main.command("codesign")
 @click.argument("model")
 @click.option("--target", "-t", default="x86_64-linux-gnu", show_default=True, help="Target triple whose cost is measured.")
-@click.option("--objective", type=click.Choice(["latency", "energy", "bytes"]), default="latency", show_default=True, help="What the search minimises.")
+@click.option("--objective", type=click.Choice(["latency", "cycles", "energy", "bytes"]), default="latency", show_default=True, help="What the search minimises (cycles: ARM targets, estimated from qemu counts).")
 @click.option("--max-drop", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Predicted accuracy drop budget, in points.")
 @click.option("--data", "dataset", default="fashion-mnist", show_default=True, help="Dataset for sensitivity, fine-tuning and accuracy.")
 @click.option("--output", "-o", "out_dir", required=True, type=click.Path(path_type=Path), help="Folder for config.json, pareto.json/png and the bundle.")

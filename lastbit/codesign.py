@@ -35,7 +35,7 @@ __all__ = ["CODES", "KEEPS", "CodesignResult", "LayerSite", "OBJECTIVES", "finet
 
 CODES = ("binary", "ternary", "pow2-2", "pow2-4", "int8", FLOAT_CODES)
 KEEPS = (1.0, 0.75, 0.5, 0.25)
-OBJECTIVES = {"latency": "latency_ms", "energy": "energy_pj", "bytes": "weight_bytes"}
+OBJECTIVES = {"latency": "latency_ms", "cycles": "cycles", "energy": "energy_pj", "bytes": "weight_bytes"}
 
 
 @dataclass
@@ -545,6 +545,8 @@ class CodesignResult:
     measured_points: int
     predicted_points: int
     graph: Any = None  # the imported model the search ran on (compile the chosen point from it)
+    deltas: dict = field(default_factory=dict)  # layer_sensitivity's loss changes (reusable)
+    lanes: int = 8  # the channel multiple the keeps were rounded to
 
     def to_json(self) -> dict:
         return {
@@ -563,9 +565,11 @@ def run_codesign(module, example, target: str, calibration: tuple[np.ndarray, np
                  objective: str = "latency", max_drop: float = 1.0, cache_path: "str | Path | None" = None,
                  measure_share: float = 0.3, max_measure: int | None = None, codes: Sequence[str] = CODES,
                  ranks: bool = True, name: str = "model", progress: bool = True,
-                 source: CostSource | None = None) -> CodesignResult:
+                 source: CostSource | None = None, sensitivity: "tuple[dict, dict] | None" = None) -> CodesignResult:
     """Sites → measured/predicted costs → sensitivities → exact search → Pareto front; writes
-    ``config.json`` (the chosen point), ``pareto.json`` and ``pareto.png`` into ``out_dir``."""
+    ``config.json`` (the chosen point), ``pareto.json`` and ``pareto.png`` into ``out_dir``.
+    ``sensitivity``: what ``layer_sensitivity`` returned for these sites before (a search for
+    a second target with the same channel lanes reuses it rather than measuring it again)."""
     from lastbit.codesign_cost import cost_source
     from lastbit.fileio import atomic_write_json
     from lastbit.pipeline import _channel_multiple, import_model
@@ -593,7 +597,7 @@ def run_codesign(module, example, target: str, calibration: tuple[np.ndarray, np
     costs = measure_costs(groups, source, cache, measure_share, max_measure, progress=progress)
     timings["measure"] = costs.measure_s
     t0 = time.perf_counter()
-    deltas, sens = layer_sensitivity(module, graph, sites, *calibration, lanes=lanes, progress=progress)
+    deltas, sens = sensitivity or layer_sensitivity(module, graph, sites, *calibration, lanes=lanes, progress=progress)
     timings["sensitivity"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     tables = option_tables(groups, costs, deltas, sens["slope"], metric)
@@ -604,7 +608,7 @@ def run_codesign(module, example, target: str, calibration: tuple[np.ndarray, np
     timings["total"] = time.perf_counter() - start
     result = CodesignResult(chosen, front, uniform, costs.model_scores, timings, sites, sens,
                             measured_points=len(costs.measured), predicted_points=len(costs.values) - len(costs.measured),
-                            graph=graph)
+                            graph=graph, deltas=deltas, lanes=lanes)
     if chosen is not None:
         chosen.config.to_json(out_dir / "config.json")
     atomic_write_json(out_dir / "pareto.json", {"model": name, "target": t.triple, "objective": objective,

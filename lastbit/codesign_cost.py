@@ -5,8 +5,11 @@ A :class:`CostPoint` is one layer's *effective* shape under a choice (channels a
 the rank of a split, the code set), so two layers of the same shape share a measurement. A
 :class:`CostSource` measures points on one target; new targets plug in by implementing it
 (``name``, ``metrics``, ``measure``). :class:`HostLatency` compiles a one-layer model through
-the normal pipeline and times it; :class:`AccelSimCost` runs the same one-layer model through
-the accelerator's compiler and timing simulator. The per-layer sum is the model's cost (the
+the normal pipeline and times it; :class:`ArmCycles` cross-compiles it for an ARM target,
+counts the instructions it executes under qemu-user and turns them into estimated cycles of
+one core (qemu counts × the cycle model of targets/arm_cycle_model.py, not board timings;
+deterministic, so machine load does not matter); :class:`AccelSimCost` runs the same
+one-layer model through the accelerator's compiler and timing simulator. The per-layer sum is the model's cost (the
 additive model HAWQ-V3 and HAQ use); benchmarks/codesign.py checks it on whole models.
 """
 
@@ -26,7 +29,7 @@ from lastbit.errors import LastbitError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AccelSimCost", "CostCache", "CostModel", "CostPoint", "CostSource", "HostLatency", "cost_source",
+__all__ = ["AccelSimCost", "ArmCycles", "CostCache", "CostModel", "CostPoint", "CostSource", "HostLatency", "cost_source",
            "tvm_threads"]
 
 
@@ -186,13 +189,16 @@ class HostLatency:
 
 class AccelSimCost:
     """Cycles and energy of the one-layer model on a simulated accelerator (codegen/accel's
-    compiler and timing simulator); a float layer does not run there (None)."""
+    compiler and timing simulator; int8 codes as power-of-two digit planes, one pass per
+    term); a float layer does not run there (None)."""
 
     metrics = ("cycles", "energy_pj", "latency_ms")
 
     def __init__(self, target: str = "accel-sim"):
         self.target = target
-        self.name = f"{target}/cycles"
+        # "/planes": measured since int8 layers run on the array as digit planes (older cache
+        # entries recorded int8 as not runnable there)
+        self.name = f"{target}/cycles/planes"
 
     def measure(self, point: CostPoint) -> dict[str, float] | None:
         if point.codes == "fp32":
@@ -206,9 +212,59 @@ class AccelSimCost:
                 "latency_ms": float(total["latency_ms"])}
 
 
+class ArmCycles:
+    """Estimated cycles of the one-layer model on one ARM core: the bundle cross-compiled for
+    ``target``, its instructions per inference counted under qemu-user
+    (codegen/qemu_count.py) and costed by the per-class throughput model of
+    targets/arm_cycle_model.py (``core``: "cortex-a53" or "cortex-a76"). Estimated cycles
+    from qemu counts, not board timings; deterministic, so a cached value never goes stale
+    with machine load. ``cycles_<other core>`` and ``insns`` are recorded alongside."""
+
+    metrics = ("cycles", "insns")
+
+    def __init__(self, target: str = "aarch64-dotprod-linux-gnu", core: str = "cortex-a76"):
+        from lastbit.targets import get_target
+        from lastbit.targets.arm_cycle_model import CORES
+
+        t = get_target(target)
+        if t.runner != "qemu":
+            raise LastbitError(f"ArmCycles counts code under qemu-user; target '{t.triple}' runs on '{t.runner}'")
+        if core not in CORES:
+            raise LastbitError(f"no cycle model for core {core!r}; known: {', '.join(sorted(CORES))}")
+        self.target, self.core = t.triple, core
+        self.name = f"{t.triple}/cycles-{core}"
+
+    def check_tools(self) -> None:
+        """One clear error when the cross compiler or qemu-user is missing (before any compile)."""
+        from lastbit.errors import TargetError
+        from lastbit.targets import get_target
+
+        t = get_target(self.target)
+        missing = t.missing_tools()
+        if missing:
+            raise TargetError(f"counting cycles for '{t.triple}' needs {', '.join(missing)} on PATH "
+                              f"(Debian packages: {' '.join(t.apt_packages) or 'see docs/TARGETS.md'})")
+
+    def measure(self, point: CostPoint) -> dict[str, float] | None:
+        import tempfile
+
+        from lastbit.codegen.qemu_count import count_bundle
+        from lastbit.targets.arm_cycle_model import CORES
+
+        self.check_tools()
+        artifact, x = _compile_point(point, self.target)
+        with tempfile.TemporaryDirectory(prefix="lastbit-armcost-") as tmp:
+            counts = count_bundle(artifact.export(Path(tmp) / "bundle"), [x])
+        out = {"cycles": float(counts.cycles(self.core)), "insns": float(counts.total)}
+        for core in CORES:
+            if core != self.core:
+                out[f"cycles_{core}"] = float(counts.cycles(core))
+        return out
+
+
 def cost_source(target: str) -> CostSource:
-    """The cost source that serves ``target``: the host measures latency, accelerator targets
-    simulate. ARM targets plug in here once their cycle model exists."""
+    """The cost source that serves ``target``: the host measures latency, ARM targets count
+    instructions under qemu into estimated cycles, accelerator targets simulate."""
     from lastbit.targets import get_target
 
     t = get_target(target)
@@ -216,7 +272,12 @@ def cost_source(target: str) -> CostSource:
         return AccelSimCost(t.triple)
     if t.is_host:
         return HostLatency(t.triple)
-    raise LastbitError(f"no cost source for target '{t.triple}' yet (host latency and accel-sim are supported)")
+    if t.runner == "qemu":  # the core qemu emulates when the cycle model has it (armv7: the A53's tables)
+        from lastbit.targets.arm_cycle_model import CORES
+
+        return ArmCycles(t.triple, core=t.qemu_cpu if t.qemu_cpu in CORES else "cortex-a53")
+    raise LastbitError(f"no cost source for target '{t.triple}' (runner '{t.runner}'); host latency, "
+                       "ARM under qemu and accel-sim are supported")
 
 
 class CostCache:

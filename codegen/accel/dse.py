@@ -180,14 +180,18 @@ def model_layers(graph, default_code_set: str | None = None) -> tuple[list[Model
     """The conv2d/dense layers of ``graph`` (quantized or float) in dataflow order, and the
     layers left out with the reason (grouped/dilated convolution, other layouts).
 
-    A quantized layer keeps its code set; a float one gets ``default_code_set`` and carries
-    its float weight (what an accuracy proxy needs)."""
-    from lastbit.codegen.accel.offload import _users
+    Geometry and the fused ReLU come from the offload's own layer planner
+    (``offload.layer_geometry`` and ``offload.epilogue_chain``), so a layer is costed here
+    exactly as the compiler would offload it. A quantized layer keeps its code set; a float
+    one gets ``default_code_set`` and carries its float weight (what an accuracy proxy needs)."""
+    from lastbit.codegen.accel.offload import _users, epilogue_chain, layer_geometry
     from lastbit.passes.quantize_pow2 import weighted_layers
     from tvm import relax
 
     by_codes = {info.codes_param: info for info in graph.quant.values()}
     main = graph.mod["main"]
+    n_in = len(graph.inputs)
+    params = {var: graph.params[name] for var, name in zip(main.params[n_in:], graph.params)}
     var2val = relax.analysis.get_var2val(main)
     users = _users(main)
     found, skipped = [], {}
@@ -196,54 +200,17 @@ def model_layers(graph, default_code_set: str | None = None) -> tuple[list[Model
         name = info.source_name if info else graph.source_names.get(wl.weight, wl.weight)
         name = name.removesuffix(".weight")
         weight = graph.params[wl.weight]
-        data = [int(d) for d in wl.call.args[0].ty.shape]
-        if wl.kind == "conv2d":
-            attrs = wl.call.attrs
-            if int(attrs.groups) != 1 or any(int(d) != 1 for d in attrs.dilation) or \
-                    str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or len(data) != 4:
-                skipped[name] = f"groups={int(attrs.groups)}, dilation {list(attrs.dilation)}, layout " \
-                                f"{attrs.data_layout}/{attrs.kernel_layout}: not offloaded"
-                continue
-            pad = [int(p) for p in attrs.padding]
-            pad = (pad * 4)[:4] if len(pad) == 1 else (pad * 2 if len(pad) == 2 else pad)
-            layer = ConvLayer(name, *data, int(weight.shape[0]), tuple(int(k) for k in weight.shape[2:]),
-                              tuple(int(s) for s in attrs.strides), (pad[0], pad[1], pad[2], pad[3]))
-        elif wl.kind == "dense" and len(data) == 2 and weight.ndim == 2:
-            # x[M, K] @ W^T with W[N, K] (torch) or [K, N] (ONNX); N is the output dimension
-            layer = ConvLayer.dense(name, data[0], data[1], int(wl.relax_var.ty.shape[-1]))
-        else:
-            skipped[name] = f"{wl.kind} layer with input {data}: not offloaded"
+        out_shape = [int(d) for d in wl.relax_var.ty.shape]
+        try:
+            layer = layer_geometry(wl.call, out_shape, wl.kind, tuple(weight.shape), name, var2val)
+        except AccelCompileError as err:
+            skipped[name] = f"{err}: not offloaded"
             continue
-        layer = replace(layer, relu=_followed_by_relu(wl.relax_var, var2val, users))
+        steps, _ = epilogue_chain(wl.relax_var, wl.kind, layer.out_channels, out_shape, var2val, users, params)
+        layer = replace(layer, relu=any(step == "relu" for step, _ in steps))
         cs = info.code_set if info else default_code_set
         found.append(ModelLayer(name, layer, cs, None if info else np.asarray(weight, np.float32)))
     return found, skipped
-
-
-def _followed_by_relu(var, var2val: dict, users: dict) -> bool:
-    """A ReLU after an optional bias add and batch-norm fuses into the layer (offload.py)."""
-    from tvm import relax
-
-    from lastbit.codegen.accel.offload import _op, _sole_user
-
-    end = var
-    for _ in range(4):
-        user, value = _sole_user(end, var2val, users)
-        if value is None:
-            return False
-        if _op(value) == "relax.nn.relu":
-            return True
-        if _op(value) == "relax.add":  # a bias (a parameter or constant), not a residual add
-            other = value.args[1] if value.args[0].same_as(end) else value.args[0]
-            if other in var2val and _op(var2val[other]) != "relax.reshape":
-                return False
-            end = user
-            continue
-        if _op(value) == "relax.nn.batch_norm" or isinstance(value, relax.TupleGetItem):
-            end = user
-            continue
-        return False
-    return False
 
 
 # --- the sweep -------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def export_programs(module, out_dir: str | Path, target: str, model: str) -> Pat
                 "geometry": asdict(program.layer), "tiling": asdict(program.tiling), "dram": asdict(program.dram),
                 "alpha": [float(a) for a in layer.alpha],
                 "bias": None if layer.bias is None else [float(b) for b in layer.bias],
-                "activation_scale": layer.activation_scale, "relu": layer.relu,
+                "activation_scale": layer.activation_scale, "relu": layer.relu, "terms": layer.terms,
             })
         manifest = {"format": FORMAT, "target": target, "model": model, "config": module.config.to_json(),
                     "layers": layers, "host_layers": dict(module.skipped)}

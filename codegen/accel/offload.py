@@ -1,7 +1,7 @@
 """Partition a Graph between the accelerator and the host (bring-your-own-codegen style).
 
-Every quantized conv2d/dense layer whose codes the PE array takes (``find_quantized_layers``
-finds ``conv2d(x, astype(codes)·α)`` / ``matmul(x, permute_dims(astype(codes)·α))``) is
+Every quantized conv2d/dense layer (``find_quantized_layers`` finds
+``conv2d(x, astype(codes)·α)`` / ``matmul(x, permute_dims(astype(codes)·α))``) is
 merged with what directly follows it — a bias add, an inference batch-norm, a ReLU — and
 the whole chain is replaced by ``call_dps_packed`` to a packed function registered from
 Python: the accelerator's driver. Everything else stays in the Relax graph and is compiled
@@ -14,7 +14,11 @@ folded into α' and the bias, never into the codes, so codes stay powers of two;
 whose folded α' is negative has its codes and α' negated (the code sets are symmetric), so
 the ReLU stays in int32 on the accelerator. That folding is the numpy part of the x86/ARM
 integer lowering (``LayerEpilogue`` and ``fold_epilogue`` of ``codegen/quant_lowering.py``),
-reused here so both paths compute the same float terms bit for bit.
+reused here so both paths compute the same float terms bit for bit. Codes that are not one
+power of two (int8) run on a shift-add array as digit planes: the layer is compiled with its
+input channels repeated once per signed power-of-two term its codes need (up to 5 for int8,
+``dse.digit_planes``), the driver repeats the input, and Σ_t P_t·x = q·x exactly — so int8
+layers cost their real extra passes in cycles and energy instead of falling back to the host.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -63,6 +67,15 @@ class OffloadedLayer:
     func_name: str
     timing: TimingReport
     fused: tuple[str, ...] = ()  # the ops merged into it ("bias", "batch_norm", "relu")
+    # digit planes: codes that are not one power of two (int8) run as ``terms`` planes of
+    # power-of-two codes over the input repeated ``terms`` times (dse.digit_planes); 1: direct
+    terms: int = 1
+
+    @property
+    def geometry(self) -> ConvLayer:
+        """The layer itself (the program's layer reads the input ``terms`` times over)."""
+        lay = self.program.layer
+        return replace(lay, in_channels=lay.in_channels // self.terms) if self.terms > 1 else lay
 
     def quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.float32]:
         s_x = qr.activation_scale(x, self.activation_scale)
@@ -83,13 +96,18 @@ class OffloadedLayer:
         bias_q = qr.integer_bias(self.bias, scale, len(scale))
         axis = 1
         if reference:
-            lay = self.program.layer
+            lay = self.geometry
             if self.kind == "dense":
                 acc = qr.int_dense(x_q, self.codes[:, :, 0, 0])
             else:
                 acc = qr.int_conv2d(x_q, self.codes, lay.stride, (lay.padding[0], lay.padding[1]))
             return qr.epilogue(acc, bias_q, scale, relu=self.relu, axis=axis)
-        total = self._from_image(run_layer(self.program, self._as_image(x_q), bias_q, simulator))
+        image = self._as_image(x_q)
+        if self.terms > 1:
+            from lastbit.codegen.accel.dse import repeat_input
+
+            image = repeat_input(image, self.terms)
+        total = self._from_image(run_layer(self.program, image, bias_q, simulator))
         # bias and ReLU were applied in int32 on the accelerator: what is left is the multiply
         return qr.epilogue(total, np.zeros_like(bias_q), scale, relu=False, axis=axis)
 
@@ -130,14 +148,14 @@ class AccelModule:
         rows, mac8_total, ours_total = [], None, None
         for layer in self.layers:
             energy = estimate_energy(layer.timing, cfg)
-            row = {"layer": layer.name, "kind": layer.kind, "kernel": list(layer.program.layer.kernel),
+            row = {"layer": layer.name, "kind": layer.kind, "kernel": list(layer.program.layer.kernel), "passes": layer.terms,
                    "tiling": vars(layer.program.tiling), "instructions": len(layer.program.instructions),
                    **_numbers(layer.timing, energy)}
             ours_total = energy if ours_total is None else ours_total + energy
             if compare_mac8:
                 twin = cfg.mac8_twin()
-                program = compile_layer(layer.program.layer, layer.codes, twin)
-                timing = simulate_timing(program.instructions, twin, layer.program.layer.macs)
+                program = compile_layer(layer.geometry, layer.codes, twin)  # int8 MACs: one pass
+                timing = simulate_timing(program.instructions, twin, layer.geometry.macs)
                 twin_energy = estimate_energy(timing, twin)
                 row["mac8"] = _numbers(timing, twin_energy)
                 mac8_total = twin_energy if mac8_total is None else mac8_total + twin_energy
@@ -267,57 +285,56 @@ def _op(value) -> str:
     return getattr(getattr(value, "op", None), "name", "")
 
 
-def _plan_layer(var, kind, parts, var2val, users, params, info, config: AccelConfig, label: str) -> dict:
-    from tvm import relax
-
-    codes = _constant(parts["codes"], var2val, params)
-    alpha = _constant(parts["alpha"], var2val, params)
-    if codes is None or alpha is None:
-        raise AccelCompileError("codes or α are not constants")
-    call = var2val[var]
+def layer_geometry(call, out_shape: list[int], kind: str, weight_shape: tuple, label: str, var2val: dict) -> ConvLayer:
+    """The accelerator's view of one conv2d/dense ``call`` (``weight_shape``: OIHW, dense
+    [N, K]), or AccelCompileError saying why the array cannot run it. The one layer planner:
+    offloading (``_plan_layer``) and design-space exploration (``dse.model_layers``) both
+    see a layer through it, so what DSE costs is what the compiler offloads."""
     data_shape = [int(d) for d in call.args[0].ty.shape]
-    out_shape = [int(d) for d in var.ty.shape]
     if kind == "conv2d":
         attrs = call.attrs
         if int(attrs.groups) != 1 or any(int(d) != 1 for d in attrs.dilation):
-            raise AccelCompileError(f"grouped or dilated convolution (groups={int(attrs.groups)})")
-        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW":
+            raise AccelCompileError(f"grouped or dilated convolution (groups={int(attrs.groups)}, "
+                                    f"dilation {[int(d) for d in attrs.dilation]})")
+        if str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW" \
+                or len(data_shape) != 4:
             raise AccelCompileError(f"layout {attrs.data_layout}/{attrs.kernel_layout}, need NCHW/OIHW")
         pad = [int(p) for p in attrs.padding]
         pad = (pad * 4)[:4] if len(pad) == 1 else (pad * 2 if len(pad) == 2 else pad)
-        layer = ConvLayer(label, *data_shape, codes.shape[0], tuple(codes.shape[2:]),
-                          tuple(int(s) for s in attrs.strides), tuple(pad))
         if pad[0] != pad[2] or pad[1] != pad[3]:
             raise AccelCompileError(f"asymmetric padding {pad}")
-        channels, channel_axis = codes.shape[0], 1
-    elif kind == "dense":
+        return ConvLayer(label, *data_shape, int(weight_shape[0]), tuple(int(k) for k in weight_shape[2:]),
+                         tuple(int(s) for s in attrs.strides), tuple(pad))
+    if kind == "dense":
         operand = var2val.get(call.args[1])
         transposed = _op(operand) == "relax.permute_dims" and (
             operand.attrs.axes is None or [int(a) for a in operand.attrs.axes] == [1, 0])
-        if len(data_shape) != 2 or codes.ndim != 2 or not transposed or len(out_shape) != 2:
-            raise AccelCompileError(f"dense layer with data {data_shape}, codes {codes.shape}: "
+        if len(data_shape) != 2 or len(weight_shape) != 2 or not transposed or len(out_shape) != 2:
+            raise AccelCompileError(f"dense layer with data {data_shape}, weight {list(weight_shape)}: "
                                     "only x[M, K] @ permute_dims(W[N, K]) is offloaded")
-        layer = ConvLayer.dense(label, data_shape[0], data_shape[1], codes.shape[0])
-        codes = codes[:, :, None, None]
-        channels, channel_axis = codes.shape[0], 1
-    else:
-        raise AccelCompileError(f"{kind} layers are not offloaded")
-    pow2_fields(codes)  # raises when a code is not a power of two the PE takes
-    from lastbit.codegen.quant_lowering import LayerEpilogue, fold_epilogue
+        return ConvLayer.dense(label, data_shape[0], data_shape[1], int(weight_shape[0]))
+    raise AccelCompileError(f"{kind} layers are not offloaded")
 
-    epilogue = LayerEpilogue(alpha=np.broadcast_to(np.asarray(alpha, np.float64).reshape(-1), (channels,)).copy())
-    # follow the chain: bias add, batch-norm (conv2d), ReLU
+
+def epilogue_chain(var, kind: str, channels: int, out_shape: list[int], var2val: dict, users: dict,
+                   params: dict) -> tuple[list[tuple[str, Any]], Any]:
+    """What directly follows the layer bound to ``var`` and fuses into it, in order —
+    ("bias", b[C]), ("batch_norm", (γ, β, mean, var, ε)) for a conv, ("relu", None) — and the
+    var that ends the chain. Only constant per-channel terms fuse (a residual add does not)."""
+    from tvm import relax
+
+    steps: list[tuple[str, Any]] = []
     end = var
     user, value = _sole_user(end, var2val, users)
     if _op(value) == "relax.add":
         other = value.args[1] if value.args[0].same_as(end) else value.args[0]
         b = _constant(other, var2val, params)
-        if b is not None and b.size == channels and _is_channel_vector(b.shape, len(out_shape), channel_axis) \
+        if b is not None and b.size == channels and _is_channel_vector(b.shape, len(out_shape), 1) \
                 and [int(d) for d in user.ty.shape] == out_shape:
-            epilogue.add_bias(b.reshape(-1))
+            steps.append(("bias", b.reshape(-1)))
             end = user
             user, value = _sole_user(end, var2val, users)
-    if kind == "conv2d" and _op(value) == "relax.nn.batch_norm" and int(value.attrs.axis) == channel_axis:
+    if kind == "conv2d" and _op(value) == "relax.nn.batch_norm" and int(value.attrs.axis) == 1:
         consts = [_constant(a, var2val, params) for a in value.args[1:5]]
         getter, get_value = _sole_user(user, var2val, users)
         if all(c is not None for c in consts) and isinstance(get_value, relax.TupleGetItem) and get_value.index == 0:
@@ -326,26 +343,77 @@ def _plan_layer(var, kind, parts, var2val, users, params, info, config: AccelCon
                 gamma = np.ones_like(mean)
             if not bool(value.attrs.center):
                 beta = np.zeros_like(mean)
-            epilogue.batch_norm(gamma, beta, mean, variance, float(value.attrs.epsilon))
+            steps.append(("batch_norm", (gamma, beta, mean, variance, float(value.attrs.epsilon))))
             end = getter
             user, value = _sole_user(end, var2val, users)
-    relu = _op(value) == "relax.nn.relu"
-    if relu:
-        epilogue.relu = True
-        epilogue.ops.append("relu")
+    if _op(value) == "relax.nn.relu":
+        steps.append(("relu", None))
         end = user
+    return steps, end
+
+
+def _plan_layer(var, kind, parts, var2val, users, params, info, config: AccelConfig, label: str) -> dict:
+    codes = _constant(parts["codes"], var2val, params)
+    alpha = _constant(parts["alpha"], var2val, params)
+    if codes is None or alpha is None:
+        raise AccelCompileError("codes or α are not constants")
+    out_shape = [int(d) for d in var.ty.shape]
+    layer = layer_geometry(var2val[var], out_shape, kind, codes.shape, label, var2val)
+    if kind == "dense":
+        codes = codes[:, :, None, None]
+    channels = codes.shape[0]
+    # a shift-add PE applies one power of two per pass (int8 codes: up to 5 digit planes); an
+    # int8-MAC PE takes any int8 code in one
+    terms = 1 if config.pe == "mac8" else _code_terms(codes)
+    from lastbit.codegen.quant_lowering import LayerEpilogue, fold_epilogue
+
+    epilogue = LayerEpilogue(alpha=np.broadcast_to(np.asarray(alpha, np.float64).reshape(-1), (channels,)).copy())
+    steps, end = epilogue_chain(var, kind, channels, out_shape, var2val, users, params)
+    for step, value in steps:  # bias add, batch-norm (conv2d), ReLU
+        if step == "bias":
+            epilogue.add_bias(value)
+        elif step == "batch_norm":
+            epilogue.batch_norm(*value)
+        else:
+            epilogue.relu = True
+            epilogue.ops.append("relu")
+    relu = epilogue.relu
     try:
         codes, alpha_eff = fold_epilogue(codes, epilogue)
     except ValueError as err:
         raise AccelCompileError(f"cannot fold {'+'.join(epilogue.ops)}: {err}") from err
     bias_eff, fused = epilogue.bias, list(epilogue.ops)
     layer = ConvLayer(**{**vars(layer), "relu": relu})
-    program = compile_layer(layer, codes, config)
+    if terms > 1:  # int8 codes as power-of-two digit planes over the repeated input
+        from lastbit.codegen.accel.dse import digit_planes
+
+        wide = replace(layer, in_channels=layer.in_channels * terms)
+        program = compile_layer(wide, digit_planes(np.asarray(codes, np.int8), terms), config)
+    else:
+        program = compile_layer(layer, codes, config)
     timing = simulate_timing(program.instructions, config, layer.macs)
     scale = info.activation_scale if info is not None else None
     offloaded = OffloadedLayer(label, kind, program, np.asarray(codes, np.int8), alpha_eff, bias_eff, scale, relu,
-                               func_name="", timing=timing, fused=tuple(fused))
+                               func_name="", timing=timing, fused=tuple(fused), terms=terms)
     return {"layer": offloaded, "end": end}
+
+
+def _code_terms(codes: np.ndarray) -> int:
+    """Passes the shift-add PE needs for these codes: 1 when every code is 0 or ±2^k (k ≤ 6),
+    else the most signed power-of-two terms any code needs (int8: up to 5)."""
+    try:
+        pow2_fields(codes)
+        return 1
+    except AccelCompileError:
+        from lastbit.codegen.accel.dse import _signed_pow2_terms
+
+        table = _signed_pow2_terms()
+        values = np.unique(np.asarray(codes, np.int64))
+        bad = [int(v) for v in values if int(v) not in table]
+        if bad:
+            raise AccelCompileError(f"weight code {bad[0]} is outside int8; the shift-add PE takes sums of "
+                                    "power-of-two codes within int8 only") from None
+        return max(len(table[int(v)]) for v in values)
 
 
 def _is_channel_vector(shape: tuple, ndim: int, axis: int) -> bool:

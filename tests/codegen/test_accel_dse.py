@@ -334,3 +334,41 @@ def test_model_layers_of_a_graph():
     float_layers, _ = model_layers(graph, "pow2-4")
     assert [ml.code_set for ml in float_layers] == ["pow2-4"] * 3
     assert np.array_equal(float_layers[0].weight, model.conv1.weight.detach().numpy())
+
+
+def test_model_layers_see_what_the_offload_runs():
+    """DSE and the offload share one layer planner: every layer the compiler offloads has the
+    same geometry and fused ReLU in model_layers, and a layer it leaves on the host (grouped
+    conv, asymmetric padding) model_layers leaves out too."""
+    import torch
+
+    import lastbit
+    from lastbit.codegen.accel import config_for_target
+    from lastbit.codegen.accel.dse import model_layers
+    from lastbit.codegen.accel.offload import offload_to_accelerator
+    from lastbit.passes.quantize_pow2 import QuantizePow2
+    from lastbit.pipeline import import_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(4, 8, 3, padding=1)
+            self.bn1 = torch.nn.BatchNorm2d(8)
+            self.grouped = torch.nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
+            self.conv2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+            self.fc = torch.nn.Linear(16, 5)
+
+        def forward(self, x):
+            y = torch.relu(self.bn1(self.conv1(x)))
+            y = self.conv2(torch.relu(self.grouped(y)))
+            return torch.relu(self.fc(y.mean((2, 3))))
+
+    torch.manual_seed(0)
+    graph = import_model(Net().eval(), (torch.randn(1, 4, 8, 8),))
+    quantized = QuantizePow2(lastbit.Squeeze(bits=3, keep_first_last=False))(graph)
+    _, accel = offload_to_accelerator(quantized, config_for_target("accel-sim"))
+    offloaded = {layer.name: replace(layer.program.layer, name="") for layer in accel.layers}
+    layers, skipped = model_layers(quantized)
+    assert {ml.name: replace(ml.layer, name="") for ml in layers} == offloaded
+    assert set(skipped) == set(accel.skipped) == {"grouped"}
+    assert {ml.name: ml.layer.relu for ml in layers} == {"conv1": True, "conv2": False, "fc": True}

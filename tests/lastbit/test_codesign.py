@@ -17,6 +17,7 @@ from lastbit.codesign import (
     site_groups,
 )
 from lastbit.codesign_cost import CostCache, CostPoint
+from lastbit.errors import LastbitError
 
 
 def _toy_sites():
@@ -118,3 +119,58 @@ def test_restructured_torch_module_matches_the_compiled_structural_squeeze(small
     art = lastbit.compile(model, "x86_64-linux-gnu", (x,), squeeze=Squeeze(layers=config))
     with torch.no_grad():
         assert_close(art.run(x), restructured(x).numpy(), rtol=1e-4)
+
+
+def _tiny_arm_groups():
+    # one 3×3 conv, int8 vs fp32: both are anchors, so both get measured
+    site = LayerSite("conv", "conv2d", 8, 8, (3, 3), (1, 1), (1, 1), (6, 6), 1, codes=("int8", "fp32"))
+    return site_groups([site])
+
+
+@pytest.mark.qemu
+def test_arm_cycles_are_counted_under_qemu_and_cached(tmp_path):
+    """ArmCycles compiles each choice for aarch64, counts it under qemu (fp32 costs more
+    cycles than the int8 kernel), and a rerun takes every value from the cache."""
+    from lastbit.codesign_cost import ArmCycles
+
+    source = ArmCycles("aarch64-dotprod-linux-gnu", core="cortex-a76")
+    try:
+        source.check_tools()
+    except Exception as exc:  # noqa: BLE001 - the toolchain is optional on a dev machine
+        pytest.skip(str(exc))
+    calls = []
+    measure = source.measure
+    source.measure = lambda p: calls.append(p) or measure(p)
+    groups = _tiny_arm_groups()
+    table = measure_costs(groups, source, CostCache(tmp_path / "costs.json"), measure_share=1.0, progress=False)
+    assert len(calls) == 2 == len(table.measured)
+    by_codes = {p.codes: v for p, v in table.values.items()}
+    assert by_codes["fp32"]["cycles"] > by_codes["int8"]["cycles"] > 0
+    assert by_codes["int8"]["cycles_cortex-a53"] >= by_codes["int8"]["cycles"]  # in-order A53: never fewer
+    again = ArmCycles("aarch64-dotprod-linux-gnu", core="cortex-a76")
+    again.measure = lambda p: pytest.fail("a cached point was measured again")
+    table2 = measure_costs(groups, again, CostCache(tmp_path / "costs.json"), measure_share=1.0, progress=False)
+    assert {p: v["cycles"] for p, v in table2.values.items()} == {p: v["cycles"] for p, v in table.values.items()}
+
+
+def test_arm_cycles_without_qemu_is_one_clear_error(monkeypatch):
+    from lastbit.codesign_cost import ArmCycles, cost_source
+    from lastbit.errors import TargetError
+    from lastbit.targets import registry
+
+    source = cost_source("aarch64-linux-gnu")
+    assert isinstance(source, ArmCycles) and source.core == "cortex-a53"
+    monkeypatch.setattr(registry.shutil, "which", lambda tool: None)
+    point = _tiny_arm_groups()[0].points(_tiny_arm_groups()[0].options[0])[0]
+    with pytest.raises(TargetError, match=r"aarch64-linux-gnu.*needs .*qemu-aarch64"):
+        source.measure(point)
+
+
+def test_arm_cycles_refuses_a_target_it_cannot_count():
+    from lastbit.codesign_cost import ArmCycles
+
+    with pytest.raises(LastbitError, match="x86_64-linux-gnu"):
+        ArmCycles("x86_64-linux-gnu")
+    with pytest.raises(LastbitError, match="cortex-z9"):
+        ArmCycles("aarch64-linux-gnu", core="cortex-z9")
+

@@ -74,12 +74,31 @@ def test_export_writes_programs_that_load_back_and_compute_the_same(small_cnn, s
         accel.export(tmp_path / "mine")
 
 
-def test_layers_the_array_cannot_take_stay_on_the_host(small_cnn):
+def test_int8_layers_run_as_digit_planes_bit_exactly(small_cnn, squeeze):
+    """int8 codes are no single power of two: the shift-add array runs them as digit planes
+    (input repeated per term), equal to the x86 integer path bit for bit, and they cost their
+    extra passes in cycles and energy against power-of-two codes."""
+    from lastbit.codegen.accel.dse import code_terms
+
     model, x = small_cnn
-    int8 = lastbit_compile(model, "accel-sim-small", (x,), squeeze=Squeeze(codes="int8", keep_first_last=False))
-    module = int8._compiled.accel
-    assert not module.layers and all("power-of-two" in why for why in module.skipped.values())
-    assert int8.run(x).shape == (1, 10)
+    int8 = Squeeze(codes="int8", keep_first_last=False)
+    accel, host = _both(model, x, int8, target="accel-sim-small")
+    module = accel._compiled.accel
+    assert not module.skipped and [layer.name for layer in module.layers] == ["conv1", "conv2", "fc"]
+    most = code_terms("int8", "shift-add")  # the DSE costs int8 at this many passes
+    assert all(1 < layer.terms <= most for layer in module.layers)
+    assert all(layer.program.layer.in_channels == layer.geometry.in_channels * layer.terms for layer in module.layers)
+    got = accel.run(x)
+    assert np.array_equal(got, host.run(x))
+    module.reference = True
+    assert np.array_equal(accel.run(x), got)
+    module.reference = False
+    pow2 = lastbit_compile(model, "accel-sim-small", (x,), squeeze=squeeze)
+    assert all(layer.terms == 1 for layer in pow2._compiled.accel.layers)
+    ours, theirs = accel.report().accelerator, pow2.report().accelerator
+    assert ours["total"]["energy_pj"] > theirs["total"]["energy_pj"]
+    assert ours["total"]["cycles"] > theirs["total"]["cycles"]
+    assert [row["passes"] for row in ours["layers"]] == [layer.terms for layer in module.layers]
 
 
 @pytest.mark.slow
