@@ -50,9 +50,13 @@ def float_model(digits):
     (x, y), _ = digits
     torch.manual_seed(0)
     model = mlp()
+    return _pretrain(model, torch.from_numpy(x), torch.from_numpy(y), epochs=25)
+
+
+def _pretrain(model, xt, yt, epochs: int):
+    """Adam at 1e-2, batches of 64: the float model the quantization tests start from."""
     opt = torch.optim.Adam(model.parameters(), 1e-2)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(25):
+    for _ in range(epochs):
         for i in range(0, len(xt), 64):
             opt.zero_grad()
             nn.functional.cross_entropy(model(xt[i : i + 64]), yt[i : i + 64]).backward()
@@ -378,14 +382,7 @@ def bn_net(digits):
         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10),
     )
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    xt, yt = torch.from_numpy(x.reshape(-1, 1, 8, 8)), torch.from_numpy(y)
-    for _ in range(8):
-        for i in range(0, len(xt), 64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[i : i + 64]), yt[i : i + 64]).backward()
-            opt.step()
-    return model.eval()
+    return _pretrain(model, torch.from_numpy(x.reshape(-1, 1, 8, 8)), torch.from_numpy(y), epochs=8)
 
 
 def test_penalty_on_base_lr_reaches_the_codes(digits, bn_net):
