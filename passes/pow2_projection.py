@@ -24,7 +24,7 @@ int8 code holds, hence bits ≤ 4 for power-of-two sets; bits = 8 means "int8".
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -462,6 +462,15 @@ def _best_uniform_starts(w: np.ndarray, a_max: np.ndarray, top: int) -> np.ndarr
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _histogram_levels(top: int) -> tuple[np.ndarray, np.ndarray]:
+    """(level, level²) of each histogram bin's centre (in max-abs units) at each of the
+    `_UNIFORM_STARTS` scales, (bins, starts): the same for every row and every chunk."""
+    centre = (np.arange(top * _HISTOGRAM_BINS_PER_LEVEL + 1) + 0.5) / _HISTOGRAM_BINS_PER_LEVEL
+    levels = np.minimum(np.round(centre[:, None] / _UNIFORM_STARTS[None, :]), top)
+    return levels, levels * levels
+
+
 def _histogram_starts(data: "_SortedRows", a_max: np.ndarray, top: int) -> np.ndarray:
     """Per row, the `_HISTOGRAM_CANDIDATES` most promising of the `_UNIFORM_STARTS` scales
     (rows, candidates): scored on a histogram of |w| (bins a quarter of a level wide, each bin's
@@ -477,8 +486,6 @@ def _histogram_starts(data: "_SortedRows", a_max: np.ndarray, top: int) -> np.nd
     count = np.diff(pos, axis=1).astype(np.float64)
     csum = data.csum.ravel()[pos + np.arange(rows)[:, None]]  # row r's prefix sums start at r·(n + 1)
     total = np.diff(csum, axis=1)
-    centre = (np.arange(bins) + 0.5) / _HISTOGRAM_BINS_PER_LEVEL  # in max-abs units
-
     alpha_unit = a_max / top
 
     def error(f: np.ndarray, p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -487,8 +494,8 @@ def _histogram_starts(data: "_SortedRows", a_max: np.ndarray, top: int) -> np.nd
 
     # the scan: every row's bins sit at the same places in max-abs units, so the levels of a
     # start are shared and its ⟨a,q⟩, ⟨q,q⟩ are one matrix product for all rows
-    levels = np.minimum(np.round(centre[:, None] / _UNIFORM_STARTS[None, :]), top)  # (bins, starts)
-    err = error(_UNIFORM_STARTS[None, :], total @ levels, count @ (levels * levels))
+    levels, squares = _histogram_levels(top)
+    err = error(_UNIFORM_STARTS[None, :], total @ levels, count @ squares)
     best = _UNIFORM_STARTS[np.argsort(err, axis=1)[:, :_HISTOGRAM_CANDIDATES]]
     # max-abs scaling always competes: the result is never worse than the usual int8 quantizer
     return np.concatenate([best, np.ones((rows, 1))], axis=1) * alpha_unit[:, None]
@@ -750,8 +757,8 @@ def project_pow2(
     # numpy's sorts, searches and ufuncs release the GIL: large tensors take their row chunks
     # a few at a time (the work per chunk dwarfs the Python in between)
     threads = min(_PROJECTION_THREADS, len(starts)) if rows.size >= _LARGE_TENSOR_ELEMENTS else 1
-    with ThreadPoolExecutor(threads) if threads > 1 else contextlib.nullcontext() as pool:
-        for done in (pool.map(chunk, starts) if pool else map(chunk, starts)):
+    with ThreadPoolExecutor(threads) as pool:
+        for done in pool.map(chunk, starts):
             if progress is not None:
                 progress(done)
     if axis is None:
