@@ -611,6 +611,8 @@ def run_codesign(module, example, target: str, calibration: tuple[np.ndarray, np
                             graph=graph, deltas=deltas, lanes=lanes)
     if chosen is not None:
         chosen.config.to_json(out_dir / "config.json")
+    else:  # nothing fits the budget: no chosen point, and no older run's beside this pareto.json
+        (out_dir / "config.json").unlink(missing_ok=True)
     atomic_write_json(out_dir / "pareto.json", {"model": name, "target": t.triple, "objective": objective,
                                                 "max_drop": max_drop, **result.to_json()})
     plot_front(front, chosen, out_dir / "pareto.png", f"{name} on {t.triple}: {objective} vs predicted drop", uniform)
