@@ -70,6 +70,15 @@ def _signed_pow2_terms() -> dict[int, tuple[int, ...]]:
     return {v: t for v, t in best.items() if abs(v) <= 127}
 
 
+def pow2_terms(value: int) -> tuple[int, ...]:
+    """The signed powers of two a weight code is run as on the shift-add PE, fewest first."""
+    table = _signed_pow2_terms()
+    if int(value) not in table:
+        raise AccelCompileError(f"weight code {int(value)} is not a sum of signed powers of two 2^k (k ≤ {_MAX_SHIFT}) "
+                                "within ±127 (the symmetric int8 codes): the shift-add PE cannot run it")
+    return table[int(value)]
+
+
 def code_terms(codes: str | int | CodeSet, pe: str) -> int:
     """How many passes (digit planes) a layer on ``codes`` takes on a ``pe`` array: 1 on an
     int8-MAC PE; on a shift-add PE the most signed power-of-two terms any level needs."""
@@ -78,8 +87,7 @@ def code_terms(codes: str | int | CodeSet, pe: str) -> int:
         raise AccelConfigError(f"pe {pe!r} is not one of {PE_KINDS}")
     if pe == "mac8":
         return 1
-    terms = _signed_pow2_terms()
-    return max(1, max(len(terms[int(v)]) for v in cs.levels))
+    return max(1, max(len(pow2_terms(v)) for v in cs.levels))
 
 
 def digit_planes(codes: np.ndarray, terms: int) -> np.ndarray:
@@ -87,11 +95,10 @@ def digit_planes(codes: np.ndarray, terms: int) -> np.ndarray:
     channels ([O, terms·I, KH, KW], plane t at channels t·I … (t+1)·I): plane t holds each
     code's t-th term (0 when it has fewer). Raises when a code needs more than ``terms``."""
     codes = np.asarray(codes)
-    table = _signed_pow2_terms()
     flat = codes.reshape(-1).astype(np.int64)
     planes = np.zeros((terms, flat.size), dtype=np.int8)
     for value in np.unique(flat):
-        parts = table[int(value)]
+        parts = pow2_terms(value)
         if len(parts) > terms:
             raise AccelCompileError(f"code {int(value)} needs {len(parts)} power-of-two terms, more than {terms}")
         where = flat == value

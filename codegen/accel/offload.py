@@ -37,7 +37,6 @@ from lastbit.codegen.accel.compiler import (
     AccelProgram,
     ConvLayer,
     compile_layer,
-    pow2_fields,
 )
 from lastbit.codegen.accel.config import AccelConfig
 from lastbit.codegen.accel.energy import EnergyReport, estimate_energy, pe_energy_pj
@@ -401,19 +400,9 @@ def _plan_layer(var, kind, parts, var2val, users, params, info, config: AccelCon
 def _code_terms(codes: np.ndarray) -> int:
     """Passes the shift-add PE needs for these codes: 1 when every code is 0 or ±2^k (k ≤ 6),
     else the most signed power-of-two terms any code needs (int8: up to 5)."""
-    try:
-        pow2_fields(codes)
-        return 1
-    except AccelCompileError:
-        from lastbit.codegen.accel.dse import _signed_pow2_terms
+    from lastbit.codegen.accel.dse import pow2_terms
 
-        table = _signed_pow2_terms()
-        values = np.unique(np.asarray(codes, np.int64))
-        bad = [int(v) for v in values if int(v) not in table]
-        if bad:
-            raise AccelCompileError(f"weight code {bad[0]} is outside int8; the shift-add PE takes sums of "
-                                    "power-of-two codes within int8 only") from None
-        return max(len(table[int(v)]) for v in values)
+    return max(1, max(len(pow2_terms(v)) for v in np.unique(np.asarray(codes, np.int64))))
 
 
 def _is_channel_vector(shape: tuple, ndim: int, axis: int) -> bool:

@@ -372,3 +372,15 @@ def test_model_layers_see_what_the_offload_runs():
     assert {ml.name: replace(ml.layer, name="") for ml in layers} == offloaded
     assert set(skipped) == set(accel.skipped) == {"grouped"}
     assert {ml.name: ml.layer.relu for ml in layers} == {"conv1": True, "conv2": False, "fc": True}
+
+
+def test_a_code_with_no_power_of_two_sum_is_one_clear_error():
+    from lastbit.codegen.accel.compiler import AccelCompileError
+    from lastbit.codegen.accel.dse import digit_planes, pow2_terms
+
+    assert pow2_terms(-127) == (1, -64, -64) and pow2_terms(0) == ()
+    for code in (-128, 300):  # int8 codes are symmetric: -127..127
+        with pytest.raises(AccelCompileError, match=f"weight code {code} .*±127"):
+            pow2_terms(code)
+    with pytest.raises(AccelCompileError, match="needs 2 power-of-two terms, more than 1"):
+        digit_planes(np.array([[3]], np.int8), 1)
