@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -1012,8 +1013,9 @@ def schedule_prim_func(func, info: CpuInfo, name: str = "func"):
     if kind is None:
         try:
             flat = flat_elementwise(func, info)
-        except Exception as err:  # noqa: BLE001 - an optimization only: the generic schedule serves
-            log.debug("schedule_for_cpu: no flat loop for %s: %s", name, _first_line(err))
+        except Exception as err:  # noqa: BLE001 - refusals return None; this is a bug, the generic schedule serves
+            log.warning("schedule_for_cpu: flat loop failed for %s (generic schedule instead): %s", name,
+                        _first_line(err))
             flat = None
         if flat is not None:
             return flat
@@ -1189,12 +1191,9 @@ def _region_buffer(region):
     return region.buffer if hasattr(region, "buffer") else region.source
 
 
-def schedule_generic(sch, info: CpuInfo, knobs: GenericKnobs | None = None) -> None:
-    """Safe schedule for anything: inline injective intermediates, then per remaining block
-    parallelize the outer spatial loops and vectorize an inner spatial loop."""
-    knobs = knobs or GenericKnobs(vector_lanes=info.lanes)
-    root = sch.get_sblock("root")
-    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
+def _inline_intermediates(sch) -> None:
+    """Inline every spatial block that is not an output (where it can be)."""
+    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}
     for block in _root_blocks(sch):
         if sch.get(block).name_hint in outputs or not _is_spatial(sch, block):
             continue
@@ -1202,6 +1201,13 @@ def schedule_generic(sch, info: CpuInfo, knobs: GenericKnobs | None = None) -> N
             sch.compute_inline(block)
         except Exception:  # not inlinable (e.g. read by a reduction with overlap): keep it
             pass
+
+
+def schedule_generic(sch, info: CpuInfo, knobs: GenericKnobs | None = None) -> None:
+    """Safe schedule for anything: inline injective intermediates, then per remaining block
+    parallelize the outer spatial loops and vectorize an inner spatial loop."""
+    knobs = knobs or GenericKnobs(vector_lanes=info.lanes)
+    _inline_intermediates(sch)
     for block in _root_blocks(sch):
         # Each primitive either applies or leaves the schedule untouched, so a block whose
         # schedule stops half way is still correct, only less optimized.
@@ -1234,10 +1240,7 @@ def flat_elementwise(func, info: CpuInfo, min_parallel_elems: int = 16384):
 
     sch = s_tir.Schedule(func)
     root = sch.get_sblock("root")
-    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
-    for block in _root_blocks(sch):
-        if sch.get(block).name_hint not in outputs and _is_spatial(sch, block):
-            sch.compute_inline(block)
+    _inline_intermediates(sch)  # one that will not inline leaves two blocks: not flat
     blocks = _root_blocks(sch)
     if len(blocks) != 1 or sch.get(root).alloc_buffers or not _is_spatial(sch, blocks[0]):
         return None
@@ -1309,9 +1312,7 @@ def flat_elementwise(func, info: CpuInfo, min_parallel_elems: int = 16384):
     def store(i):
         return tirx.BufferStore(view(out), rebuild(body.value, i), [i])
 
-    total = 1
-    for d in shape:
-        total *= d
+    total = math.prod(shape)
     row = shape[-1] * (shape[-2] if len(shape) > 1 else 1)
     if total >= min_parallel_elems and total // row > 1:
         r = tirx.Var("row", "int32")
