@@ -133,7 +133,11 @@ def _fp32(name: str):
             from lastbit.frontend.training import cache_dir
 
             model = ZOO[name].build()
-            path = sorted(cache_dir().glob(f"{name}-fashion-mnist-e*.pt"))[0]
+            pattern = f"{name}-fashion-mnist-e{ZOO[name].train_epochs}-*.pt"
+            found = sorted(cache_dir().glob(pattern))
+            if len(found) != 1:
+                raise FileNotFoundError(f"--fp32-cache: want one {pattern} in {cache_dir()}, found {[f.name for f in found]}")
+            path = found[0]
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             model.to(_STATE["device"])
         elif _STATE["device"] == "cpu":
@@ -373,6 +377,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--summarize", type=Path, metavar="JSON", default=GPU_ROWS,
                         help="without --sweep/--quick: re-derive the winners from these saved rows (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.fp32_cache and not args.bn_sweep:
+        parser.error("--fp32-cache applies to --bn-sweep only")
     if args.bn_sweep:
         return bn_sweep(args)
     if not (args.sweep or args.quick):
