@@ -210,9 +210,10 @@ def _lr_at(lr: float, schedule: str, step: int, total: int) -> float:
     return 0.5 * lr * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
-def _check_schedule(schedule: str) -> None:
-    if schedule not in LR_SCHEDULES:
-        raise QuantizationError(f"unknown lr_schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+def _check_choice(option: str, value: object, known: Sequence[str]) -> None:
+    """One error naming the option, the value and the choices when ``value`` is not one of them."""
+    if value not in known:
+        raise QuantizationError(f"unknown {option} {value!r}; known: {', '.join(known)}")
 
 
 def round_to_magnitudes(x: torch.Tensor, mags: torch.Tensor) -> torch.Tensor:
@@ -552,15 +553,10 @@ def admm_finetune(
         raise QuantizationError(f"update_every must be 'auto', 'epoch' or a positive number of batches, got {update_every!r}")
     if not 0.0 <= fixed_fraction < 1.0:
         raise QuantizationError(f"fixed_fraction must be in [0, 1), got {fixed_fraction!r}")
-    _check_schedule(lr_schedule)
-    if w_step not in W_STEPS:
-        raise QuantizationError(f"unknown w_step {w_step!r}; known: {', '.join(W_STEPS)}")
-    if forward not in FORWARDS:
-        raise QuantizationError(f"unknown forward {forward!r}; known: {', '.join(FORWARDS)}")
-    if tail not in TAILS:
-        raise QuantizationError(f"unknown tail {tail!r}; known: {', '.join(TAILS)}")
-    if penalty_lr not in PENALTY_LRS:
-        raise QuantizationError(f"unknown penalty_lr {penalty_lr!r}; known: {', '.join(PENALTY_LRS)}")
+    for option, value, known in (("lr_schedule", lr_schedule, LR_SCHEDULES), ("w_step", w_step, W_STEPS),
+                                 ("forward", forward, FORWARDS), ("tail", tail, TAILS),
+                                 ("penalty_lr", penalty_lr, PENALTY_LRS)):
+        _check_choice(option, value, known)
     per_epoch = _num_batches(data, batch_size)
     total = per_epoch * epochs if per_epoch else None
     if total is None and (fixed_fraction > 0 or lr_schedule != "constant"):
@@ -793,7 +789,7 @@ def ste_finetune(
         raise QuantizationError(f"need epochs ≥ 1 and lr > 0; got {epochs}, {lr}")
     if not (update_every == "epoch" or (isinstance(update_every, int) and update_every >= 1)):
         raise QuantizationError(f"update_every must be 'epoch' or a positive number of batches, got {update_every!r}")
-    _check_schedule(lr_schedule)
+    _check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
     per_epoch = _num_batches(data, batch_size)
     if per_epoch is None and lr_schedule != "constant":
         raise QuantizationError("lr_schedule needs data of known length ((X, y) arrays or a sized loader)")
