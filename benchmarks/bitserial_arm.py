@@ -48,14 +48,16 @@ def squeeze_for(x: np.ndarray):
 
 def arm_row(name: str, triple: str, workdir: Path) -> dict:
     import lastbit
+    from lastbit.codegen.qemu_count import count_bundle
 
     module, example = layer_model(name)
     x = example.numpy()
     fp32 = lastbit.compile(module, triple, (example,), name=f"{name}-fp32")
     low = lastbit.compile(module, triple, (example,), name=f"{name}-t2", squeeze=squeeze_for(x))
     (layer,) = low.report().layers
-    f_insns = instructions_per_inference(fp32.export(workdir / f"{name}-{triple}-fp32"), x)
-    q_insns = instructions_per_inference(low.export(workdir / f"{name}-{triple}-t2"), x)
+    # one inference each (codegen/qemu_count.py: repeat 3 minus repeat 1, halved)
+    f_insns = count_bundle(fp32.export(workdir / f"{name}-{triple}-fp32"), [x]).total
+    q_insns = count_bundle(low.export(workdir / f"{name}-{triple}-t2"), [x]).total
     k_insns = kernel_instructions(name, triple, workdir)
     # the generic int8 conv, the candidate the cost table must keep from winning on ARM
     int8_insns = kernel_instructions(name, triple, workdir, "int8") if name == "conv3x3" else None
@@ -72,13 +74,6 @@ def arm_row(name: str, triple: str, workdir: Path) -> dict:
     }
 
 
-def instructions_per_inference(bundle: Path, x: np.ndarray) -> int:
-    """qemu count of one inference (codegen/qemu_count.py: repeat 3 minus repeat 1, halved)."""
-    from lastbit.codegen.qemu_count import count_bundle
-
-    return count_bundle(bundle, [x]).total
-
-
 def int_layer(name: str):
     from lastbit.codegen.kernels import IntLayer
 
@@ -92,6 +87,7 @@ def kernel_instructions(name: str, triple: str, workdir: Path, kernel: str = "bi
     """Instructions of one ``kernel`` call on the layer's shape (random ternary codes, 2-bit
     unsigned activations), run as its own bundle."""
     from lastbit.codegen.bundle import build_bundle
+    from lastbit.codegen.qemu_count import count_bundle
     from lastbit.codegen.kernels import get_kernel
     from lastbit.codegen.kernels.common import kernels_module
     from lastbit.targets import get_target
@@ -102,7 +98,7 @@ def kernel_instructions(name: str, triple: str, workdir: Path, kernel: str = "bi
     x = rng.integers(0, 4, size=layer.data_shape).astype(np.int8)
     target = get_target(triple)
     mod = kernels_module([(get_kernel(kernel), layer, codes)], target.feature_set())
-    return instructions_per_inference(build_bundle(mod, target, workdir / f"{name}-{triple}-{kernel}"), x)
+    return count_bundle(build_bundle(mod, target, workdir / f"{name}-{triple}-{kernel}"), [x]).total
 
 
 def x86_row(name: str, repeat: int) -> dict:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lastbit.codegen.quant_prims import MIN_PARALLEL_ELEMS
+
 log = logging.getLogger(__name__)
 
 # Block annotation that tags the main compute of our kernels; FuseTIR keeps it.
@@ -139,7 +141,7 @@ class GenericKnobs:
     """Injective / reduction fallback: minimum work per parallel task and vector width."""
 
     vector_lanes: int
-    min_parallel_elems: int = 16384
+    min_parallel_elems: int = MIN_PARALLEL_ELEMS
 
 
 def conv_register_budget(oc_block: int, info: CpuInfo) -> int:
@@ -1225,7 +1227,7 @@ _FLAT_BINARY = ("Add", "Sub", "Mul", "Div", "Mod", "FloorDiv", "FloorMod", "Min"
                 "GT", "GE", "And", "Or")
 
 
-def flat_elementwise(func, info: CpuInfo, min_parallel_elems: int = 16384):
+def flat_elementwise(func, info: CpuInfo, min_parallel_elems: int = MIN_PARALLEL_ELEMS):
     """``func`` as one flat vector loop over 1-D views of its buffers (``quant_prims``), when,
     after inlining its intermediates, it is a single block that reads every input at exactly
     the indices it writes (a residual add, a ReLU, a cast) and its innermost loop is not a

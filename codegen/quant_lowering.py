@@ -36,7 +36,7 @@ import numpy as np
 from lastbit.codegen import quant_reference as qr
 from lastbit.graph import Graph, QuantInfo
 
-from lastbit.codegen.quant_prims import epilogue_prim_func, quantize_prim_func, rounds_in_vector  # noqa: F401
+from lastbit.codegen.quant_prims import epilogue_prim_func, quantize_prim_func, rounds_in_vector
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +215,7 @@ class LowerQuantizedLayers:
         from lastbit.passes.quantize_pow2 import find_quantized_layers
 
         main = graph.mod["main"]
-        n_in = len(graph.inputs)
-        param_names = {var: name for var, name in zip(main.params[n_in:], graph.params)}
+        param_names = graph.param_vars()
         by_codes = {info.codes_param: info for info in graph.quant.values()}
         var2val = relax.analysis.get_var2val(main)
         consumers = _consumers(main)

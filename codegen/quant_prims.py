@@ -32,6 +32,8 @@ __all__ = ["MAGIC_BITS", "MAGIC_ROUND", "epilogue_prim_func", "quantize_prim_fun
 
 MAGIC_ROUND = 12582912.0  # 1.5·2²³: float32 sums in [2²³, 2²⁴) have a unit ulp
 MAGIC_BITS = 0x4B400000  # the float32 bits of MAGIC_ROUND
+# from this many elements on, loops run parallel over rows (cpu_schedule.GenericKnobs too)
+MIN_PARALLEL_ELEMS = 16384
 
 
 def rounds_in_vector(target) -> bool:
@@ -86,7 +88,7 @@ def flat_prim_func(buffers, views, body):
 
 
 def quantize_prim_func(shape: tuple[int, ...], lo: int, hi: int, inv: float | None, lanes: int,
-                       vector_round: bool = True, parallel_min: int = 16384, relu: bool = False):
+                       vector_round: bool = True, parallel_min: int = MIN_PARALLEL_ELEMS, relu: bool = False):
     """``x_q = int8(clip(rint(x · inv), lo, hi))`` over a float32 tensor of ``shape``. ``inv``
     is the compile-time reciprocal scale, or None for a runtime one (a float32 ``()`` tensor,
     the second parameter). ``vector_round`` False: the clip-then-1.5·2²³ rounding (armv7).
@@ -130,7 +132,7 @@ def quantize_prim_func(shape: tuple[int, ...], lo: int, hi: int, inv: float | No
 
 
 def epilogue_prim_func(acc_shape: tuple[int, ...], channel_axis: int, relu: bool, lanes: int = 4,
-                       parallel_min: int = 16384):
+                       parallel_min: int = MIN_PARALLEL_ELEMS):
     """``float32((acc + bias_q[c]) [max 0]) · scale[c]`` over int32 ``acc`` of ``acc_shape``
     with channels on ``channel_axis`` (``quant_reference.epilogue``); rows run in parallel
     when the tensor has at least ``parallel_min`` elements."""
