@@ -87,16 +87,19 @@ class Graph:
         import tvm
         from tvm import relax
 
+        bindings = {var: tvm.runtime.tensor(np.ascontiguousarray(self.params[name]))
+                    for var, name in self.param_vars().items()}
+        return relax.transform.BindParams("main", bindings)(self.mod)
+
+    def param_vars(self) -> dict:
+        """``main``'s parameter vars (after the inputs) -> the ``params`` key each stands for.
+        By name, never by position: a weight bound to the wrong tensor fails far away (a conv
+        "weight" of ndim 1) or, worse, not at all."""
         from lastbit.errors import ModelFormatError
 
-        main = self.mod["main"]
-        param_vars = main.params[len(self.inputs):]
-        # By name, never by position: a weight bound to the wrong tensor fails far away
-        # (a conv "weight" of ndim 1) or, worse, not at all.
+        param_vars = self.mod["main"].params[len(self.inputs):]
         names = [var.name for var in param_vars]
         if sorted(names) != sorted(self.params) or len(set(names)) != len(names):
             raise ModelFormatError(f"{self.name}: the graph's parameters {names[:8]} do not match its "
                                    f"weights {list(self.params)[:8]}")
-        bindings = {var: tvm.runtime.tensor(np.ascontiguousarray(self.params[var.name])) for var in param_vars}
-        mod = relax.transform.BindParams("main", bindings)(self.mod)
-        return mod
+        return {var: var.name for var in param_vars}

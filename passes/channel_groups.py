@@ -173,7 +173,7 @@ class _Analyzer:
         n_in = len(graph.inputs)
         for var in main.params[:n_in]:
             self.labels[var] = self._fresh_for(var.ty, pinned=f"model input '{var.name}'")
-        for var, name in zip(main.params[n_in:], graph.params):
+        for var, name in graph.param_vars().items():
             axes = [self.uf.fresh(n) for n in graph.params[name].shape]
             self.param_of[var] = name
             self.param_labels[name] = axes

@@ -286,7 +286,7 @@ class LowRank:
             source_names.pop(name, None)
             source_names[names[0]], source_names[names[1]] = f"{base}.svd0.weight", f"{base}.svd1.weight"
             new_names[name] = names
-        param_var = dict(zip(graph.params, graph.mod["main"].params[len(graph.inputs):]))
+        param_var = {name: var for var, name in graph.param_vars().items()}
         gone = {param_var[name] for name in dropped}
         conv_mode = self.conv_mode
 

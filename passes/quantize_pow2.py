@@ -137,7 +137,7 @@ def weighted_layers(graph: Graph) -> list[WeightedLayer]:
     from tvm import relax
 
     main = graph.mod["main"]
-    param_of = {var: name for var, name in zip(main.params[len(graph.inputs):], graph.params)}
+    param_of = graph.param_vars()
     # var -> (parameter, views): views maps an axis of var back to the parameter, None after a reshape
     view_of: dict = {var: (name, list(range(graph.params[name].ndim))) for var, name in param_of.items()}
     codes_params = {info.codes_param for info in graph.quant.values()}
@@ -416,7 +416,7 @@ class QuantizePow2:
 
         main = graph.mod["main"]
         n_in = len(graph.inputs)
-        var_of = dict(zip(graph.params, main.params[n_in:]))
+        var_of = {name: var for var, name in graph.param_vars().items()}
         new_params = list(main.params[:n_in])
         params: dict[str, np.ndarray] = {}
         source_names = {k: v for k, v in graph.source_names.items() if k not in plan}

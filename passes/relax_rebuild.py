@@ -69,7 +69,7 @@ def rebuild_main(graph: Graph, params: dict[str, np.ndarray], hook: Hook | None 
 
     main = graph.mod["main"]
     n_in = len(graph.inputs)
-    old_param = dict(zip(graph.params, main.params[n_in:]))
+    old_param = {name: var for var, name in graph.param_vars().items()}
     new_vars = []
     by_name: dict[str, Any] = {}
     env: dict = {}

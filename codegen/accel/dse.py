@@ -197,8 +197,7 @@ def model_layers(graph, default_code_set: str | None = None) -> tuple[list[Model
 
     by_codes = {info.codes_param: info for info in graph.quant.values()}
     main = graph.mod["main"]
-    n_in = len(graph.inputs)
-    params = {var: graph.params[name] for var, name in zip(main.params[n_in:], graph.params)}
+    params = {var: graph.params[name] for var, name in graph.param_vars().items()}
     var2val = relax.analysis.get_var2val(main)
     users = _users(main)
     found, skipped = [], {}

@@ -196,12 +196,11 @@ def offload_to_accelerator(graph: Graph, config: AccelConfig) -> tuple[Graph, Ac
     from lastbit.passes.quantize_pow2 import find_quantized_layers
 
     main = graph.mod["main"]
-    n_in = len(graph.inputs)
-    params = {var: graph.params[name] for var, name in zip(main.params[n_in:], graph.params)}
+    param_name = graph.param_vars()
+    params = {var: graph.params[name] for var, name in param_name.items()}
     var2val = relax.analysis.get_var2val(main)
     users = _users(main)
     codes_source = {info.codes_param: info for info in graph.quant.values()}
-    param_name = {var: name for var, name in zip(main.params[n_in:], graph.params)}
     module = AccelModule(config)
     module_id = next(_MODULE_IDS)
     replace_at: dict = {}
