@@ -67,9 +67,11 @@ def _whole_cost(target: str, artifact, x: np.ndarray, workdir: Path) -> dict[str
         total = artifact.report().accelerator["total"]
         return {"energy_pj": float(total["energy_pj"]), "cycles": float(total["cycles"])}
     from lastbit.codegen.qemu_count import count_bundle
+    from lastbit.codesign_cost import cost_source
 
+    core = cost_source(target).core  # the core the per-layer costs were estimated for
     counts = count_bundle(artifact.export(workdir), [x])
-    return {"cycles": float(counts.cycles("cortex-a76")), "cycles_cortex-a53": float(counts.cycles("cortex-a53")),
+    return {"cycles": float(counts.cycles(core)), "cycles_cortex-a53": float(counts.cycles("cortex-a53")),
             "insns": float(counts.total)}
 
 
