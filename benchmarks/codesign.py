@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -61,7 +62,7 @@ def _latencies(artifacts: dict, x: np.ndarray, rounds: int, repeat: int) -> dict
     return {k: float(min(v)) for k, v in times.items()}
 
 
-def _whole_cost(target: str, artifact, x: np.ndarray, workdir: Path) -> dict[str, float]:
+def _whole_cost(target: str, artifact, x: np.ndarray) -> dict[str, float]:
     """The whole model's cost on a non-host target: ARM counted under qemu, accel-sim simulated."""
     if target == ACCEL:
         total = artifact.report().accelerator["total"]
@@ -70,13 +71,13 @@ def _whole_cost(target: str, artifact, x: np.ndarray, workdir: Path) -> dict[str
     from lastbit.codesign_cost import cost_source
 
     core = cost_source(target).core  # the core the per-layer costs were estimated for
-    counts = count_bundle(artifact.export(workdir), [x])
+    with tempfile.TemporaryDirectory(prefix="lastbit-codesign-bench-") as workdir:
+        counts = count_bundle(artifact.export(Path(workdir) / "bundle"), [x])
     return {"cycles": float(counts.cycles(core)), "cycles_cortex-a53": float(counts.cycles("cortex-a53")),
             "insns": float(counts.total)}
 
 
 def main(argv=None) -> dict:
-    import tempfile
 
     import torch
 
@@ -120,7 +121,6 @@ def main(argv=None) -> dict:
     tuned: dict[tuple[str, int], tuple] = {}  # (config JSON, lanes) -> (host artifact, accuracy, seconds)
     sensitivity: dict[int, tuple] = {}  # lanes -> layer_sensitivity's tables (target-independent otherwise)
     sections: dict[str, dict] = {}
-    workdir = tempfile.TemporaryDirectory(prefix="lastbit-codesign-bench-")
 
     for target in args.targets:
         objective, metric, unit = TARGETS[target]
@@ -173,8 +173,7 @@ def main(argv=None) -> dict:
                 lat = _latencies(artifacts, x, rounds=5 if args.quick else 9, repeat=20)
             cost = {k: {"latency_ms": v} for k, v in lat.items()}
         else:
-            cost = {k: _whole_cost(target, art, x, Path(workdir.name) / f"{target}-{i}")
-                    for i, (k, art) in enumerate(artifacts.items())}
+            cost = {k: _whole_cost(target, art, x) for k, art in artifacts.items()}
 
         uniform = [k for k in configs if k.startswith("uniform")]
         # the uniform settings within --max-drop of fp32; if none is, those within 0.3 pt of
@@ -208,7 +207,6 @@ def main(argv=None) -> dict:
         }
         if not args.untrained:  # after every target, so a later failure keeps what is done
             update_section("codesign", _record(args, n_tune, n_test, fp32_accuracy, sections))
-    workdir.cleanup()
     return _record(args, n_tune, n_test, fp32_accuracy, sections)
 
 

@@ -193,12 +193,14 @@ class AccelSimCost:
     term); a float layer does not run there (None)."""
 
     metrics = ("cycles", "energy_pj", "latency_ms")
+    # part of the cache key: bump it when what a measurement means changes, so older cached
+    # values are measured again (2: int8 layers run on the array as digit planes; before,
+    # they were recorded as not runnable there)
+    VERSION = 2
 
     def __init__(self, target: str = "accel-sim"):
         self.target = target
-        # "/planes": measured since int8 layers run on the array as digit planes (older cache
-        # entries recorded int8 as not runnable there)
-        self.name = f"{target}/cycles/planes"
+        self.name = f"{target}/cycles/v{self.VERSION}"
 
     def measure(self, point: CostPoint) -> dict[str, float] | None:
         if point.codes == "fp32":
@@ -233,14 +235,18 @@ class ArmCycles:
             raise LastbitError(f"no cycle model for core {core!r}; known: {', '.join(sorted(CORES))}")
         self.target, self.core = t.triple, core
         self.name = f"{t.triple}/cycles-{core}"
+        self._tools_checked = False
 
     def check_tools(self) -> None:
         """One clear error when the cross compiler or qemu-user is missing (before any compile)."""
         from lastbit.errors import TargetError
         from lastbit.targets import get_target
 
+        if self._tools_checked:
+            return
         t = get_target(self.target)
         missing = t.missing_tools()
+        self._tools_checked = not missing
         if missing:
             raise TargetError(f"counting cycles for '{t.triple}' needs {', '.join(missing)} on PATH "
                               f"(Debian packages: {' '.join(t.apt_packages) or 'see docs/TARGETS.md'})")

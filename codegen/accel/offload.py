@@ -381,7 +381,7 @@ def _plan_layer(var, kind, parts, var2val, users, params, info, config: AccelCon
     except ValueError as err:
         raise AccelCompileError(f"cannot fold {'+'.join(epilogue.ops)}: {err}") from err
     bias_eff, fused = epilogue.bias, list(epilogue.ops)
-    layer = ConvLayer(**{**vars(layer), "relu": relu})
+    layer = replace(layer, relu=relu)
     if terms > 1:  # int8 codes as power-of-two digit planes over the repeated input
         from lastbit.codegen.accel.dse import digit_planes
 
