@@ -7,6 +7,7 @@ projection. All three return an AdmmResult the graph pass turns into packed code
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -586,19 +587,10 @@ def admm_finetune(
         """f and ∇f on a batch, at W or (projected) at Π(W) with W restored afterwards (straight through)."""
         for p in params:
             p.grad = None
-        latent = {}
-        if projected:
-            with torch.no_grad():
-                for n, w in weights.items():
-                    latent[n] = w.detach().clone()
-                    w.copy_(quant.fast_project(n, w))
-        logits = model(x)
-        loss = objective(logits, x, y)
-        loss.backward()
-        if projected:
-            with torch.no_grad():
-                for n, w in weights.items():
-                    w.copy_(latent[n])
+        with _weights_set_to(weights, quant.fast_project) if projected else contextlib.nullcontext():
+            logits = model(x)
+            loss = objective(logits, x, y)
+            loss.backward()
         return float(loss.detach()), _correct(logits, y)
 
     def step_from(start: list[torch.Tensor], direction: list[torch.Tensor | None]) -> None:
@@ -736,14 +728,26 @@ def _eval_at(
     freeze_bn: bool = False,
 ) -> float:
     """Accuracy with every quantized weight temporarily set to G."""
-    saved = {n: w.detach().clone() for n, w in weights.items()}
-    for n, w in weights.items():
-        w.copy_(g[n])
-    _, acc = evaluate(model, data, device=dev)
-    for n, w in weights.items():
-        w.copy_(saved[n])
+    with _weights_set_to(weights, g):
+        _, acc = evaluate(model, data, device=dev)
     _train_mode(model, freeze_bn)
     return acc
+
+
+@contextlib.contextmanager
+def _weights_set_to(weights: dict[str, torch.Tensor], values: "dict[str, torch.Tensor] | Callable") -> Iterator[None]:
+    """Run the block with every weight W set to ``values[name]`` (or ``values(name, W)``), and W
+    restored afterwards, gradients kept: the straight-through point (∂L/∂Π(W) applied to W)."""
+    with torch.no_grad():
+        latent = {n: w.detach().clone() for n, w in weights.items()}
+        for n, w in weights.items():
+            w.copy_(values(n, w) if callable(values) else values[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, w in weights.items():
+                w.copy_(latent[n])
 
 
 # --- straight-through baseline --------------------------------------------------------------
@@ -813,23 +817,17 @@ def ste_finetune(
             loss_sum, correct, seen, n_batches = 0.0, 0, 0, 0
             for batch in batches(epoch):
                 x, y = _to_device(batch, dev)
-                with torch.no_grad():
-                    latent = {n: w.detach().clone() for n, w in weights.items()}
-                    reproject = not g or (update_every != "epoch" and step % update_every == 0)
-                    for n, w in weights.items():
-                        if reproject:
-                            g[n] = quant.fast_project(n, w)
-                        w.copy_(g[n])
+                if not g or (update_every != "epoch" and step % update_every == 0):
+                    with torch.no_grad():
+                        g = {n: quant.fast_project(n, w) for n, w in weights.items()}
                 for group in optimizer.param_groups:
                     group["lr"] = _lr_at(lr, lr_schedule, step, total)
                 optimizer.zero_grad(set_to_none=True)
-                logits = model(x)
-                loss = objective(logits, x, y)
-                _check_finite(float(loss.detach()), "STE", epoch, n_batches)
-                loss.backward()
-                with torch.no_grad():  # the straight-through step: ∂L/∂Π(W) applied to W
-                    for n, w in weights.items():
-                        w.copy_(latent[n])
+                with _weights_set_to(weights, g):  # the straight-through step: ∂L/∂Π(W) applied to W
+                    logits = model(x)
+                    loss = objective(logits, x, y)
+                    _check_finite(float(loss.detach()), "STE", epoch, n_batches)
+                    loss.backward()
                 optimizer.step()
                 step += 1
                 loss_sum, correct = loss_sum + float(loss.detach()), correct + _correct(logits, y)
