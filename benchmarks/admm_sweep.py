@@ -127,6 +127,7 @@ def _fp32(name: str):
     import torch
 
     from lastbit.frontend.models import ZOO, get_model
+    from lastbit.frontend.training import train_classifier
 
     if name not in _STATE:
         if _STATE.get("fp32_cache"):  # the weight cache's file by name (its hash covers torch's repr)
@@ -148,32 +149,11 @@ def _fp32(name: str):
             if path.is_file():
                 model.load_state_dict(torch.load(path, map_location=_STATE["device"], weights_only=True))
             else:
-                _train_on_device(model, _STATE["train"], ZOO[name].train_epochs)
+                train_classifier(model, _STATE["train"], ZOO[name].train_epochs, lr=1e-3, batch_size=128, seed=SEED,
+                                 progress=False, device=_STATE["device"])
                 torch.save(model.state_dict(), path)
         _STATE[name] = model.eval()
     return _STATE[name]
-
-
-def _train_on_device(model, train, epochs: int) -> None:
-    import torch
-
-    dev = _STATE["device"]
-    x_all, y_all = torch.from_numpy(train.images).to(dev), torch.from_numpy(train.labels).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    steps = math.ceil(len(y_all) / 128)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps * epochs)
-    rng = np.random.default_rng(SEED)
-    torch.manual_seed(SEED)
-    model.train()
-    for _ in range(epochs):
-        order = torch.from_numpy(rng.permutation(len(y_all))).to(dev)
-        for i in range(steps):
-            idx = order[i * 128:(i + 1) * 128]
-            loss = torch.nn.functional.cross_entropy(model(x_all[idx]), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
 
 
 def _accuracy(module, device: str) -> float:

@@ -35,16 +35,18 @@ def train_classifier(
     progress: bool = True,
     optimizer: str = "adam",
     weight_decay: float = 0.0,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
     """Train ``model`` in place with cross-entropy and return it in eval mode.
 
     ``train_arrays`` is ``(images, labels)`` as the loaders in ``datasets`` return them.
     ``optimizer`` is "adam" or "sgd" (momentum 0.9, cosine learning-rate decay).  The batch
-    order and any random layers follow ``seed``, so a rerun gives the same weights.
+    order and any random layers follow ``seed``, so a rerun gives the same weights.  The data
+    moves to ``device`` (the model's) once, not per batch.
     """
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', not {optimizer!r}")
-    images, labels = _as_tensors(train_arrays)
+    images, labels = (t.to(device) for t in _as_tensors(train_arrays))
     n = len(labels)
     steps_per_epoch = (n + batch_size - 1) // batch_size
     if optimizer == "adam":
@@ -60,7 +62,7 @@ def train_classifier(
         torch.manual_seed(seed)  # dropout and friends
         model.train()
         for epoch in range(epochs):
-            order = torch.from_numpy(order_rng.permutation(n))
+            order = torch.from_numpy(order_rng.permutation(n)).to(device)
             seen = correct = 0
             loss_sum = 0.0
             bar = _progress(range(steps_per_epoch), progress, f"epoch {epoch + 1}/{epochs}")
