@@ -28,6 +28,9 @@ TARGETS = ("aarch64-linux-gnu", "armv7a-linux-gnueabihf")
 LAYERS = ("dense", "conv3x3")
 GOAL_RATIO = 0.25  # issue 12: ≤ 0.25× the fp32 instructions on aarch64
 COST_TABLE = Path(__file__).resolve().parent.parent / "codegen" / "kernel_costs.json"
+# targets whose bitserial code is the measured target's instruction for instruction (no sdot
+# in it): their rows follow the measured one (kernel_costs.json's "_about")
+SAME_INSTRUCTIONS = {"aarch64-linux-gnu": ("aarch64-dotprod-linux-gnu",)}
 
 
 def layer_model(name: str):
@@ -153,8 +156,9 @@ def update_cost_table(rows: list[dict]) -> None:
         layer = int_layer(row["layer"])
         rows_of = table.setdefault(row["target"], {})
         if row["kernel"] == "bitserial":
-            rate = row["insns_ternary_a2"] / work_units("bitserial", layer)
-            rows_of.setdefault("bitserial", {})[layer.op] = round(rate, 3)
+            rate = round(row["insns_ternary_a2"] / work_units("bitserial", layer), 3)
+            for triple in (row["target"], *SAME_INSTRUCTIONS.get(row["target"], ())):
+                table.setdefault(triple, {}).setdefault("bitserial", {})[layer.op] = rate
         if row.get("insns_int8_kernel_only"):  # kernel alone: a lower bound for the whole layer
             rows_of.setdefault("int8", {})[layer.op] = round(row["insns_int8_kernel_only"] / work_units("int8", layer), 3)
     atomic_write_text(COST_TABLE, json.dumps(table, indent=2) + "\n")

@@ -12,8 +12,8 @@ two functions cost as many instructions as the ResNet-20 conv kernel itself on A
 the buffers are read through flat 1-D views: the quantize is one contiguous loop, the
 epilogue one contiguous loop per (image, channel) row with the channel's bias and scale
 broadcast (or, when the channel axis is last, as for a dense layer, one row per sample with
-bias/scale loaded as vectors). Each loop runs ``lanes`` wide with a scalar tail, so no lane
-needs an index division.
+bias/scale loaded as vectors). Each loop runs ``UNROLL`` vectors of ``lanes`` an iteration,
+then single vectors and a scalar tail, so no lane needs an index division.
 
 Rounding: ``rint`` is ``frintn``/``frinti`` on aarch64 and ``vroundps`` on x86, but armv7
 NEON has no vector rounding instruction and LLVM calls ``nearbyintf`` per element; there the
@@ -34,6 +34,9 @@ MAGIC_ROUND = 12582912.0  # 1.5·2²³: float32 sums in [2²³, 2²⁴) have a u
 MAGIC_BITS = 0x4B400000  # the float32 bits of MAGIC_ROUND
 # from this many elements on, loops run parallel over rows (cpu_schedule.GenericKnobs too)
 MIN_PARALLEL_ELEMS = 16384
+# vectors per iteration of the quantize and epilogue loops: one iteration's loop overhead
+# (index add, compare, branch) and narrowing shuffles shared by 4 vectors, not paid per vector
+UNROLL = 4
 
 
 def rounds_in_vector(target) -> bool:
@@ -45,22 +48,27 @@ def rounds_in_vector(target) -> bool:
     return not triple.startswith(("arm", "thumb"))
 
 
-def vector_loop(extent: int, lanes: int, body, name: str):
-    """``for i in range(extent): body(i)`` as a ``lanes``-wide vectorized loop plus a scalar
-    tail (either part left out when empty)."""
+def vector_loop(extent: int, lanes: int, body, name: str, unroll: int = 1):
+    """``for i in range(extent): body(i)`` as a vectorized loop ``lanes``·``unroll`` wide (LLVM
+    splits it into ``unroll`` registers per iteration), then one ``lanes`` wide for what is
+    left, then a scalar tail (each part left out when empty)."""
     from tvm import tirx
 
     parts = []
-    full = extent // lanes if lanes > 1 else 0
-    if full:
-        outer = tirx.Var(f"{name}_o", "int32")
-        inner = tirx.Var(f"{name}_v", "int32")
-        vec = tirx.For(inner, 0, lanes, tirx.ForKind.VECTORIZED, body(outer * lanes + inner))
-        parts.append(tirx.For(outer, 0, full, tirx.ForKind.SERIAL, vec))
-    tail = extent - full * lanes
+    done = 0
+    for width in dict.fromkeys((lanes * unroll, lanes)):
+        full = (extent - done) // width if width > 1 else 0
+        if full:
+            outer = tirx.Var(f"{name}_o{width}", "int32")
+            inner = tirx.Var(f"{name}_v{width}", "int32")
+            vec = tirx.For(inner, 0, width, tirx.ForKind.VECTORIZED, body(done + outer * width + inner))
+            parts.append(tirx.For(outer, 0, full, tirx.ForKind.SERIAL, vec) if full > 1
+                         else tirx.For(inner, 0, width, tirx.ForKind.VECTORIZED, body(done + inner)))
+            done += full * width
+    tail = extent - done
     if tail:
         t = tirx.Var(f"{name}_t", "int32")
-        parts.append(tirx.For(t, 0, tail, tirx.ForKind.SERIAL, body(full * lanes + t)))
+        parts.append(tirx.For(t, 0, tail, tirx.ForKind.SERIAL, body(done + t)))
     return tirx.SeqStmt(parts) if len(parts) > 1 else parts[0]
 
 
@@ -122,10 +130,10 @@ def quantize_prim_func(shape: tuple[int, ...], lo: int, hi: int, inv: float | No
     total = int(math.prod(shape))
     rows = int(math.prod(shape[:2])) if len(shape) > 2 else (shape[0] if len(shape) == 2 else 1)
     if total < parallel_min or rows < 2:
-        loop = vector_loop(total, lanes, body, "i")
+        loop = vector_loop(total, lanes, body, "i", UNROLL)
     else:
         row, inner = tirx.Var("row", "int32"), total // rows
-        per_row = vector_loop(inner, lanes, lambda j: body(row * inner + j), "i")
+        per_row = vector_loop(inner, lanes, lambda j: body(row * inner + j), "i", UNROLL)
         loop = tirx.For(row, 0, rows, tirx.ForKind.PARALLEL, per_row)
     buffers = [x] + ([inv_buf] if inv_buf is not None else []) + [out]
     return flat_prim_func(buffers, views, loop)
@@ -158,10 +166,10 @@ def epilogue_prim_func(acc_shape: tuple[int, ...], channel_axis: int, relu: bool
 
     row = tirx.Var("row", "int32")
     if inner == 1:  # channels innermost (dense [M, N]): one row per sample, bias/scale as vectors
-        rows, row_body = outer, vector_loop(channels, lanes, lambda c: value(row * channels + c, c), "c")
+        rows, row_body = outer, vector_loop(channels, lanes, lambda c: value(row * channels + c, c), "c", UNROLL)
     else:  # one row per (sample, channel): bias/scale broadcast along the contiguous spatial run
         c = tirx.floormod(row, channels) if outer > 1 else row
-        rows, row_body = outer * channels, vector_loop(inner, lanes, lambda s: value(row * inner + s, c), "s")
+        rows, row_body = outer * channels, vector_loop(inner, lanes, lambda s: value(row * inner + s, c), "s", UNROLL)
     kind = tirx.ForKind.PARALLEL if rows > 1 and outer * channels * inner >= parallel_min else tirx.ForKind.SERIAL
     loop = tirx.For(row, 0, rows, kind, row_body)
     return flat_prim_func([acc, bias, scale, out], views, loop)

@@ -17,15 +17,26 @@ NEON ``cnt``, AVX-512 ``vpopcntb``) and a uint8 add, with no horizontal reductio
 holds at most 255, so the reduction runs in blocks of at most ``MAX_BLOCK_BYTES`` bytes (8 bits
 each), widened into uint16 per block; the plane weights are applied once per output.
 
+Conv, ternary: one uint8 counter per activation plane takes popc(x & P) − popc(x & N) per byte
+(modulo 256; blocks of at most ``TERNARY_BLOCK_BYTES`` keep its int8 view exact) and widens
+into int16 — half the counters and widenings of separate P and N counts. Per output pixel a
+register tile of ``vectors`` × 16 output channels (``conv_vectors``: 2 when O allows) keeps its
+counters and 16-bit sums in registers over the whole window; each activation vector it loads
+serves 2·q ANDs per vector of the tile.
+
 Layouts (``pack``), bytes along the reduction, zero-padded (a zero bit adds nothing, so padding
 is exact):
     dense:  W [ceil(N/L), planes, KB, L]            L = 64 if N % 64 == 0 else 16 (``lanes``);
                                                     KB = ceil(K/8) rounded up to 16-byte blocks;
             in block B, bit j of byte b is element 128·B + 16·j + b (``dense_bit_order``)
-    conv2d: W [ceil(O/16), planes, KH, KW, CB, 16]  CB = ceil(C/groups / 8); bit j of byte c is
-            input channel 8·c + j
-The activations are packed inside the kernel: dense [M, k, KB]; conv2d [N, k, G, H+pad, CB, W+pad]
-(width innermost, so packing vectorizes along the contiguous input row).
+    conv2d: W [ceil(O/16)/V, KH, KW, CB, V, planes, 16]   V = ``conv_vectors``; CB =
+            ceil(C/groups / 8); bit j of byte c is input channel 8·c + j; the V·planes vectors
+            one byte of a tile meets are adjacent (ldp pairs)
+The activations are packed inside the kernel: dense [M, k, KB]; conv2d planes 16 pixels at a
+time along the padded input row (contiguous int8 loads per channel), each byte then repeated
+across the 16 lanes of a vector (``dup`` lane), [N, G, H+pad, W+pad, CB, k, 16]: the hot loop
+loads its broadcast operand as a plain vector, both planes in one ``ldp``, not one ``ld1r`` and
+address add per byte.
 """
 
 from __future__ import annotations
@@ -43,7 +54,11 @@ CODE_SETS = ("binary", "ternary")
 LANES = 16  # output rows/channels per vector: one 128-bit NEON register of uint8
 WIDE_LANES = 64  # dense rows per vector when N allows: one AVX-512 register (four NEON ones)
 MAX_BLOCK_BYTES = 31  # 31 bytes · 8 bits ≤ 255: a uint8 lane cannot overflow inside a block
+# conv, ternary: one uint8 counter sums popc(x & P) − popc(x & N) ∈ [−8, 8] per byte modulo 256;
+# over ≤ 15 bytes the true sum lies in [−120, 120], so its int8 view is exact
+TERNARY_BLOCK_BYTES = 15
 DENSE_BLOCK_BYTES = 16
+MAX_CONV_REDUCTION = 32767  # conv: per-plane sums held in int16 (ternary) / uint16 (binary) lanes
 
 
 def _weight_planes(code_set: str) -> int:
@@ -106,12 +121,18 @@ def dense_bit_order(bits: np.ndarray) -> np.ndarray:
     return np.swapaxes(blocks, -1, -2).reshape(*lead, -1)  # [..., block, b, j]
 
 
+def conv_block_bytes(layer: IntLayer) -> int:
+    """Bytes one uint8 conv counter may sum: ``TERNARY_BLOCK_BYTES`` for the signed ternary
+    difference, ``MAX_BLOCK_BYTES`` for a binary count."""
+    return MAX_BLOCK_BYTES if layer.code_set == "binary" else TERNARY_BLOCK_BYTES
+
+
 def conv_blocking(layer: IntLayer) -> tuple[int, int]:
     """(CB, CBI): packed input-channel bytes, and how many of them one uint8 block takes along
-    with the whole kernel row (KW·CBI ≤ MAX_BLOCK_BYTES; CBI divides CB)."""
+    with the whole kernel row (KW·CBI ≤ ``conv_block_bytes``; CBI divides CB)."""
     _o, cg, _kh, kw = layer.weight_shape
     cb = -(-cg // 8)
-    fits = [d for d in range(1, cb + 1) if cb % d == 0 and kw * d <= MAX_BLOCK_BYTES]
+    fits = [d for d in range(1, cb + 1) if cb % d == 0 and kw * d <= conv_block_bytes(layer)]
     return cb, (max(fits) if fits else 0)
 
 
@@ -131,8 +152,11 @@ def pack(layer: IntLayer, codes: np.ndarray) -> list[np.ndarray]:
         packed = pack_bits(planes, 8)  # [O, KH, KW, q, CB]
         full = np.zeros((o_pad, kh, kw, packed.shape[3], cb), np.uint8)
         full[:o] = packed
-        # [O/16, 16, KH, KW, q, CB] -> [O/16, q, KH, KW, CB, 16]
-        return [np.ascontiguousarray(full.reshape(o_pad // LANES, LANES, kh, kw, -1, cb).transpose(0, 4, 2, 3, 5, 1))]
+        v = conv_vectors(layer)
+        # [O/16V, V, 16, KH, KW, q, CB] -> [O/16V, KH, KW, CB, V, q, 16]: the V·q vectors one
+        # byte of the tile ANDs with are adjacent (ldp pairs)
+        tiles = full.reshape(o_pad // (LANES * v), v, LANES, kh, kw, -1, cb)
+        return [np.ascontiguousarray(tiles.transpose(0, 3, 4, 6, 1, 5, 2))]
     kb = dense_bytes(codes.shape[1])
     bits = weight_planes(codes.astype(np.int32), layer.code_set)  # [N, q, K]
     padded = np.zeros(bits.shape[:2] + (kb * 8,), np.uint8)
@@ -153,7 +177,9 @@ def supports(layer: IntLayer, features: frozenset[str]) -> str | None:
     if layer.act_unsigned and layer.act_bits > 7:
         return "unsigned activations fit int8 codes only up to 7 bits"
     if layer.op == "conv2d" and conv_blocking(layer)[1] == 0:
-        return f"kernel width {layer.weight_shape[3]} exceeds one {MAX_BLOCK_BYTES}-byte block"
+        return f"kernel width {layer.weight_shape[3]} exceeds one {conv_block_bytes(layer)}-byte block"
+    if layer.op == "conv2d" and int(np.prod(layer.weight_shape[1:])) > MAX_CONV_REDUCTION:
+        return f"reduction {int(np.prod(layer.weight_shape[1:]))} exceeds the 16-bit counters ({MAX_CONV_REDUCTION})"
     return None
 
 
@@ -182,20 +208,25 @@ def _popc16(v):
     return tirx.popcount(v).astype("uint16")
 
 
-def _combine(layer: IntLayer, part, xcount=None):
-    """The int32 accumulator from the per-plane uint16 counts ``part(p, q)`` (and, for binary,
-    ``xcount(p)`` = popc of the activation plane over the window)."""
+def _combine(layer: IntLayer, plane_dot):
+    """The int32 accumulator Σ_p c_p · ``plane_dot(p)``, where ``plane_dot(p)`` is the int32
+    dot product of activation plane p with the weights."""
     from tvm import tirx
 
     total = None
     for p, c in enumerate(plane_weights(int(layer.act_bits), bool(layer.act_unsigned))):
-        if layer.code_set == "binary":
-            term = 2 * part(p, 0).astype("int32") - xcount(p)
-        else:
-            term = part(p, 0).astype("int32") - part(p, 1).astype("int32")
+        term = plane_dot(p)
         term = term * tirx.const(c, "int32") if c != 1 else term
         total = term if total is None else total + term
     return total
+
+
+def _plane_dot(layer: IntLayer, count, xcount=None):
+    """Σ x_p·w from uint popcounts ``count(q)`` of the activation plane AND weight plane q:
+    binary (bipolar) 2·popc(x & B) − popc(x) (``xcount``), ternary popc(x & P) − popc(x & N)."""
+    if layer.code_set == "binary":
+        return 2 * count(0).astype("int32") - xcount
+    return count(0).astype("int32") - count(1).astype("int32")
 
 
 def prim_func(layer: IntLayer):
@@ -216,7 +247,8 @@ def prim_func(layer: IntLayer):
         cb, cbi = conv_blocking(layer)
         hp, wp = h + pt + pb, wd + pl + pr
         x = te.placeholder(layer.data_shape, "int8", name="x_q")
-        w = te.placeholder((-(-o // LANES), q_planes, kh, kw, cb, LANES), "uint8", name="w_planes")
+        v = conv_vectors(layer)
+        w = te.placeholder((-(-o // LANES) // v, kh, kw, cb, v, q_planes, LANES), "uint8", name="w_planes")
 
         def x_byte(b, p, g, yy, byte, zz):
             y, z = yy - pt, zz - pl
@@ -235,23 +267,37 @@ def prim_func(layer: IntLayer):
 
             return _plane_byte(value_at, valid, p)
 
-        xb = te.compute((n, act_bits, groups, hp, cb, wp), x_byte, name="x_planes")
+        wrow = _round_up(wp, LANES)  # whole 16-byte vectors along the padded row
+        xb = te.compute((n, act_bits, groups, hp, cb, wrow), x_byte, name="x_planes")
+        # every plane byte repeated in the 16 lanes of a vector: the hot loop loads its
+        # broadcast operand as a plain vector (two planes per ldp) instead of a ld1r each
+        xv = te.compute((n, groups, hp, wrow, cb, act_bits, LANES),
+                        lambda b, g, yy, zz, byte, p, lane: xb[b, p, g, yy, byte, zz], name="x_lanes")
         rj = te.reduce_axis((0, kw), name="rj")
         rci = te.reduce_axis((0, cbi), name="rci")
 
-        # the output channel is the last axis of the counters: their register tiles are
-        # contiguous vectors of 16 channels
-        def part8_body(b, y, z, p, q, ri, rco, oc):
+        def part8_body(b, y, z, p, ri, rco, oc):
             byte = rco * cbi + rci
-            xv = xb[b, p, oc // og, y * sh + ri * dh, byte, z * sw + rj * dw]
-            return te.sum(tirx.popcount(xv & w[oc // LANES, q, ri, rj, byte, oc % LANES]), axis=[rj, rci])
+            xval = xv[b, oc // og, y * sh + ri * dh, z * sw + rj * dw, byte, p, oc % LANES]
 
-        part8 = te.compute((n, oh, ow, act_bits, q_planes, kh, cb // cbi, o), part8_body, name="part8")
+            def count(q):
+                return tirx.popcount(xval & w[oc // (LANES * v), ri, rj, byte, oc // LANES % v, q, oc % LANES])
+
+            # ternary: popc(x & P) − popc(x & N) ∈ [−8, 8] per byte, summed modulo 256 over a
+            # block of ≤ TERNARY_BLOCK_BYTES bytes: the int8 view of the sum is exact
+            return te.sum(count(0) if q_planes == 1 else count(0) - count(1), axis=[rj, rci])
+
+        part8 = te.compute((n, oh, ow, act_bits, kh, cb // cbi, o), part8_body, name="part8")
         ri = te.reduce_axis((0, kh), name="ri")
         rco = te.reduce_axis((0, cb // cbi), name="rco")
+        wide = "uint16" if q_planes == 1 else "int16"
+
+        def widen(v):
+            return v.astype(wide) if q_planes == 1 else tirx.reinterpret("int8", v).astype(wide)
+
         part = te.compute(
-            (n, oh, ow, act_bits, q_planes, o),
-            lambda b, y, z, p, q, oc: te.sum(part8[b, y, z, p, q, ri, rco, oc].astype("uint16"), axis=[ri, rco]),
+            (n, oh, ow, act_bits, o),
+            lambda b, y, z, p, oc: te.sum(widen(part8[b, y, z, p, ri, rco, oc]), axis=[ri, rco]),
             name="part",
         )
         tensors = [x, w]
@@ -263,15 +309,15 @@ def prim_func(layer: IntLayer):
             xcount = te.compute(
                 (n, groups, act_bits, oh, ow),
                 lambda b, g, p, y, z: te.sum(
-                    tirx.popcount(xb[b, p, g, y * sh + ci * dh, cc, z * sw + cj * dw]).astype("int32"), axis=[ci, cj, cc]
+                    tirx.popcount(xv[b, g, y * sh + ci * dh, z * sw + cj * dw, cc, p, 0]).astype("int32"), axis=[ci, cj, cc]
                 ),
                 name="x_count",
             )
         acc = te.compute(
             (n, o, oh, ow),
-            lambda b, oc, y, z: _combine(
-                layer, lambda p, q: part[b, y, z, p, q, oc], None if xcount is None else (lambda p: xcount[b, oc // og, p, y, z])
-            ),
+            lambda b, oc, y, z: _combine(layer, lambda p: (
+                part[b, y, z, p, oc].astype("int32") if xcount is None
+                else _plane_dot(layer, lambda q: part[b, y, z, p, oc], xcount[b, oc // og, p, y, z]))),
             name="acc",
         )
         return te.create_prim_func([*tensors, acc])
@@ -317,7 +363,8 @@ def prim_func(layer: IntLayer):
                             name="x_count")
     acc = te.compute(
         (m, nrows),
-        lambda i, jrow: _combine(layer, lambda p, q: part[i, p, q, jrow], None if xcount is None else (lambda p: xcount[i, p])),
+        lambda i, jrow: _combine(layer, lambda p: _plane_dot(layer, lambda q: part[i, p, q, jrow],
+                                                             None if xcount is None else xcount[i, p])),
         name="acc",
     )
     return te.create_prim_func([x, w, acc])
@@ -342,47 +389,24 @@ def _loops_by_axis(sch, block, anchor) -> dict:
     return found
 
 
-def _schedule(sch, layer: IntLayer, pixels=None) -> None:
-    """Output rows/channels in vector lanes; for conv ``pixels`` output columns per register
-    tile (their uint8/uint16 counters stay in registers across the whole reduction)."""
+def conv_vectors(layer: IntLayer) -> int:
+    """Default oc vectors (of 16 channels) per register tile: 2 when O allows — each broadcast
+    activation vector then serves 2 × q ANDs, and the tile (2 × act_bits uint8 counters, their
+    16-bit sums, 2·q weight vectors) still fits the 32 NEON registers."""
+    return 2 if -(-layer.weight_shape[0] // LANES) % 2 == 0 else 1
+
+
+def _schedule(sch, layer: IntLayer, vectors=None) -> None:
+    """Output rows/channels in vector lanes; for conv ``vectors`` 16-channel vectors per
+    register tile, whose counters stay in registers over the pixel's whole reduction."""
     width = lanes(layer)
     vectorizable = layer.weight_shape[0] % width == 0
     acc = sch.get_sblock("acc")
     part = sch.get_sblock("part")
     part8 = sch.get_sblock("part8")
     if layer.op == "conv2d":
-        b, oc, y, z = sch.get_loops(acc)
-        ow = conv_output_shape(layer)[3]
-        if pixels is None:
-            pixels = 1  # 1, 2 or 4 count the same under qemu (ResNet-20 conv); 1 spills least
-        if isinstance(pixels, int) and ow % pixels:
-            pixels = 1
-        oo, oi = sch.split(oc, [None, LANES])
-        zo, zi = sch.split(z, [None, pixels])
-        sch.reorder(b, oo, y, zo, zi, oi)
-        _parallel_tasks(sch, sch.fuse(b, oo), layer.data_shape[0] * -(-layer.weight_shape[0] // LANES),
-                        _bit_products(layer))
-        sch.compute_at(part, zo)
-        sch.set_scope(part, 0, "local")
-        ax = _loops_by_axis(sch, part, zo)
-        _reorder_present(sch, ax, ["ri", "rco", "z", "p", "q", "oc"])
-        anchor = ax.get("rco") or ax.get("ri") or zo
-        sch.compute_at(part8, anchor)
-        sch.set_scope(part8, 0, "local")
-        ax8 = _loops_by_axis(sch, part8, anchor)
-        _reorder_present(sch, ax8, ["rj", "rci", "z", "p", "q", "oc"])
-        first8 = next(ax8[a] for a in ("rj", "rci", "z", "p", "q", "oc") if a in ax8)
-        first = next(ax[a] for a in ("ri", "rco", "z", "p", "q", "oc") if a in ax)
-        _vectorize_inner(sch, [part8, part, acc], vectorizable)
-        sch.decompose_reduction(part8, first8)
-        sch.decompose_reduction(part, first)
-        for name in ("z", "p", "q"):
-            if name in ax8:
-                sch.unroll(ax8[name])
-        xp = sch.get_sblock("x_planes")
-        xl = sch.get_loops(xp)
-        sch.parallel(sch.fuse(xl[0], xl[1]))
-        sch.vectorize(xl[-1])  # along the padded input row: contiguous int8 loads per channel
+        _schedule_conv(sch, layer, acc, part, part8, conv_vectors(layer) if vectors is None else vectors,
+                       vectorizable)
         return
     i, j = sch.get_loops(acc)
     jo, ji = sch.split(j, [None, width])
@@ -410,7 +434,79 @@ def _schedule(sch, layer: IntLayer, pixels=None) -> None:
     sch.vectorize(xb)  # 8 contiguous 16-byte loads per packed vector (dense_bit_order)
 
 
+def _schedule_conv(sch, layer: IntLayer, acc, part, part8, vectors, vectorizable: bool) -> None:
+    """Per output pixel and tile of ``vectors`` × 16 output channels: for each kernel row and
+    channel block, uint8 counters over the block's bytes (AND, cnt, add, all unrolled), widened
+    once per block into 16-bit sums held in registers over the pixel's whole reduction.
+    Activation planes are packed first, then repeated in lanes."""
+    tile = vectors * LANES
+    b, oc, y, z = sch.get_loops(acc)
+    oo, oi = sch.split(oc, [None, tile])
+    sch.reorder(b, oo, y, z, oi)
+    _parallel_tasks(sch, sch.fuse(b, oo), layer.data_shape[0] * -(-layer.weight_shape[0] // tile),
+                    _bit_products(layer))
+    sch.compute_at(part, z)
+    sch.set_scope(part, 0, "local")
+    ax = _loops_by_axis(sch, part, z)
+    _reorder_present(sch, ax, ["ri", "rco", "p", "oc"])
+    anchor = ax.get("rco") or ax.get("ri") or z
+    sch.compute_at(part8, anchor)
+    sch.set_scope(part8, 0, "local")
+    ax8 = _loops_by_axis(sch, part8, anchor)
+    _reorder_present(sch, ax8, ["rj", "rci", "p", "oc"])
+    first8 = next(ax8[a] for a in ("rj", "rci", "p", "oc") if a in ax8)
+    first = next(ax[a] for a in ("ri", "rco", "p", "oc") if a in ax)
+    for block in (part8, part, acc):
+        inner = sch.get_loops(block)[-1]
+        if vectorizable and vectors > 1:
+            outer, inner = sch.split(inner, [vectors, LANES])
+            sch.unroll(outer)
+        if vectorizable:
+            sch.vectorize(inner)
+    part8_init = sch.decompose_reduction(part8, first8)
+    part_init = sch.decompose_reduction(part, first)
+    # every loop of the pixel's reduction unrolled but the channel-block one: the counters and
+    # 16-bit sums are indexed by constants only, so LLVM keeps them in registers
+    keep = [ax[a] for a in ("ri", "rco") if a in ax]
+    for block in (part8_init, part8, part_init, part):
+        _unroll_serial_below(sch, block, z, keep)
+    # planes 16 pixels at a time along the padded input row (contiguous int8 loads per
+    # channel) into one register, each of its bytes then repeated across a vector (dup lane)
+    xv = sch.get_sblock("x_lanes")
+    b, g, yy, zz, byte, p, lane = sch.get_loops(xv)
+    zo, zi = sch.split(zz, [None, LANES])
+    sch.reorder(zo, byte, p, zi)
+    rows = sch.fuse(b, g, yy)
+    n, _c, h, wd = layer.data_shape
+    pt, pl, pb, pr = layer.padding
+    lane_vectors = n * layer.groups * (h + pt + pb) * _round_up(wd + pl + pr, LANES) * conv_blocking(layer)[0] * int(layer.act_bits)
+    _parallel_tasks(sch, rows, n * layer.groups * (h + pt + pb), lane_vectors * PACK_BIT_PRODUCTS_PER_VECTOR)
+    sch.unroll(zi)
+    sch.vectorize(lane)
+    xp = sch.get_sblock("x_planes")
+    sch.compute_at(xp, p)
+    sch.set_scope(xp, 0, "local")
+    sch.vectorize(sch.get_loops(xp)[-1])
+
+
+def _unroll_serial_below(sch, block, anchor, keep) -> None:
+    """Unroll the serial loops of ``block`` under ``anchor``, except those in ``keep``."""
+    from tvm import tirx
+
+    loops = sch.get_loops(block)
+    anchor_var = sch.get(anchor).loop_var
+    start = next(i for i, loop in enumerate(loops) if sch.get(loop).loop_var.same_as(anchor_var)) + 1
+    kept = [sch.get(loop).loop_var for loop in keep]
+    for loop in loops[start:]:
+        node = sch.get(loop)
+        if node.kind == tirx.ForKind.SERIAL and not any(node.loop_var.same_as(k) for k in kept):
+            sch.unroll(loop)
+
+
 MIN_TASK_BIT_PRODUCTS = 1 << 21  # ~100k instructions: a task pays a workspace allocation (~2k)
+# activation packing, in the same unit: ~4 instructions per lane vector written, at the ~20 bit
+# products per instruction MIN_TASK_BIT_PRODUCTS assumes
+PACK_BIT_PRODUCTS_PER_VECTOR = 80
 
 
 def _bit_products(layer: IntLayer) -> int:
@@ -451,12 +547,12 @@ def schedule(sch, layer: IntLayer, features: frozenset[str]) -> None:
 
 
 def tuning_space(layer: IntLayer, features: frozenset[str]):
-    ow = conv_output_shape(layer)[3] if layer.op == "conv2d" else 1
-    choices = [c for c in (1, 2, 4) if ow % c == 0]
+    vectors = -(-layer.weight_shape[0] // LANES) if layer.op == "conv2d" else 1
+    choices = [c for c in (1, 2, 4) if vectors % c == 0]
 
     def space(sch) -> None:
-        pixels = choices[0] if len(choices) == 1 else sch.sample_categorical(choices, [1 / len(choices)] * len(choices))
-        _schedule(sch, layer, pixels=pixels)
+        pick = choices[0] if len(choices) == 1 else sch.sample_categorical(choices, [1 / len(choices)] * len(choices))
+        _schedule(sch, layer, vectors=pick)
 
     return space
 

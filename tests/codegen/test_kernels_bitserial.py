@@ -46,6 +46,8 @@ def _cases(rng, grids, conv_shapes):
 
 
 CONV_SHAPES = [
+    ((1, 13, 9, 8), 32, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1),  # 2 vectors a tile, C % 8 = 5, stride 2
+    ((1, 16, 6, 7), 64, (3, 3), (1, 1), (1, 0, 1, 2), (1, 1), 2),  # 2 groups of 32: tiles inside a group
     ((1, 5, 9, 11), 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1),  # vectorized: 16 output channels
     ((2, 4, 8, 7), 6, (3, 2), (2, 2), (0, 1, 1, 0), (1, 1), 2),  # grouped, strided, odd padding
     ((1, 19, 7, 6), 33, (1, 3), (1, 1), (0, 2, 0, 1), (1, 2), 1),  # 3 channel bytes, dilation, O % 16 = 1
@@ -64,13 +66,56 @@ def test_bitserial_k_bit_activations_are_bit_exact_on_x86(tmp_path):
 
 
 @pytest.mark.qemu
-def test_bitserial_k_bit_activations_are_bit_exact_under_qemu(tmp_path):
-    triple = "aarch64-linux-gnu"
+@pytest.mark.parametrize("triple", ["aarch64-linux-gnu", "armv7a-linux-gnueabihf"])
+def test_bitserial_k_bit_activations_are_bit_exact_under_qemu(tmp_path, triple):
     missing = get_target(triple).missing_tools()
     if missing:
         pytest.skip(f"{triple} needs {', '.join(missing)}")
     grids = [(1, True), (2, True), (2, False), (3, False), (4, True)]
     _run(_cases(np.random.default_rng(1212), grids, CONV_SHAPES), triple, tmp_path)
+
+
+def _vector_tiles(rng):
+    """Ternary and binary conv cases under every ``vectors`` choice of the tuning space (1, 2
+    and 4 channel vectors a register tile), on odd spatial shapes."""
+    import dataclasses
+
+    cases = []
+    for vectors in (1, 2, 4):
+        cs = ("ternary", "binary")[vectors % 2]
+        levels = code_set(cs).levels
+        shape = (1, 20, 7, 9)
+        codes = rng.choice(levels, size=(64, 20, 3, 3)).astype(np.int8)
+        x = _activations(rng, shape, 2, True)
+        layer = IntLayer("conv2d", cs, 2, shape, codes.shape, padding=(1, 1, 0, 2), act_bits=2, act_unsigned=True)
+        ref = int_conv2d(np.pad(x, ((0, 0), (0, 0), (1, 0), (1, 2))), codes, (1, 1), 0, (1, 1), 1)
+        kernel = dataclasses.replace(get_kernel("bitserial"),
+                                     schedule=lambda sch, layer, f, v=vectors: bitserial._schedule(sch, layer, vectors=v))
+        cases.append((kernel, layer, codes, x, ref))
+    return cases
+
+
+def test_bitserial_conv_vector_tiles_are_bit_exact_on_x86(tmp_path):
+    _run(_vector_tiles(np.random.default_rng(31)), "x86_64-linux-gnu", tmp_path)
+
+
+@pytest.mark.qemu
+def test_bitserial_conv_vector_tiles_are_bit_exact_under_qemu(tmp_path):
+    triple = "aarch64-linux-gnu"
+    missing = get_target(triple).missing_tools()
+    if missing:
+        pytest.skip(f"{triple} needs {', '.join(missing)}")
+    _run(_vector_tiles(np.random.default_rng(32)), triple, tmp_path)
+
+
+def test_ternary_conv_blocks_fit_the_int8_difference():
+    """A ternary counter sums popc(x & P) − popc(x & N) ∈ [−8, 8] per byte: at most 15 bytes
+    keep the int8 view exact, so a 3-wide row takes 5 channel bytes a block at most."""
+    layer = IntLayer("conv2d", "ternary", 2, (1, 80, 4, 4), (16, 80, 3, 3), act_bits=2, act_unsigned=True)
+    cb, cbi = bitserial.conv_blocking(layer)
+    assert (cb, cbi) == (10, 5) and 3 * cbi <= bitserial.TERNARY_BLOCK_BYTES
+    wide = IntLayer("conv2d", "ternary", 2, (1, 8, 4, 20), (16, 8, 1, 16), act_bits=2, act_unsigned=True)
+    assert "15-byte block" in get_kernel("bitserial").supports(wide, frozenset())
 
 
 def test_bitserial_uses_neon_cnt_on_uint8_lanes():
