@@ -13,7 +13,8 @@ only ratios between candidates of the same layer matter. Three sources, best fir
 3. The analytic estimate below, documented per kernel family, for anything the table lacks.
 
 Unit of work (``work_units``): multiply-accumulates (outputs × reduction length) for every
-multiplying kernel; for ``bitserial`` the MACs times activation planes × weight planes / 4,
+multiplying kernel (``int8-smmla``: the MACs it executes, its pixel pairs and channel blocks
+padded, so a batch-1 dense that wastes half of every tile costs twice); for ``bitserial`` the MACs times activation planes × weight planes / 4,
 because its work grows with both bit widths (the table's bitserial rows are measured at
 2-bit activations × ternary weights, i.e. a factor of exactly 1).
 
@@ -52,6 +53,7 @@ ANALYTIC: dict[str, "float | dict[str, float]"] = {
     "bitserial": 4 * 4 / 128,
     # direct NEON int8 convs (codegen/kernels/neon_int.py), whole-layer counts of arm_insn_count.py
     "int8-sdot": 0.26,
+    "int8-smmla": 0.26,  # per executed MAC (kernel_costs.json has the measured rate)
     "int8-smlal": 0.37,
     "int8-smlal-v7": 0.65,  # per MAC at 2 activation planes × 2 weight planes
 }
@@ -73,6 +75,10 @@ def work_units(kernel: str, layer) -> float:
 
     outputs = int(np.prod(output_shape(layer)))
     macs = float(outputs) * float(np.prod(layer.weight_shape[1:]))
+    if kernel == "int8-smmla":  # pays for the pixels and channels its 2×2 tiles pad to
+        from lastbit.codegen.kernels import neon_int
+
+        return float(neon_int.executed_macs(neon_int.SMMLA, layer))
     if kernel == "bitserial":
         planes = 1 if layer.code_set == "binary" else 2
         return macs * int(layer.act_bits) * planes / 4
