@@ -45,10 +45,11 @@ AARCH64_DOTPROD = register(
         description="64-bit ARM Linux, armv8.2-a + dot product (Raspberry Pi 5, Cortex-A55/A76); qemu-aarch64 here",
         tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"], "num-cores": 1},
         features=frozenset({"neon", "popcount", "aarch64", "dotprod"}),
-        # sdot serves every int8-fitting dense/conv2d (groups = 1); int16 partial sums next
+        # sdot serves every int8-fitting dense/conv2d (groups = 1); int16 partial sums next; the
+        # tbl-decoded sdot (fewer weight bytes, more instructions) only where the cost table says
         kernels={
-            "dense": ("int8-sdot", "int8-smlal", "int8", "reference-int", "bitserial", "shift-add"),
-            "conv2d": ("int8-sdot", "int8-smlal", "reference-int", "bitserial"),
+            "dense": ("int8-sdot", "int8-smlal", "lut-sdot", "int8", "reference-int", "bitserial", "shift-add"),
+            "conv2d": ("int8-sdot", "int8-smlal", "lut-sdot", "reference-int", "bitserial"),
         },
         qemu_cpu="cortex-a76",
         **_COMMON,
@@ -66,8 +67,9 @@ AARCH64_I8MM = register(
         # smmla where the cost table says it issues fewer instructions than sdot (it pays for a
         # spare pixel on odd rows and a spare row on batch-1 dense layers), sdot behind it
         kernels={
-            "dense": ("int8-smmla", "int8-sdot", "int8-smlal", "int8", "reference-int", "bitserial", "shift-add"),
-            "conv2d": ("int8-smmla", "int8-sdot", "int8-smlal", "reference-int", "bitserial"),
+            "dense": ("int8-smmla", "int8-sdot", "int8-smlal", "lut-sdot", "int8", "reference-int", "bitserial",
+                      "shift-add"),
+            "conv2d": ("int8-smmla", "int8-sdot", "int8-smlal", "lut-sdot", "reference-int", "bitserial"),
         },
         qemu_cpu="max",
         **_COMMON,

@@ -12,6 +12,13 @@
   computes one spare pixel, a dense layer one spare batch row) and the tile is de-interleaved
   into NCHW on the way out. The input is packed by stride phase (``[n, C/8, H+pads, SW,
   W'/SW, 8]``) so the two pixels' channels are always one contiguous 16-byte load.
+* ``lut-sdot`` — the sdot kernel with its weights stored as code indices in 2-bit (≤ 4 levels)
+  or 4-bit (≤ 16 levels: 3-bit codes) fields, 4 or 2 weight vectors of a tile per 16 bytes,
+  decoded in the inner loop: per 16 weights a 16-byte load (shared by the vectors packed
+  together), a shift, a mask and one ``tbl`` (index → int8 level, the table is data), then the
+  same sdots — the ARM twin of x86's ``vpshufb`` + ``vpdpbusd``.
+  It reads ¼ or ½ of int8's weight bytes (memory traffic, which qemu counts do not show) for
+  more instructions per weight vector (which they do).
 * ``int8-smlal`` (aarch64) / ``int8-smlal-v7`` (armv7) — NEON without dot product: int8 × int8
   multiply-accumulated into **int16** lanes (``smlal``/``smlal2``, armv7 ``vmlal.s8``: 8 MACs per instruction, twice an
   fp32 ``fmla``) over a block of the reduction short enough never to overflow, then widened
@@ -41,7 +48,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from lastbit.codegen.kernels import IntKernel, IntLayer, KernelError, register_kernel
-from lastbit.codegen.kernels.common import check_int8_codes, code_levels, conv_output_shape, dot4_desc, first_missing
+from lastbit.codegen.kernels.common import (
+    check_int8_codes,
+    code_indices,
+    code_levels,
+    conv_output_shape,
+    dot4_desc,
+    first_missing,
+)
 
 SDOT_INTRIN = "lastbit_sdot_4x4_i8i32_neon"
 SMMLA_INTRIN = "lastbit_smmla_2x8x2_i8i32_neon"
@@ -58,11 +72,14 @@ class Flavour:
     register_budget: int  # vector registers the accumulator tile may take
     int16: bool = False  # int16 partial sums (smlal) rather than int32 (sdot)
     pixels: int = 1  # output pixels per accumulator vector (smmla: a pair)
+    table_decode: bool = False  # weights as packed code indices, decoded by tbl in the loop
 
 
 # aarch64 has 32 vector registers, armv7 16 quad ones: the rest hold weights and broadcasts
 SDOT = Flavour("int8-sdot", 4, 4, frozenset({"neon", "aarch64", "dotprod"}), register_budget=16)
 SMMLA = Flavour("int8-smmla", 2, 8, frozenset({"neon", "aarch64", "i8mm"}), register_budget=16, pixels=2)
+LUT_SDOT = Flavour("lut-sdot", 4, 4, frozenset({"neon", "aarch64", "dotprod"}), register_budget=16,
+                  table_decode=True)
 SMLAL = Flavour("int8-smlal", 16, 1, frozenset({"neon", "aarch64"}), register_budget=16, int16=True)
 SMLAL_V7 = Flavour("int8-smlal-v7", 16, 1, frozenset({"neon", "armv7"}), register_budget=6, int16=True)
 
@@ -161,7 +178,33 @@ def pack(flavour: Flavour, layer: IntLayer, codes: np.ndarray) -> list[np.ndarra
     if layer.op == "dense":
         codes = codes[:, :, None, None]
     group = default_knobs(flavour, layer).oc_blocks
+    if flavour.table_decode:
+        levels = code_levels(layer.code_set)
+        codes = code_indices(codes, levels, f"{flavour.name} {layer.op} {layer.weight_shape}").astype(np.int8)
+        blocks = pack_weight_blocks(codes, flavour.oc_block, flavour.ic_block, _padded_channels(flavour, layer), group)
+        table = np.zeros(16, np.int8)
+        table[: len(levels)] = levels
+        return [pack_index_fields(blocks, index_bits(layer)), table]
     return [pack_weight_blocks(codes, flavour.oc_block, flavour.ic_block, _padded_channels(flavour, layer), group)]
+
+
+def index_bits(layer: IntLayer) -> int:
+    """Bits of one packed code index: 2 for ≤ 4 levels, else 4 (a byte splits evenly)."""
+    return 2 if len(code_levels(layer.code_set)) <= 4 else 4
+
+
+def pack_index_fields(blocks: np.ndarray, bits: int) -> np.ndarray:
+    """``[.., G, OB, IB]`` indices (one weight vector of 16 per channel block of the tile) →
+    ``[.., ⌈G/P⌉, 16]`` uint8, P = 8/bits: byte l of a row holds lane l of P weight vectors
+    (vector g at bit ``bits·(g % P)``), so decoding a vector is a 16-byte load, a shift, a
+    mask and a tbl. A tile of fewer than P blocks leaves the high fields empty."""
+    per_byte = 8 // bits
+    *outer, group, ob, ib = blocks.shape
+    lanes = np.zeros((*outer, -(-group // per_byte) * per_byte, ob * ib), np.uint8)
+    lanes[..., :group, :] = blocks.reshape(*outer, group, ob * ib)
+    fields = lanes.reshape(*outer, -1, per_byte, ob * ib)
+    shifts = (bits * np.arange(per_byte, dtype=np.uint8))[:, None]
+    return np.bitwise_or.reduce(fields << shifts, axis=-2).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +229,8 @@ def supports(flavour: Flavour, layer: IntLayer, features: frozenset[str]) -> str
         return str(err)
     if mag > 127:
         return f"code set {layer.code_set} does not fit int8"
+    if flavour.table_decode and len(code_levels(layer.code_set)) > 16:
+        return f"code set {layer.code_set} has {len(code_levels(layer.code_set))} levels; the tbl table holds 16"
     if flavour.int16 and int16_block_channels(layer) < 1:
         g = geometry(layer)
         return (f"{g.kh}x{g.kw} taps of {layer.code_set} codes (|code| ≤ {mag}) can overflow an int16 "
@@ -291,7 +336,24 @@ def prim_func(flavour: Flavour, layer: IntLayer):
     sh, sw = g.strides
     dh, dw = g.dilation
     x = te.placeholder(layer.data_shape, "int8", name="x_q")
-    wt = te.placeholder((obs // group, cb, g.kh, g.kw, group, ob, ib), "int8", name="w_blocks")
+    weight_shape = (obs // group, cb, g.kh, g.kw, group, ob, ib)
+    if flavour.table_decode:
+        bits = index_bits(layer)
+        per_byte = 8 // bits
+        fields = te.placeholder((*weight_shape[:4], _ceil_div(group, per_byte), ob * ib), "uint8", name="w_fields")
+        table = te.placeholder((16,), "int8", name="levels")
+
+        def decode(a, c, y, z, gi, oi, ri):
+            lane = oi * ib + ri
+            field = fields[a, c, y, z, gi // per_byte, lane] >> (bits * (gi % per_byte)).astype("uint8")
+            index = (field & tirx.const((1 << bits) - 1, "uint8")).astype("int8")
+            return tirx.call_llvm_pure_intrin("int8", "llvm.aarch64.neon.tbl1", table[lane], index)
+
+        wt = te.compute(weight_shape, decode, name="w_decoded")
+        params = [x, fields, table]
+    else:
+        wt = te.placeholder(weight_shape, "int8", name="w_blocks")
+        params = [x, wt]
 
     def source(b, ch, y, z):  # x[b, ch, y, z] of the conv view; indices clamped (vector loads)
         ch = tirx.min(ch, g.c - 1)
@@ -308,7 +370,7 @@ def prim_func(flavour: Flavour, layer: IntLayer):
     rx = te.reduce_axis((0, g.kw), name="rx")
     if flavour.pixels == 2:
         acc_blocked = _smmla_compute(g, flavour, packed, wt, group, cb, ry, rx)
-        return te.create_prim_func([x, wt, _unblocked(layer, g, acc_blocked, flavour)])
+        return te.create_prim_func([*params, _unblocked(layer, g, acc_blocked, flavour)])
     data = te.compute((g.n, cb, g.h + pt + pb, g.w + pl + pr, ib), packed, name="data_pack")
     if not flavour.int16:
         rc = te.reduce_axis((0, cb), name="rc")
@@ -340,7 +402,7 @@ def prim_func(flavour: Flavour, layer: IntLayer):
             lambda b, q, y, z, oi: te.sum(partial[b, q, y, z, rk, oi].astype("int32"), axis=rk),
             name="acc_blocked",
         )
-    return te.create_prim_func([x, wt, _unblocked(layer, g, acc_blocked, flavour)])
+    return te.create_prim_func([*params, _unblocked(layer, g, acc_blocked, flavour)])
 
 
 def _smmla_compute(g: ConvGeometry, flavour: Flavour, packed, wt, group: int, cb: int, ry, rx):
@@ -457,6 +519,12 @@ def _apply(flavour: Flavour, sch, layer: IntLayer, ow_tile, oc_blocks) -> None:
             sch.unroll(loop)
         init = sch.decompose_reduction(block, rc)
         sch.vectorize(sch.get_loops(init)[-1])
+        if flavour.table_decode:  # decode the tile's weight vectors of this tap, 16 lanes a tbl
+            decoded = sch.get_sblock("w_decoded")
+            sch.compute_at(decoded, rx)
+            *_, gi, oi_d, ri_d = sch.get_loops(decoded)
+            sch.vectorize(sch.fuse(oi_d, ri_d))
+            sch.unroll(gi)
         sch.tensorize(oi, register_sdot_intrin())
     else:
         b, q, y, z, oi, rk = sch.get_loops(block)
@@ -536,5 +604,7 @@ def _kernel(flavour: Flavour, description: str) -> IntKernel:
 INT8_SDOT = _kernel(SDOT, "int8 codes, direct conv2d/dense in [c/4]c4 blocks, sdot micro-kernel (aarch64 +dotprod)")
 INT8_SMMLA = _kernel(SMMLA, "int8 codes, direct conv2d/dense in [c/8]c8 blocks over pixel pairs, smmla micro-kernel "
                               "(aarch64 +i8mm)")
+LUT_SDOT_KERNEL = _kernel(LUT_SDOT, "≤ 16-level codes as 2/4-bit indices decoded by tbl, sdot micro-kernel "
+                                   "(aarch64 +dotprod)")
 INT8_SMLAL = _kernel(SMLAL, "int8 codes, direct conv2d/dense, smlal into overflow-free int16 blocks (aarch64 NEON)")
 INT8_SMLAL_V7 = _kernel(SMLAL_V7, "int8 codes, direct conv2d/dense, vmlal.s8 into overflow-free int16 blocks (armv7)")

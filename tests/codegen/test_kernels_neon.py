@@ -40,6 +40,9 @@ def _conv(op="conv2d", cs="pow2-4", kh=3, groups=1, channels=8):
         ("int8-smmla", _conv("dense", "int8"), NEON64 | {"i8mm"}, None),
         ("int8-smmla", _conv(), NEON64 | {"dotprod"}, "i8mm"),
         ("int8-smmla", _conv(groups=2), NEON64 | {"i8mm"}, "groups=2"),
+        ("lut-sdot", _conv(), NEON64 | {"dotprod"}, None),
+        ("lut-sdot", _conv(cs="int8"), NEON64 | {"dotprod"}, "levels"),
+        ("lut-sdot", _conv(), NEON64, "dotprod"),
         ("int8-smlal-v7", _conv(), frozenset({"neon", "armv7"}), None),
         ("int8-smlal", _conv(), frozenset({"neon", "armv7"}), "aarch64"),
         ("int8-smlal", _conv("dense", "int8"), NEON64, None),  # 1 tap: blocks of 2 int8 products
@@ -104,6 +107,33 @@ def test_smmla_counts_the_padded_tiles():
     odd = IntLayer("conv2d", "pow2-4", 3, (1, 5, 7, 7), (3, 5, 3, 3), padding=(1, 1, 1, 1))
     assert neon_int.executed_macs(neon_int.SMMLA, odd) == 7 * 8 * 4 * 8 * 9
     assert neon_int.executed_macs(neon_int.SMMLA, _conv("dense")) == 2 * 64 * 32
+
+
+def test_index_fields_round_trip():
+    """Every packed index comes back from its byte and field, with P vectors per 16 bytes."""
+    rng = np.random.default_rng(5)
+    for bits, group in ((2, 3), (4, 3), (4, 1), (2, 8)):
+        blocks = rng.integers(0, 1 << bits, size=(2, 3, group, 4, 4)).astype(np.int8)
+        fields = neon_int.pack_index_fields(blocks, bits)
+        per_byte = 8 // bits
+        assert fields.shape == (2, 3, -(-group // per_byte), 16)
+        for g in range(group):
+            got = (fields[..., g // per_byte, :] >> (bits * (g % per_byte))) & ((1 << bits) - 1)
+            assert np.array_equal(got, blocks[..., g, :, :].reshape(2, 3, 16))
+
+
+@pytest.mark.qemu
+def test_lut_sdot_kernel_is_bit_exact_under_qemu(tmp_path):
+    """2-bit fields (ternary, pow2-2) and 4-bit fields (pow2-4, pow2-8, 15 levels) on the same
+    odd shapes as int8-sdot; tiles of one and of several channel blocks."""
+    _skip_without_tools(DOTPROD)
+    rng = np.random.default_rng(21)
+    cases = _cases(rng, "lut-sdot", "pow2-4") + _cases(rng, "lut-sdot", "ternary")[:3] + [
+        _conv_case(rng, "lut-sdot", "pow2-2", (1, 16, 5, 4), 64, (3, 3), (1, 1), (1, 1, 1, 1)),  # tiles of blocks
+        _conv_case(rng, "lut-sdot", "pow2-8", (1, 13, 6, 6), 33, (3, 3), (2, 2), (1, 1, 1, 1)),
+        _dense_case(rng, "lut-sdot", "pow2-4", 3, 21, 130),
+    ]
+    _run_cases(cases, DOTPROD, tmp_path)
 
 
 @pytest.mark.qemu
