@@ -13,9 +13,17 @@ only ratios between candidates of the same layer matter. Three sources, best fir
 3. The analytic estimate below, documented per kernel family, for anything the table lacks.
 
 Unit of work (``work_units``): multiply-accumulates (outputs × reduction length) for every
-multiplying kernel; for ``bitserial`` the MACs times activation planes × weight planes / 4,
-because its work grows with both bit widths (the table's bitserial rows are measured at
+multiplying kernel (``int8-smmla``: the MACs it executes, its pixel pairs and channel blocks
+padded, so a batch-1 dense that wastes half of every tile costs twice); for ``bitserial`` the
+MACs times activation planes × weight planes / 4, because its work grows with both bit widths (the table's bitserial rows are measured at
 2-bit activations × ternary weights, i.e. a factor of exactly 1).
+
+A table entry is a number (instructions per unit of work) or, where a benchmark counted the
+kernel on two shapes of the op, ``{"per_unit": a, "per_element": b}``: ``a`` per unit of work
+plus ``b`` per input and output element (packing, epilogue, per-tile loop overhead). One rate
+measured on a small layer charges that layer's fixed overhead to every MAC and would rank a
+kernel with more packing but fewer MACs per instruction (``int8-smmla``) behind ``int8-sdot``
+on large layers where it issues half the instructions.
 
 To add a kernel or a target: add rows to ``kernel_costs.json`` (or an ``ANALYTIC`` entry).
 """
@@ -52,6 +60,9 @@ ANALYTIC: dict[str, "float | dict[str, float]"] = {
     "bitserial": 4 * 4 / 128,
     # direct NEON int8 convs (codegen/kernels/neon_int.py), whole-layer counts of arm_insn_count.py
     "int8-sdot": 0.26,
+    "int8-smmla": 0.26,  # per executed MAC (kernel_costs.json has the measured rate)
+    # sdot plus a tbl decode per weight vector: never ahead of int8-sdot until measured
+    "lut-sdot": 0.4,
     "int8-smlal": 0.37,
     "int8-smlal-v7": 0.65,  # per MAC at 2 activation planes × 2 weight planes
 }
@@ -73,10 +84,35 @@ def work_units(kernel: str, layer) -> float:
 
     outputs = int(np.prod(output_shape(layer)))
     macs = float(outputs) * float(np.prod(layer.weight_shape[1:]))
+    if kernel == "int8-smmla":  # pays for the pixels and channels its 2×2 tiles pad to
+        from lastbit.codegen.kernels import neon_int
+
+        return float(neon_int.executed_macs(neon_int.SMMLA, layer))
     if kernel == "bitserial":
         planes = 1 if layer.code_set == "binary" else 2
         return macs * int(layer.act_bits) * planes / 4
     return macs
+
+
+def io_elements(layer) -> float:
+    """Input plus output elements of the layer (what packing and the epilogue touch)."""
+    from lastbit.codegen.kernels.common import output_shape
+
+    return float(np.prod(layer.data_shape)) + float(np.prod(output_shape(layer)))
+
+
+def fit_rate(counts: "list[tuple[float, float, float]]") -> "float | dict[str, float]":
+    """A table entry from ``(instructions, work units, io elements)`` counted on one or more
+    shapes: one shape gives a plain rate; two or more a least-squares ``per_unit`` +
+    ``per_element`` pair, unless that fit makes a term negative (then the plain rate of the
+    largest shape, which the MACs dominate)."""
+    if len(counts) > 1:
+        insns, work, elements = (np.array(c, dtype=float) for c in zip(*counts))
+        (per_unit, per_element), *_ = np.linalg.lstsq(np.stack([work, elements], 1), insns, rcond=None)
+        if per_unit > 0 and per_element >= 0:
+            return {"per_unit": round(float(per_unit), 4), "per_element": round(float(per_element), 2)}
+    insns, work, _ = max(counts, key=lambda c: c[1])
+    return round(insns / work, 3)
 
 
 @functools.lru_cache(maxsize=4)
@@ -93,6 +129,9 @@ def kernel_cost(kernel: str, layer, target: str, table: dict | None = None) -> K
     """Cost of ``kernel`` on ``layer`` for the target triple ``target`` (table, else analytic)."""
     table = load_table() if table is None else table
     rate = table.get(target, {}).get(kernel, {}).get(layer.op)
+    if isinstance(rate, dict):
+        cost = rate["per_unit"] * work_units(kernel, layer) + rate.get("per_element", 0.0) * io_elements(layer)
+        return KernelCost(kernel, float(cost), "table")
     if rate is not None:
         return KernelCost(kernel, float(rate) * work_units(kernel, layer), "table")
     rate = ANALYTIC.get(kernel, UNKNOWN_KERNEL_COST)

@@ -28,6 +28,10 @@ Sources (per core):
   FMLA and SDOT/UDOT on either (2 a cycle), ASIMD integer multiply / multiply-accumulate
   (MUL, MLA, SMLAL, SMULL) on V0 only (1 a cycle).
 
+i8mm code (``smmla``, 32 MACs) is costed as one dot-product-class instruction like ``sdot``:
+neither core has i8mm, so this is an assumption standing in for an i8mm core (Cortex-A710,
+Neoverse N2/V1), not taken from a guide.
+
 armv7 code is costed on the same tables (the A53 runs AArch32 too; the A76 runs AArch32 at
 EL0 only, so its armv7 numbers are notional).
 """

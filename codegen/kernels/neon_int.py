@@ -1,10 +1,24 @@
-"""Direct int8 conv2d and dense kernels for ARM NEON, in a blocked layout, two flavours:
+"""Direct int8 conv2d and dense kernels for ARM NEON, in a blocked layout, three flavours:
 
 * ``int8-sdot`` — aarch64 with the dot-product extension (``+dotprod``: Cortex-A55/A76,
   Raspberry Pi 5): each ``sdot v.4s, w.16b, x.16b`` adds, to 4 output channels, the dot of 4
   input channels (16 int8 MACs); the input's 4 bytes are broadcast (``ld1r``) and reused by
   ``oc_blocks`` weight vectors, each weight vector by ``ow_tile`` columns. Products and sums
   are exact in int32 (signed × signed, no offset trick as x86's ``vpdpbusd`` needs).
+* ``int8-smmla`` — aarch64 with the int8 matrix-multiply extension (``+i8mm``: armv8.6-a,
+  Cortex-A710/X2, Neoverse V1/N2, Graviton 3): each ``smmla v.4s, x.16b, w.16b`` adds the 2×8 ·
+  8×2 product of two output pixels' 8 input channels and two output channels' weights to a 2×2
+  int32 tile (32 MACs, twice an sdot). Pixels come in pairs along the output row (an odd row
+  computes one spare pixel, a dense layer one spare batch row) and the tile is de-interleaved
+  into NCHW on the way out. The input is packed by stride phase (``[n, C/8, H+pads, SW,
+  W'/SW, 8]``) so the two pixels' channels are always one contiguous 16-byte load.
+* ``lut-sdot`` — the sdot kernel with its weights stored as code indices in 2-bit (≤ 4 levels)
+  or 4-bit (≤ 16 levels: 3-bit codes) fields, 4 or 2 weight vectors of a tile per 16 bytes,
+  decoded in the inner loop: per 16 weights a 16-byte load (shared by the vectors packed
+  together), a shift, a mask and one ``tbl`` (index → int8 level, the table is data), then the
+  same sdots — the ARM twin of x86's ``vpshufb`` + ``vpdpbusd``.
+  It reads ¼ or ½ of int8's weight bytes (memory traffic, which qemu counts do not show) for
+  more instructions per weight vector (which they do).
 * ``int8-smlal`` (aarch64) / ``int8-smlal-v7`` (armv7) — NEON without dot product: int8 × int8
   multiply-accumulated into **int16** lanes (``smlal``/``smlal2``, armv7 ``vmlal.s8``: 8 MACs per instruction, twice an
   fp32 ``fmla``) over a block of the reduction short enough never to overflow, then widened
@@ -15,13 +29,14 @@
   declined (``reference-int`` serves it).
 
 Both compute a conv2d as ``acc_blocked[n, o/OB, oh, ow, OB]`` (channels innermost, one vector
-per output pixel) from the input packed to ``[n, C/IB, H+pads, W+pads, IB]`` int8 (IB = 4 for
-sdot, 1 for smlal; zero padding, zero channels past C), then back to NCHW. A dense layer is
+per output pixel; smmla: ``[n, o/2, oh, ow/2, 2, 2]``, one vector per pixel pair) from the
+input packed to ``[n, C/IB, H+pads, W+pads, IB]`` int8 (IB = 4 for sdot, 8 for smmla, 1 for
+smlal; zero padding, zero channels past C), then back to NCHW. A dense layer is
 the same kernel on a 1×1 "image" of M columns (input channel = feature, column = row of the
 batch), so one micro-kernel serves both.
 
 Packed weights (``pack``): ``[O/(G·OB), C/IB, KH, KW, G, OB, IB]`` int8, zero padded (OB = 4 for
-sdot, 16 for smlal; G = the register tile's channel blocks, :func:`default_knobs`), so one
+sdot, 2 for smmla, 16 for smlal; G = the register tile's channel blocks, :func:`default_knobs`), so one
 tap's weights for a tile are one contiguous run.
 """
 
@@ -33,9 +48,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from lastbit.codegen.kernels import IntKernel, IntLayer, KernelError, register_kernel
-from lastbit.codegen.kernels.common import check_int8_codes, code_levels, conv_output_shape, dot4_desc, first_missing
+from lastbit.codegen.kernels.common import (
+    check_int8_codes,
+    code_indices,
+    code_levels,
+    conv_output_shape,
+    dot4_desc,
+    first_missing,
+)
 
 SDOT_INTRIN = "lastbit_sdot_4x4_i8i32_neon"
+SMMLA_INTRIN = "lastbit_smmla_2x8x2_i8i32_neon"
 INT16_MAX = 32767
 ACT_MAGNITUDE = 128  # |int8 activation| ≤ 128
 
@@ -48,10 +71,15 @@ class Flavour:
     needs: frozenset[str]
     register_budget: int  # vector registers the accumulator tile may take
     int16: bool = False  # int16 partial sums (smlal) rather than int32 (sdot)
+    pixels: int = 1  # output pixels per accumulator vector (smmla: a pair)
+    table_decode: bool = False  # weights as packed code indices, decoded by tbl in the loop
 
 
 # aarch64 has 32 vector registers, armv7 16 quad ones: the rest hold weights and broadcasts
 SDOT = Flavour("int8-sdot", 4, 4, frozenset({"neon", "aarch64", "dotprod"}), register_budget=16)
+SMMLA = Flavour("int8-smmla", 2, 8, frozenset({"neon", "aarch64", "i8mm"}), register_budget=16, pixels=2)
+LUT_SDOT = Flavour("lut-sdot", 4, 4, frozenset({"neon", "aarch64", "dotprod"}), register_budget=16,
+                  table_decode=True)
 SMLAL = Flavour("int8-smlal", 16, 1, frozenset({"neon", "aarch64"}), register_budget=16, int16=True)
 SMLAL_V7 = Flavour("int8-smlal-v7", 16, 1, frozenset({"neon", "armv7"}), register_budget=6, int16=True)
 
@@ -116,6 +144,16 @@ def _padded_channels(flavour: Flavour, layer: IntLayer) -> int:
     return _ceil_div(c, step) * step
 
 
+def executed_macs(flavour: Flavour, layer: IntLayer) -> int:
+    """MACs the kernel actually issues: channels, output channels and (smmla) output columns
+    rounded up to its blocks — an odd row or a batch-1 dense pays for a spare pixel. The cost
+    table's rate is per executed MAC, so a shape that wastes half of each smmla costs twice."""
+    g = geometry(layer)
+    columns = _ceil_div(g.ow, flavour.pixels) * flavour.pixels
+    out_channels = _ceil_div(g.o, flavour.oc_block) * flavour.oc_block
+    return g.n * g.oh * columns * out_channels * _padded_channels(flavour, layer) * g.kh * g.kw
+
+
 # --------------------------------------------------------------------------------------------
 # Packing (numpy)
 # --------------------------------------------------------------------------------------------
@@ -140,7 +178,33 @@ def pack(flavour: Flavour, layer: IntLayer, codes: np.ndarray) -> list[np.ndarra
     if layer.op == "dense":
         codes = codes[:, :, None, None]
     group = default_knobs(flavour, layer).oc_blocks
+    if flavour.table_decode:
+        levels = code_levels(layer.code_set)
+        codes = code_indices(codes, levels, f"{flavour.name} {layer.op} {layer.weight_shape}").astype(np.int8)
+        blocks = pack_weight_blocks(codes, flavour.oc_block, flavour.ic_block, _padded_channels(flavour, layer), group)
+        table = np.zeros(16, np.int8)
+        table[: len(levels)] = levels
+        return [pack_index_fields(blocks, index_bits(layer)), table]
     return [pack_weight_blocks(codes, flavour.oc_block, flavour.ic_block, _padded_channels(flavour, layer), group)]
+
+
+def index_bits(layer: IntLayer) -> int:
+    """Bits of one packed code index: 2 for ≤ 4 levels, else 4 (a byte splits evenly)."""
+    return 2 if len(code_levels(layer.code_set)) <= 4 else 4
+
+
+def pack_index_fields(blocks: np.ndarray, bits: int) -> np.ndarray:
+    """``[.., G, OB, IB]`` indices (one weight vector of 16 per channel block of the tile) →
+    ``[.., ⌈G/P⌉, 16]`` uint8, P = 8/bits: byte l of a row holds lane l of P weight vectors
+    (vector g at bit ``bits·(g % P)``), so decoding a vector is a 16-byte load, a shift, a
+    mask and a tbl. A tile of fewer than P blocks leaves the high fields empty."""
+    per_byte = 8 // bits
+    *outer, group, ob, ib = blocks.shape
+    lanes = np.zeros((*outer, -(-group // per_byte) * per_byte, ob * ib), np.uint8)
+    lanes[..., :group, :] = blocks.reshape(*outer, group, ob * ib)
+    fields = lanes.reshape(*outer, -1, per_byte, ob * ib)
+    shifts = (bits * np.arange(per_byte, dtype=np.uint8))[:, None]
+    return np.bitwise_or.reduce(fields << shifts, axis=-2).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,6 +229,8 @@ def supports(flavour: Flavour, layer: IntLayer, features: frozenset[str]) -> str
         return str(err)
     if mag > 127:
         return f"code set {layer.code_set} does not fit int8"
+    if flavour.table_decode and len(code_levels(layer.code_set)) > 16:
+        return f"code set {layer.code_set} has {len(code_levels(layer.code_set))} levels; the tbl table holds 16"
     if flavour.int16 and int16_block_channels(layer) < 1:
         g = geometry(layer)
         return (f"{g.kh}x{g.kw} taps of {layer.code_set} codes (|code| ≤ {mag}) can overflow an int16 "
@@ -207,6 +273,53 @@ def register_sdot_intrin() -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# The smmla tensor intrinsic: C[i, j] += Σ_k A[i, k]·B[j, k], i, j < 2, k < 8
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def register_smmla_intrin() -> str:
+    """One ``smmla``: A = two pixels' 8 input channels (16 contiguous bytes), B = two output
+    channels' 8 weights, C = the 2×2 int32 tile (pixel-major: lane = 2·pixel + channel)."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((2, 8), "int8", offset_factor=1),
+        B: T.Buffer((2, 8), "int8", offset_factor=1),
+        C: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
+            T.writes(C[0:2, 0:2])
+            for i, j, k in T.grid(2, 2, 8):
+                with T.sblock("update"):
+                    vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                    C[vi, vj] = C[vi, vj] + T.cast(A[vi, vk], "int32") * T.cast(B[vj, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((2, 8), "int8", offset_factor=1),
+        B: T.Buffer((2, 8), "int8", offset_factor=1),
+        C: T.Buffer((2, 2), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
+            T.writes(C[0:2, 0:2])
+            C[0, T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smmla"),
+                C.vload([0, 0], dtype="int32x4"),
+                A.vload([0, 0], dtype="int8x16"),
+                B.vload([0, 0], dtype="int8x16"),
+                dtype="int32x4",
+            )
+
+    TensorIntrin.register(SMMLA_INTRIN, desc, impl, override=True)
+    return SMMLA_INTRIN
+
+
+# --------------------------------------------------------------------------------------------
 # Compute (TE)
 # --------------------------------------------------------------------------------------------
 
@@ -223,7 +336,24 @@ def prim_func(flavour: Flavour, layer: IntLayer):
     sh, sw = g.strides
     dh, dw = g.dilation
     x = te.placeholder(layer.data_shape, "int8", name="x_q")
-    wt = te.placeholder((obs // group, cb, g.kh, g.kw, group, ob, ib), "int8", name="w_blocks")
+    weight_shape = (obs // group, cb, g.kh, g.kw, group, ob, ib)
+    if flavour.table_decode:
+        bits = index_bits(layer)
+        per_byte = 8 // bits
+        fields = te.placeholder((*weight_shape[:4], _ceil_div(group, per_byte), ob * ib), "uint8", name="w_fields")
+        table = te.placeholder((16,), "int8", name="levels")
+
+        def decode(a, c, y, z, gi, oi, ri):
+            lane = oi * ib + ri
+            field = fields[a, c, y, z, gi // per_byte, lane] >> (bits * (gi % per_byte)).astype("uint8")
+            index = (field & tirx.const((1 << bits) - 1, "uint8")).astype("int8")
+            return tirx.call_llvm_pure_intrin("int8", "llvm.aarch64.neon.tbl1", table[lane], index)
+
+        wt = te.compute(weight_shape, decode, name="w_decoded")
+        params = [x, fields, table]
+    else:
+        wt = te.placeholder(weight_shape, "int8", name="w_blocks")
+        params = [x, wt]
 
     def source(b, ch, y, z):  # x[b, ch, y, z] of the conv view; indices clamped (vector loads)
         ch = tirx.min(ch, g.c - 1)
@@ -236,9 +366,12 @@ def prim_func(flavour: Flavour, layer: IntLayer):
         inside = tirx.all(y >= pt, y < pt + g.h, z >= pl, z < pl + g.w, ch < g.c)
         return tirx.if_then_else(inside, source(b, ch, y - pt, z - pl), tirx.const(0, "int8"))
 
-    data = te.compute((g.n, cb, g.h + pt + pb, g.w + pl + pr, ib), packed, name="data_pack")
     ry = te.reduce_axis((0, g.kh), name="ry")
     rx = te.reduce_axis((0, g.kw), name="rx")
+    if flavour.pixels == 2:
+        acc_blocked = _smmla_compute(g, flavour, packed, wt, group, cb, ry, rx)
+        return te.create_prim_func([*params, _unblocked(layer, g, acc_blocked, flavour)])
+    data = te.compute((g.n, cb, g.h + pt + pb, g.w + pl + pr, ib), packed, name="data_pack")
     if not flavour.int16:
         rc = te.reduce_axis((0, cb), name="rc")
         ri = te.reduce_axis((0, ib), name="ri")
@@ -269,13 +402,54 @@ def prim_func(flavour: Flavour, layer: IntLayer):
             lambda b, q, y, z, oi: te.sum(partial[b, q, y, z, rk, oi].astype("int32"), axis=rk),
             name="acc_blocked",
         )
+    return te.create_prim_func([*params, _unblocked(layer, g, acc_blocked, flavour)])
+
+
+def _smmla_compute(g: ConvGeometry, flavour: Flavour, packed, wt, group: int, cb: int, ry, rx):
+    """``[n, O/2, oh, ow/2, 2 pixels, 2 channels]`` from the input packed by stride phase:
+    column ``q·SW + phase`` lives at ``[.., phase, q, :]``, so output columns 2·zp and 2·zp + 1
+    read adjacent 8-channel groups at every tap, whatever the stride (one 16-byte load)."""
+    from tvm import te
+
+    pt, _, pb, _ = g.padding
+    sh, sw = g.strides
+    dh, dw = g.dilation
+    ib, obs = flavour.ic_block, _ceil_div(g.o, flavour.oc_block)
+    pairs = _ceil_div(g.ow, 2)
+    # the last pair's second column at the last tap; columns past the padded input read zeros
+    phase_width = 2 * pairs + (g.kw - 1) * dw // sw
+    data = te.compute(
+        (g.n, cb, g.h + pt + pb, sw, phase_width, ib),
+        lambda b, q, y, phase, col, ci: packed(b, q, y, col * sw + phase, ci),
+        name="data_pack",
+    )
+    rc = te.reduce_axis((0, cb), name="rc")
+    ri = te.reduce_axis((0, ib), name="ri")
+    return te.compute(
+        (g.n, obs, g.oh, pairs, 2, flavour.oc_block),
+        lambda b, q, y, zp, p, oi: te.sum(
+            data[b, rc, y * sh + ry * dh, (rx * dw) % sw, zp * 2 + p + (rx * dw) // sw, ri].astype("int32")
+            * wt[q // group, rc, ry, rx, q % group, oi, ri].astype("int32"),
+            axis=[rc, ry, rx, ri],
+        ),
+        name="acc_blocked",
+    )
+
+
+def _unblocked(layer: IntLayer, g: ConvGeometry, acc_blocked, flavour: Flavour):
+    """The blocked accumulators back to the layer's layout (NCHW, or rows × features)."""
+    from tvm import te
+
+    ob = flavour.oc_block
+
+    def at(b, f, y, z):
+        if flavour.pixels == 2:  # de-interleave the 2×2 pixel × channel tiles
+            return acc_blocked[b, f // ob, y, z // 2, z % 2, f % ob]
+        return acc_blocked[b, f // ob, y, z, f % ob]
+
     if layer.op == "dense":
-        out = te.compute((g.w, g.o), lambda i, j: acc_blocked[0, j // ob, 0, i, j % ob], name="acc")
-    else:
-        out = te.compute(
-            (g.n, g.o, g.oh, g.ow), lambda b, f, y, z: acc_blocked[b, f // ob, y, z, f % ob], name="acc"
-        )
-    return te.create_prim_func([x, wt, out])
+        return te.compute((g.w, g.o), lambda i, j: at(0, j, 0, i), name="acc")
+    return te.compute((g.n, g.o, g.oh, g.ow), at, name="acc")
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,7 +459,8 @@ def prim_func(flavour: Flavour, layer: IntLayer):
 
 @dataclass(frozen=True)
 class NeonKnobs:
-    """Register tile: ``ow_tile`` output columns × ``oc_blocks`` weight blocks of accumulators."""
+    """Register tile: ``ow_tile`` output columns (smmla: column pairs) × ``oc_blocks`` weight
+    blocks of accumulators."""
 
     ow_tile: int
     oc_blocks: int
@@ -298,11 +473,12 @@ def default_knobs(flavour: Flavour, layer: IntLayer, features: frozenset[str] = 
     g = geometry(layer)
     obs = _ceil_div(g.o, flavour.oc_block)
     regs_per_acc = 1 if not flavour.int16 else 2  # 16 int16 lanes are two q registers
-    macs = flavour.oc_block * flavour.ic_block
+    macs = flavour.oc_block * flavour.ic_block * flavour.pixels
+    columns = _ceil_div(g.ow, flavour.pixels)  # accumulator vectors along the row (smmla: pairs)
     budget = flavour.register_budget
     best, best_rate = NeonKnobs(1, 1), 0.0
     for blocks in (d for d in range(1, min(obs, 8) + 1) if obs % d == 0):
-        for tile in (d for d in range(1, g.ow + 1) if g.ow % d == 0):
+        for tile in (d for d in range(1, columns + 1) if columns % d == 0):
             if regs_per_acc * blocks * tile > budget:
                 continue
             rate = macs * blocks * tile / (blocks + tile + regs_per_acc * blocks * tile)
@@ -314,6 +490,23 @@ def default_knobs(flavour: Flavour, layer: IntLayer, features: frozenset[str] = 
 def _apply(flavour: Flavour, sch, layer: IntLayer, ow_tile, oc_blocks) -> None:
     block = sch.get_sblock("acc_blocked")
     out = sch.get_sblock("acc")
+    if flavour.pixels == 2:
+        b, q, y, z, p, oi, rc, ry, rx, ri = sch.get_loops(block)
+        qo, qi = sch.split(q, [None, oc_blocks])
+        zo, zi = sch.split(z, [None, ow_tile])
+        sch.reorder(b, qo, y, zo, rc, ry, rx, zi, qi, p, oi, ri)
+        sch.set_scope(block, 0, "local")  # the tile lives in registers
+        sch.parallel(sch.fuse(b, qo, y))
+        sch.reverse_compute_at(out, zo)
+        for loop in (rx, zi, qi):
+            sch.unroll(loop)
+        init = sch.decompose_reduction(block, rc)
+        sch.vectorize(sch.fuse(*sch.get_loops(init)[-2:]))
+        sch.tensorize(p, register_smmla_intrin())
+        pb, pc, py, pp, _, pi = sch.get_loops(sch.get_sblock("data_pack"))
+        sch.parallel(sch.fuse(pb, pc, py))
+        sch.unroll(pi)
+        return
     if not flavour.int16:
         b, q, y, z, oi, rc, ry, rx, ri = sch.get_loops(block)
         qo, qi = sch.split(q, [None, oc_blocks])
@@ -326,6 +519,12 @@ def _apply(flavour: Flavour, sch, layer: IntLayer, ow_tile, oc_blocks) -> None:
             sch.unroll(loop)
         init = sch.decompose_reduction(block, rc)
         sch.vectorize(sch.get_loops(init)[-1])
+        if flavour.table_decode:  # decode the tile's weight vectors of this tap, 16 lanes a tbl
+            decoded = sch.get_sblock("w_decoded")
+            sch.compute_at(decoded, rx)
+            *_, gi, oi_d, ri_d = sch.get_loops(decoded)
+            sch.vectorize(sch.fuse(oi_d, ri_d))
+            sch.unroll(gi)
         sch.tensorize(oi, register_sdot_intrin())
     else:
         b, q, y, z, oi, rk = sch.get_loops(block)
@@ -403,5 +602,9 @@ def _kernel(flavour: Flavour, description: str) -> IntKernel:
 
 
 INT8_SDOT = _kernel(SDOT, "int8 codes, direct conv2d/dense in [c/4]c4 blocks, sdot micro-kernel (aarch64 +dotprod)")
+INT8_SMMLA = _kernel(SMMLA, "int8 codes, direct conv2d/dense in [c/8]c8 blocks over pixel pairs, smmla micro-kernel "
+                              "(aarch64 +i8mm)")
+LUT_SDOT_KERNEL = _kernel(LUT_SDOT, "≤ 16-level codes as 2/4-bit indices decoded by tbl, sdot micro-kernel "
+                                   "(aarch64 +dotprod)")
 INT8_SMLAL = _kernel(SMLAL, "int8 codes, direct conv2d/dense, smlal into overflow-free int16 blocks (aarch64 NEON)")
 INT8_SMLAL_V7 = _kernel(SMLAL_V7, "int8 codes, direct conv2d/dense, vmlal.s8 into overflow-free int16 blocks (armv7)")

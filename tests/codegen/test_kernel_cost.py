@@ -127,3 +127,33 @@ def test_fallbacks_compete_only_when_no_listed_kernel_serves_the_layer():
         assert choice.kernel == "int8"
         assert any(p.startswith("bitserial: serves 1–2 bit weights") for p in choice.passed_over)
         assert any(p.startswith("reference-int: ") and "the cost (table)" in p for p in choice.passed_over)
+
+
+def test_two_term_entries_charge_work_and_elements():
+    layer = _dense(cs="pow2-4", act_bits=8)
+    table = {ARM: {"int8": {"dense": {"per_unit": 0.5, "per_element": 3.0}}}}
+    cost = kernel_cost.kernel_cost("int8", layer, ARM, table)
+    assert cost.source == "table" and cost.cost == pytest.approx(0.5 * 512 * 256 + 3.0 * (512 + 256))
+
+
+def test_fit_rate_recovers_both_terms_and_falls_back_to_one():
+    per_unit, per_element = 0.05, 4.0
+    shapes = [(1.8e6, 1.4e4), (1.16e8, 5.0e4)]
+    counts = [(per_unit * w + per_element * e, w, e) for w, e in shapes]
+    fitted = kernel_cost.fit_rate(counts)
+    assert fitted["per_unit"] == pytest.approx(per_unit, rel=1e-3)
+    assert fitted["per_element"] == pytest.approx(per_element, rel=1e-2)
+    assert kernel_cost.fit_rate(counts[:1]) == pytest.approx(counts[0][0] / counts[0][1], abs=1e-3)
+    # more instructions per MAC on the small layer than the fit can explain without a negative term
+    skewed = [(10.0 * shapes[0][0], *shapes[0]), (0.1 * shapes[1][0], *shapes[1])]
+    assert kernel_cost.fit_rate(skewed) == pytest.approx(0.1, abs=1e-3)  # the larger shape's rate
+
+
+def test_smmla_pays_for_its_padded_tiles():
+    """At 0.6× sdot's rate per executed MAC, smmla loses a batch-1 dense (half of each tile is
+    a spare row) and wins at batch 2."""
+    table = {"aarch64-i8mm-linux-gnu": {"int8-sdot": {"dense": 1.0}, "int8-smmla": {"dense": 0.6}}}
+    for rows, winner in ((1, "int8-sdot"), (2, "int8-smmla")):
+        layer = IntLayer("dense", "pow2-4", 3, (rows, 512), (256, 512))
+        ranked = kernel_cost.rank_candidates(["int8-smmla", "int8-sdot"], layer, "aarch64-i8mm-linux-gnu", table=table)
+        assert ranked[0].kernel == winner

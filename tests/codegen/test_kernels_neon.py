@@ -1,7 +1,7 @@
 """ARM NEON int8 kernels (codegen/kernels/neon_int.py): what they serve, the int16 block bound,
 and bit-exact against quant_reference on odd shapes under qemu-user — ``int8-sdot`` on
-aarch64+dotprod (qemu as a Cortex-A76), ``int8-smlal`` on plain aarch64 (as a Cortex-A53) and
-armv7. Each test builds all its cases into one bundle.
+aarch64+dotprod (qemu as a Cortex-A76), ``int8-smmla`` on aarch64+i8mm (qemu ``-cpu max``),
+``int8-smlal`` on plain aarch64 (as a Cortex-A53) and armv7. Each test builds all its cases into one bundle.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from lastbit.targets import get_target
 from tests.codegen.test_kernels import _conv_case, _dense_case, _extreme_dense, _run_cases
 
 DOTPROD = "aarch64-dotprod-linux-gnu"
+I8MM = "aarch64-i8mm-linux-gnu"
 NEON64 = frozenset({"neon", "popcount", "aarch64"})
 
 
@@ -35,6 +36,13 @@ def _conv(op="conv2d", cs="pow2-4", kh=3, groups=1, channels=8):
         ("int8-sdot", _conv("dense", "int8"), NEON64 | {"dotprod"}, None),
         ("int8-sdot", _conv(), NEON64, "dotprod"),
         ("int8-sdot", _conv(groups=2), NEON64 | {"dotprod"}, "groups=2"),
+        ("int8-smmla", _conv(), NEON64 | {"dotprod", "i8mm"}, None),
+        ("int8-smmla", _conv("dense", "int8"), NEON64 | {"i8mm"}, None),
+        ("int8-smmla", _conv(), NEON64 | {"dotprod"}, "i8mm"),
+        ("int8-smmla", _conv(groups=2), NEON64 | {"i8mm"}, "groups=2"),
+        ("lut-sdot", _conv(), NEON64 | {"dotprod"}, None),
+        ("lut-sdot", _conv(cs="int8"), NEON64 | {"dotprod"}, "levels"),
+        ("lut-sdot", _conv(), NEON64, "dotprod"),
         ("int8-smlal-v7", _conv(), frozenset({"neon", "armv7"}), None),
         ("int8-smlal", _conv(), frozenset({"neon", "armv7"}), "aarch64"),
         ("int8-smlal", _conv("dense", "int8"), NEON64, None),  # 1 tap: blocks of 2 int8 products
@@ -59,7 +67,7 @@ def test_int16_block_never_overflows():
 
 
 def test_default_tile_fits_the_registers():
-    for flavour, budget in ((neon_int.SDOT, 16), (neon_int.SMLAL, 16), (neon_int.SMLAL_V7, 6)):
+    for flavour, budget in ((neon_int.SDOT, 16), (neon_int.SMMLA, 16), (neon_int.SMLAL, 16), (neon_int.SMLAL_V7, 6)):
         big = IntLayer("conv2d", "pow2-4", 3, (1, 512, 7, 7), (512, 512, 3, 3))
         for layer in (_conv(channels=32), _conv("dense"), big):
             knobs = neon_int.default_knobs(flavour, layer)
@@ -93,6 +101,56 @@ def test_sdot_kernel_is_bit_exact_under_qemu(tmp_path):
     _run_cases(cases, DOTPROD, tmp_path)
 
 
+def test_smmla_counts_the_padded_tiles():
+    """A spare pixel per odd row, a spare row for a batch-1 dense, channels to blocks of 8 × 2."""
+    assert neon_int.executed_macs(neon_int.SMMLA, _conv(channels=8)) == 8 * 8 * 8 * 8 * 9
+    odd = IntLayer("conv2d", "pow2-4", 3, (1, 5, 7, 7), (3, 5, 3, 3), padding=(1, 1, 1, 1))
+    assert neon_int.executed_macs(neon_int.SMMLA, odd) == 7 * 8 * 4 * 8 * 9
+    assert neon_int.executed_macs(neon_int.SMMLA, _conv("dense")) == 2 * 64 * 32
+
+
+def test_index_fields_round_trip():
+    """Every packed index comes back from its byte and field, with P vectors per 16 bytes."""
+    rng = np.random.default_rng(5)
+    for bits, group in ((2, 3), (4, 3), (4, 1), (2, 8)):
+        blocks = rng.integers(0, 1 << bits, size=(2, 3, group, 4, 4)).astype(np.int8)
+        fields = neon_int.pack_index_fields(blocks, bits)
+        per_byte = 8 // bits
+        assert fields.shape == (2, 3, -(-group // per_byte), 16)
+        for g in range(group):
+            got = (fields[..., g // per_byte, :] >> (bits * (g % per_byte))) & ((1 << bits) - 1)
+            assert np.array_equal(got, blocks[..., g, :, :].reshape(2, 3, 16))
+
+
+@pytest.mark.qemu
+def test_lut_sdot_kernel_is_bit_exact_under_qemu(tmp_path):
+    """2-bit fields (ternary, pow2-2) and 4-bit fields (pow2-4, pow2-8, 15 levels) on the same
+    odd shapes as int8-sdot; tiles of one and of several channel blocks."""
+    _skip_without_tools(DOTPROD)
+    rng = np.random.default_rng(21)
+    cases = _cases(rng, "lut-sdot", "pow2-4") + _cases(rng, "lut-sdot", "ternary")[:3] + [
+        _conv_case(rng, "lut-sdot", "pow2-2", (1, 16, 5, 4), 64, (3, 3), (1, 1), (1, 1, 1, 1)),  # tiles of blocks
+        _conv_case(rng, "lut-sdot", "pow2-8", (1, 13, 6, 6), 33, (3, 3), (2, 2), (1, 1, 1, 1)),
+        _dense_case(rng, "lut-sdot", "pow2-4", 3, 21, 130),
+    ]
+    _run_cases(cases, DOTPROD, tmp_path)
+
+
+@pytest.mark.qemu
+def test_smmla_kernel_is_bit_exact_under_qemu(tmp_path):
+    """Odd rows (a spare pixel), odd channel counts (padded to 8 and 2), stride 2 with dilation
+    (the stride-phase packing), padding, batches, dense layers with odd rows."""
+    _skip_without_tools(I8MM)
+    rng = np.random.default_rng(18)
+    cases = _cases(rng, "int8-smmla", "pow2-4") + _cases(rng, "int8-smmla", "int8")[:3] + [
+        _conv_case(rng, "int8-smmla", "pow2-4", (1, 16, 5, 4), 64, (3, 3), (1, 1), (1, 1, 1, 1)),  # tiles of blocks
+        _conv_case(rng, "int8-smmla", "ternary", (2, 13, 9, 9), 5, (3, 3), (2, 2), (1, 1, 1, 1)),  # stride 2, odd
+        _conv_case(rng, "int8-smmla", "pow2-4", (1, 3, 11, 10), 7, (1, 3), (1, 3), (0, 2, 0, 1), dilation=(1, 2)),
+        _dense_case(rng, "int8-smmla", "int8", 5, 3, 9),  # odd rows, fewer outputs than a block pair
+    ]
+    _run_cases(cases, I8MM, tmp_path)
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize("triple, kernel",
                          [("aarch64-linux-gnu", "int8-smlal"), ("armv7a-linux-gnueabihf", "int8-smlal-v7")])
@@ -109,20 +167,23 @@ def test_smlal_kernel_is_bit_exact_under_qemu(triple, kernel, tmp_path):
 
 
 @pytest.mark.qemu
-def test_plain_aarch64_cpu_refuses_sdot(tmp_path):
-    """The plain target runs under a qemu Cortex-A53: sdot code built for it must not pass."""
-    _skip_without_tools(DOTPROD)
+@pytest.mark.parametrize("triple, kernel, older_cpu", [(DOTPROD, "int8-sdot", "cortex-a53"),
+                                                       (I8MM, "int8-smmla", "cortex-a76")])
+def test_older_cpu_refuses_the_extension(triple, kernel, older_cpu, tmp_path):
+    """sdot code under a qemu Cortex-A53 (the plain target's cpu), smmla code under a Cortex-A76
+    (the dotprod target's): each must stop, so the kernels really issue the instruction."""
+    _skip_without_tools(triple)
     from lastbit.errors import RunError
 
     from lastbit.codegen.bundle import build_bundle, run_bundle
     from lastbit.codegen.kernels.common import kernels_module
 
     rng = np.random.default_rng(3)
-    kernel, layer, codes, x, ref = _dense_case(rng, "int8-sdot", "pow2-4", 1, 8, 16)
-    dot = get_target(DOTPROD)
-    mod = kernels_module([(kernel, layer, codes)], dot.feature_set())
-    bundle = build_bundle(mod, dot, tmp_path / "sdot")
-    assert np.array_equal(run_bundle(bundle, [x])[0], ref)  # as a Cortex-A76: runs
-    as_a53 = build_bundle(mod, dataclasses.replace(dot, qemu_cpu="cortex-a53"), tmp_path / "sdot-a53")
+    kernel, layer, codes, x, ref = _dense_case(rng, kernel, "pow2-4", 1, 8, 16)
+    target = get_target(triple)
+    mod = kernels_module([(kernel, layer, codes)], target.feature_set())
+    bundle = build_bundle(mod, target, tmp_path / "own-cpu")
+    assert np.array_equal(run_bundle(bundle, [x])[0], ref)  # on the target's own qemu cpu: runs
+    older = build_bundle(mod, dataclasses.replace(target, qemu_cpu=older_cpu), tmp_path / "older-cpu")
     with pytest.raises(RunError, match="signal 4"):  # SIGILL
-        run_bundle(as_a53, [x])
+        run_bundle(older, [x])

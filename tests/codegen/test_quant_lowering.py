@@ -360,7 +360,7 @@ def test_act_bits_end_to_end_is_bit_exact_under_qemu():
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("triple", ["aarch64-dotprod-linux-gnu", "armv7a-linux-gnueabihf"])
+@pytest.mark.parametrize("triple", ["aarch64-i8mm-linux-gnu", "aarch64-dotprod-linux-gnu", "armv7a-linux-gnueabihf"])
 def test_small_cnn_integer_path_is_bit_exact_under_qemu(small_cnn, triple):
     """Quantize, NEON kernel and epilogue together (armv7 rounds by hand: quant_prims.py)."""
     missing = get_target(triple).missing_tools()

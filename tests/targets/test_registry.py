@@ -43,3 +43,11 @@ def test_dotprod_variant_adds_sdot_and_keeps_the_plain_path():
     assert dot.kernels["conv2d"][0] == "int8-sdot" and "int8-sdot" not in plain.kernels["conv2d"]
     # qemu runs each as a core with exactly its extensions (the A53 refuses sdot)
     assert (plain.qemu_cpu, dot.qemu_cpu) == ("cortex-a53", "cortex-a76")
+
+
+def test_i8mm_variant_adds_smmla_ahead_of_sdot():
+    dot, i8mm = get_target("aarch64-dotprod-linux-gnu"), get_target("aarch64-i8mm-linux-gnu")
+    assert "+i8mm" in list(i8mm.tvm().attrs["mattr"]) and "+i8mm" not in list(dot.tvm().attrs["mattr"])
+    assert {"dotprod", "i8mm"} <= i8mm.feature_set() and "i8mm" not in dot.feature_set()
+    assert i8mm.kernels["conv2d"][:2] == ("int8-smmla", "int8-sdot") and "int8-smmla" not in dot.kernels["conv2d"]
+    assert i8mm.qemu_cpu == "max"  # qemu 7.2 has no core model with i8mm
