@@ -6,6 +6,8 @@ otherwise, come back after a crash, and can be listed.
   that crashes its session (which leaves TVM's stock server hung, tvm #10240) only costs
   a restart, and a tracker that goes away is re-joined by TVM's own loop.  On a board the
   stock ``python -m tvm.exec.rpc_server`` works too (docs/AUTOTUNE.md), without the restart.
+  A worker is a ``device``: this CPU (``host``) or a qemu device that returns the cycle
+  model's estimate for ARM candidates (``autotune/qemu_device.py``), and says which.
 * ``farm_status`` — free / pending devices per key, from the tracker's summary.
 * ``LocalFarm`` — a tracker and N workers on 127.0.0.1 ports picked free, as a context
   manager: local tuning, the tests and the throughput benchmark use it.
