@@ -84,6 +84,8 @@ def build_candidate(prim_mod, triple: str, out_dir: str) -> str:
     from lastbit.codegen.bundle import build_bundle
 
     load_cpu_tensor_intrinsics()
+    # TVM's pool workers log at INFO: one "bundle written" line per candidate is noise here
+    logging.getLogger("lastbit.codegen.bundle").setLevel(logging.WARNING)
     fd, path = tempfile.mkstemp(suffix=".tar", dir=out_dir)
     os.close(fd)
     with tempfile.TemporaryDirectory(prefix="lastbit-cand-", dir=out_dir) as tmp:
