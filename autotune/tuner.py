@@ -437,7 +437,9 @@ def tune_model(model, target: "str | object" = "x86_64-linux-gnu", db_dir: "str 
     host, for an ARM target a qemu device (estimated cycles of the target core's cycle model
     from qemu instruction counts, ``autotune/qemu_device.py``: a model, not board time);
     with ``tracker="HOST:PORT"`` and ``key`` the farm's devices of that key do (boards, or
-    ``lastbit farm worker --device qemu-aarch64``).  ``timeout_s`` per measurement: 10 s
+    ``lastbit farm worker --device qemu-aarch64``).  An accelerator target (runner "sim")
+    tunes its offloaded layers' tilings on the timing simulator instead
+    (``autotune/accel_tuning.py``; its workers: ``--device accel-sim``).  ``timeout_s`` per measurement: 10 s
     on a device, 300 s under qemu unless given.  A database that
     already holds records for the target needs ``resume=True``.  ``max_tasks`` keeps only
     the heaviest tasks (FLOPs × calls), for a quick look at a big model; ``integer_only``
@@ -448,17 +450,20 @@ def tune_model(model, target: "str | object" = "x86_64-linux-gnu", db_dir: "str 
     from lastbit.targets import get_target
 
     target = get_target(target)
-    if target.runner == "sim" or str(target.tvm().kind.name) != "llvm":
-        raise TuneError(f"target '{target.triple}' runs on a simulator: there is no farm worker that measures it "
-                        f"yet, so it cannot be tuned (tune its CPU hosts instead)")
+    if target.runner != "sim" and str(target.tvm().kind.name) != "llvm":
+        raise TuneError(f"target '{target.triple}' is not a CPU: no template or device tunes it")
     folder = target_dir(db_dir, target.triple)
     if not resume and folder.is_dir() and any(folder.glob("database_*.json")):
         raise TuneError(f"tuning database {folder} already holds records for {target.triple}; "
                         f"pass resume=True (--resume) to continue it or choose another directory")
     graph = import_model(model, example_inputs, name=name, trust_pickle=trust_pickle)
     torch_module = model if hasattr(model, "state_dict") else None
-    for squeeze_pass in squeeze_passes(squeeze, torch_module):
+    for squeeze_pass in squeeze_passes(squeeze, torch_module, target):  # as lastbit.compile does
         graph = squeeze_pass(graph)
+    if target.runner == "sim":  # the offloaded layers' tilings, on the timing simulator
+        from lastbit.autotune.accel_tuning import tune_accel
+
+        return tune_accel(graph, target, db_dir, trials=trials, tracker=tracker, key=key, resume=resume)
     tvm_target = target.tvm()
     load_cpu_tensor_intrinsics()
     tasks = extract_tasks(lower(graph, target, integer=integer_lowering(target, squeeze)), tvm_target)
