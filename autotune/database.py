@@ -3,6 +3,7 @@
     DIR/<triple>/database_workload.json       one workload (PrimFunc) per line
     DIR/<triple>/database_tuning_record.json  one measured candidate per line (trace, run_secs)
     DIR/<triple>/tasks.json                   per-task summary of the last run (default vs best)
+    DIR/<triple>/measure.json                 what the run times are (board time, or estimated cycles)
 
 MetaSchedule's ``JSONDatabase`` appends every committed record to the file at once, so a
 run that is killed loses at most the line being written; but its loader aborts on any line
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
 SUMMARY = "tasks.json"
+MEASURE = "measure.json"  # what the records' run times are: board time, or a cycle model's estimate
 REJECTED = "rejected.jsonl"
 FAILED_SECS = 1e10  # run time MetaSchedule stores for a candidate that failed to build or run
 
@@ -220,6 +222,20 @@ class TuningDatabase:
             if latency < FAILED_SECS and (best is None or latency < best[1]):
                 best = (sch, latency)
         return best
+
+    def measure(self) -> str | None:
+        """What the records' run times are (``tuner.measure_of``); a folder with records but
+        no measure.json predates it and holds board time; None when empty."""
+        path = self.folder / MEASURE
+        if path.is_file():
+            try:
+                return str(json.loads(path.read_text())["measure"])
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s is unreadable; assuming board time", path)
+        return "board time" if len(self) else None
+
+    def set_measure(self, measure: str) -> None:
+        atomic_write_json(self.folder / MEASURE, {"target": self.target.triple, "measure": measure})
 
     def write_summary(self, rows: list[dict]) -> Path:
         return atomic_write_json(self.folder / SUMMARY, {"target": self.target.triple, "tasks": rows})

@@ -6,6 +6,8 @@ otherwise, come back after a crash, and can be listed.
   that crashes its session (which leaves TVM's stock server hung, tvm #10240) only costs
   a restart, and a tracker that goes away is re-joined by TVM's own loop.  On a board the
   stock ``python -m tvm.exec.rpc_server`` works too (docs/AUTOTUNE.md), without the restart.
+  A worker is a ``device``: this CPU (``host``) or a qemu device that returns the cycle
+  model's estimate for ARM candidates (``autotune/qemu_device.py``), and says which.
 * ``farm_status`` — free / pending devices per key, from the tracker's summary.
 * ``LocalFarm`` — a tracker and N workers on 127.0.0.1 ports picked free, as a context
   manager: local tuning, the tests and the throughput benchmark use it.
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_TRACKER_PORT = 9190
+HOST_DEVICE = "host"  # a worker that runs candidates on its own CPU
+DEVICE_KIND_FUNC = "lastbit.farm.device_kind"  # what a lastbit worker measures with (stock servers: the host)
 
 
 class FarmError(LastbitError):
@@ -111,12 +115,36 @@ def tracker_command(host: str, port: int) -> list[str]:
             "--port-end", str(port + 1), "--silent"]
 
 
-def server_command(tracker: str, key: str, host: str = LOOPBACK, port: int = 9090, port_end: int = 9199) -> list[str]:
+def server_command(tracker: str, key: str, host: str = LOOPBACK, port: int = 9090, port_end: int = 9199,
+                   device: str = HOST_DEVICE) -> list[str]:
     """One RPC server process (:func:`serve`); it exits when a session crashes."""
-    return [sys.executable, "-m", "lastbit.autotune.farm", "serve", tracker, key, host, str(port), str(port_end)]
+    return [sys.executable, "-m", "lastbit.autotune.farm", "serve", tracker, key, host, str(port), str(port_end), device]
 
 
-def serve(tracker: str, key: str, host: str = LOOPBACK, port: int = 9090, port_end: int = 9199) -> None:
+def worker_devices() -> list[str]:
+    """What a supervised worker can measure with: this CPU, or one qemu-user binary per
+    emulated architecture (``autotune/qemu_device.py``: estimated cycles, no board)."""
+    from lastbit.autotune.qemu_device import qemu_devices
+
+    return [HOST_DEVICE, *qemu_devices()]
+
+
+def register_device(device: str) -> None:
+    """Register in this process what its RPC sessions (forked from it) need to measure as
+    ``device``, and :data:`DEVICE_KIND_FUNC`, which tells the tuner which device it reached."""
+    import tvm
+
+    if device not in worker_devices():
+        raise FarmError(f"unknown worker device '{device}'; known: {', '.join(worker_devices())}")
+    if device != HOST_DEVICE:
+        from lastbit.autotune import qemu_device
+
+        qemu_device.register(device)
+    tvm.register_global_func(DEVICE_KIND_FUNC, lambda: device, override=True)
+
+
+def serve(tracker: str, key: str, host: str = LOOPBACK, port: int = 9090, port_end: int = 9199,
+          device: str = HOST_DEVICE) -> None:
     """TVM's RPC server loop in this process, registered with ``tracker`` under ``key``.
 
     ``python -m tvm.exec.rpc_server`` runs the same loop inside a pool worker; when a kernel
@@ -128,6 +156,7 @@ def serve(tracker: str, key: str, host: str = LOOPBACK, port: int = 9090, port_e
 
     from tvm.rpc import server as tvm_server
 
+    register_device(device)  # sessions are forked from this process: they inherit it
     tracker_addr = parse_address(tracker)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -142,7 +171,7 @@ def serve(tracker: str, key: str, host: str = LOOPBACK, port: int = 9090, port_e
         raise FarmError(f"no free port in [{port}, {port_end}) on {host} for an RPC worker")
     sock.listen(1)
     bound = sock.getsockname()[1]
-    log.info("RPC worker '%s' serving on %s:%d", key, host, bound)
+    log.info("RPC worker '%s' (%s) serving on %s:%d", key, device, host, bound)
     tvm_server._listen_loop(sock, bound, key, tracker_addr, None, None)
 
 
@@ -168,9 +197,12 @@ def run_tracker(host: str = LOOPBACK, port: int = DEFAULT_TRACKER_PORT) -> None:
 
 
 def run_worker(tracker: str, key: str, host: str = LOOPBACK, port: int = 9090, threads: int | None = None,
-               max_restarts: int | None = None, restart_delay_s: float = 0.5) -> None:
+               max_restarts: int | None = None, restart_delay_s: float = 0.5, device: str = HOST_DEVICE) -> None:
     """Serve measurements for ``key`` until interrupted, restarting TVM's RPC server whenever
-    it exits (a crashing kernel takes it down with its session)."""
+    it exits (a crashing kernel takes it down with its session). ``device``: one of
+    :func:`worker_devices`."""
+    if device not in worker_devices():
+        raise FarmError(f"unknown worker device '{device}'; known: {', '.join(worker_devices())}")
     env = dict(os.environ)
     if threads:
         env["TVM_NUM_THREADS"] = str(threads)
@@ -186,7 +218,7 @@ def run_worker(tracker: str, key: str, host: str = LOOPBACK, port: int = 9090, t
     proc = None
     try:
         while True:
-            proc = subprocess.Popen(server_command(tracker, key, host, port), env=env)
+            proc = subprocess.Popen(server_command(tracker, key, host, port, device=device), env=env)
             log.warning("RPC worker '%s' (pid %d) started for tracker %s", key, proc.pid, tracker)
             code = proc.wait()
             if stopping:
@@ -241,12 +273,14 @@ class LocalFarm:
 
     Every process runs in its own session so :meth:`kill_worker` / :meth:`close` stop it and
     all its children (server, session) without touching anything else.  ``threads`` sets
-    ``TVM_NUM_THREADS`` in the workers (1 lets N workers share a small machine fairly).
+    ``TVM_NUM_THREADS`` in the workers (1 lets N workers share a small machine fairly);
+    ``device`` what they measure with (:func:`worker_devices`).
     """
 
     def __init__(self, workers: int = 1, key: str = "local", threads: int | None = None,
-                 start_timeout_s: float = 60.0) -> None:
+                 start_timeout_s: float = 60.0, device: str = HOST_DEVICE) -> None:
         self.key = key
+        self.device = device
         self.host = LOOPBACK
         self.port = free_port()
         self.threads = threads
@@ -290,9 +324,8 @@ class LocalFarm:
         self.start_tracker()
 
     def add_worker(self) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "lastbit.autotune.farm", "worker", self.tracker, self.key]
-        if self.threads:
-            cmd.append(str(self.threads))
+        cmd = [sys.executable, "-m", "lastbit.autotune.farm", "worker", self.tracker, self.key,
+               str(self.threads or 0), self.device]
         proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._workers.append(proc)
         return proc
@@ -347,16 +380,18 @@ class LocalFarm:
 
 
 def _main(argv: list[str]) -> None:
-    """``python -m lastbit.autotune.farm worker TRACKER KEY [THREADS]`` (LocalFarm's
-    supervised workers) and ``... serve TRACKER KEY HOST PORT PORT_END`` (one server)."""
+    """``python -m lastbit.autotune.farm worker TRACKER KEY [THREADS [DEVICE]]`` (LocalFarm's
+    supervised workers; THREADS 0: TVM's default) and ``... serve TRACKER KEY HOST PORT
+    PORT_END [DEVICE]`` (one server)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if len(argv) >= 3 and argv[0] == "worker":
-        run_worker(argv[1], argv[2], threads=int(argv[3]) if len(argv) > 3 else None)
-    elif len(argv) == 6 and argv[0] == "serve":
-        serve(argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]))
+    if 3 <= len(argv) <= 5 and argv[0] == "worker":
+        threads = int(argv[3]) if len(argv) > 3 else 0
+        run_worker(argv[1], argv[2], threads=threads or None, device=argv[4] if len(argv) > 4 else HOST_DEVICE)
+    elif len(argv) in (6, 7) and argv[0] == "serve":
+        serve(argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]), device=argv[6] if len(argv) > 6 else HOST_DEVICE)
     else:
-        raise SystemExit("usage: python -m lastbit.autotune.farm worker TRACKER KEY [THREADS] | "
-                         "serve TRACKER KEY HOST PORT PORT_END")
+        raise SystemExit("usage: python -m lastbit.autotune.farm worker TRACKER KEY [THREADS [DEVICE]] | "
+                         "serve TRACKER KEY HOST PORT PORT_END [DEVICE]")
 
 
 if __name__ == "__main__":

@@ -97,9 +97,13 @@ class CandidateBuilder:
 
     _pools: dict = {}
 
-    def __init__(self, target, cc: str | None = None, workers: int = 2, timeout_s: float = 120.0) -> None:
+    def __init__(self, target, cc: str | None = None, workers: int = 2, timeout_s: float = 120.0,
+                 bundle_for: str | None = None) -> None:
+        """``bundle_for``: a target triple to build each candidate as a one-step bundle for
+        (a .tar, ``autotune/qemu_device.py``) instead of a shared library for TVM's RPC."""
         self.target = target
         self.cc = cc
+        self.bundle_for = bundle_for
         self.timeout_s = timeout_s
         self.out_dir = tempfile.mkdtemp(prefix="lastbit-tune-")
         self._workers = workers
@@ -115,7 +119,12 @@ class CandidateBuilder:
     def build(self, mods: list) -> list[tuple[str | None, str | None]]:
         """(artifact path, None) or (None, error) per module, in order."""
         pool = self._pool()
-        futures = [pool.submit(_build_one, mod, self.target, self.cc, self.out_dir) for mod in mods]
+        if self.bundle_for:
+            from lastbit.autotune.qemu_device import build_candidate
+
+            futures = [pool.submit(build_candidate, mod, self.bundle_for, self.out_dir) for mod in mods]
+        else:
+            futures = [pool.submit(_build_one, mod, self.target, self.cc, self.out_dir) for mod in mods]
         results = []
         for future in futures:
             try:
@@ -148,12 +157,15 @@ class FarmRunner:
 
     ``number`` / ``repeat`` / ``min_repeat_ms`` are TVM's time_evaluator settings;
     ``parallel`` fixes the number of measuring threads (default: the devices registered
-    for the key when a batch starts).
+    for the key when a batch starts).  ``qemu_triple`` measures on qemu devices instead
+    (``autotune/qemu_device.py``): the artifacts are candidate bundles, each device returns
+    its estimated cycles, and the run time is cycles / ``CLOCK_HZ``, one value, deterministic.
     """
 
     def __init__(self, tracker_host: str, tracker_port: int, key: str, *, timeout_s: float = 10.0,
                  number: int = 3, repeat: int = 5, min_repeat_ms: int = 10, max_attempts: int = 2,
-                 tracker_wait_s: float = 60.0, parallel: int | None = None, device: str = "cpu") -> None:
+                 tracker_wait_s: float = 60.0, parallel: int | None = None, device: str = "cpu",
+                 qemu_triple: str | None = None) -> None:
         self.host, self.port, self.key = tracker_host, tracker_port, key
         self.timeout_s = timeout_s
         self.number, self.repeat, self.min_repeat_ms = number, repeat, min_repeat_ms
@@ -161,10 +173,35 @@ class FarmRunner:
         self.tracker_wait_s = tracker_wait_s
         self.parallel = parallel
         self.device = device
+        self.qemu_triple = qemu_triple
         self.stats = MeasureStats()
         self._lock = threading.Lock()
         # Check the tracker now: an unreachable one is a clear error before anything runs.
         connect_tracker(self.host, self.port, timeout_s=5.0)
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether measuring a candidate again gives the same number (a cycle model does)."""
+        return self.qemu_triple is not None
+
+    def device_kind(self) -> str:
+        """What the key's workers measure with (``farm.worker_devices``), asked of one of them;
+        a stock TVM server (no lastbit) is a host device."""
+        from lastbit.autotune.farm import DEVICE_KIND_FUNC, HOST_DEVICE
+
+        self.devices()  # waits for one, or one clear FarmError
+        tracker = self._tracker_session()
+        try:
+            session, _ = self._request(tracker)
+        except (_TrackerDown, _DeviceGone) as err:
+            raise FarmError(f"cannot open a session on a worker of key '{self.key}': {err}") from None
+        try:
+            return str(session.get_function(DEVICE_KIND_FUNC)())
+        except Exception:  # noqa: BLE001 - the function is missing: not a lastbit worker
+            return HOST_DEVICE
+        finally:
+            del session
+            tracker.close()
 
     def devices(self) -> int:
         """Registered devices of our key, waiting up to ``tracker_wait_s`` for at least one."""
@@ -332,6 +369,13 @@ class FarmRunner:
         from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common, run_evaluator_common
 
         session, device_name = self._request(tracker)
+        if self.qemu_triple is not None:
+            from lastbit.autotune.qemu_device import CLOCK_HZ, MEASURE_FUNC
+
+            measure = session.get_function(MEASURE_FUNC)
+            cycles = float(measure(bytearray(Path(job.artifact).read_bytes()), self.qemu_triple))
+            del measure, session
+            return [cycles / CLOCK_HZ], device_name
         remote_name = Path(job.artifact).name
         session.upload(job.artifact, remote_name)
         module = session.load_module(remote_name)

@@ -69,6 +69,13 @@ class TuneResult:
     tasks: list[TaskResult]
     stats: MeasureStats = field(default_factory=MeasureStats)
     elapsed_s: float = 0.0
+    measure: str = "board time"  # what the latencies are (:func:`measure_of`)
+
+    @property
+    def unit(self) -> str:
+        """Column unit: ms of measured time, or millions of estimated cycles (a cycle model
+        at the nominal 1 GHz of ``qemu_device.CLOCK_HZ``: 1 ms = 1 Mcycle)."""
+        return "ms" if self.measure == "board time" else "Mcyc"
 
     def model_ms(self, which: str) -> float | None:
         """Sum over tasks of latency × calls: the kernel time of one inference."""
@@ -79,7 +86,9 @@ class TuneResult:
 
     def format_table(self) -> str:
         """Per task default vs tuned latency, then the weighted total and the farm counters."""
-        head = f"{'task':<34} {'kind':<16} {'calls':>5} {'trials':>6} {'failed':>6} {'default ms':>11} {'tuned ms':>10} {'speedup':>8}"
+        unit = self.unit
+        head = (f"{'task':<34} {'kind':<16} {'calls':>5} {'trials':>6} {'failed':>6} {'default ' + unit:>11} "
+                f"{'tuned ' + unit:>10} {'speedup':>8}")
         lines = [head, "-" * len(head)]
         for t in self.tasks:
             lines.append(
@@ -95,6 +104,8 @@ class TuneResult:
         lines.append(f"measured {s.measured}, failed {s.failed} (timed out {s.timed_out}), retried {s.retried}, "
                      f"requeued {s.requeued}, devices {len(s.devices)}, tracker reconnects {s.tracker_reconnects}; "
                      f"{self.elapsed_s:.0f} s")
+        if unit != "ms":
+            lines.append(f"{unit}: millions of {self.measure}, not board time")
         return "\n".join(lines)
 
 
@@ -129,7 +140,7 @@ class Tuner:
 
     def __init__(self, target, db: TuningDatabase, builder: CandidateBuilder, runner: FarmRunner, *,
                  trials: int = 64, per_round: int = 16, seed: int = 0, progress: bool = True, confirm: int = 3,
-                 on_round: Callable[[TuningTask, int], None] | None = None) -> None:
+                 on_round: Callable[[TuningTask, int], None] | None = None, measure: str = "board time") -> None:
         self.target = target
         self.tvm_target = target.tvm()
         self.db = db
@@ -139,8 +150,10 @@ class Tuner:
         self.per_round = per_round
         self.seed = seed
         self.progress = progress
-        self.confirm = confirm
+        # a deterministic measure (the qemu cycle model) gives the same number again
+        self.confirm = 0 if getattr(runner, "deterministic", False) else confirm
         self.on_round = on_round
+        self.measure = measure
 
     def tune(self, tasks: list[TuningTask]) -> TuneResult:
         from tqdm import tqdm
@@ -156,7 +169,8 @@ class Tuner:
         finally:
             overall.close()
             self.db.write_summary([r.to_json() for r in results])
-        return TuneResult(self.target.triple, self.db.folder, results, self.runner.stats, time.monotonic() - start)
+        return TuneResult(self.target.triple, self.db.folder, results, self.runner.stats, time.monotonic() - start,
+                          self.measure)
 
     # -- one task -------------------------------------------------------------------------------
     def _tune_task(self, task: TuningTask, budget: int, overall) -> TaskResult:
@@ -344,31 +358,89 @@ class Tuner:
         return [r if r is not None else Measurement(error="not measured") for r in results]
 
 
+def check_device(target, device: str, where: str) -> None:
+    """One clear error when ``device`` (what a farm's workers measure with) cannot measure
+    ``target``: a qemu device runs only its own architecture's targets.  A host device may
+    be a board of the target's architecture running TVM's server, so it is accepted."""
+    from lastbit.autotune.farm import HOST_DEVICE
+    from lastbit.autotune.qemu_device import device_name
+
+    if device == HOST_DEVICE:
+        return
+    needs = device_name(target.qemu) if target.runner == "qemu" and target.qemu else None
+    if device != needs:
+        hint = f"start workers with --device {needs}" if needs else "use workers without --device (host)"
+        raise TuneError(f"{where} measure with '{device}', which cannot measure target '{target.triple}' "
+                        f"(runs on '{target.runner}'): {hint}")
+
+
+def local_device(target) -> str:
+    """What the private loopback farm measures ``target`` with: this CPU for the host, the
+    qemu cycle-model device for an ARM target (no board here)."""
+    from lastbit.autotune.farm import HOST_DEVICE
+    from lastbit.autotune.qemu_device import device_name
+
+    if target.runner == "qemu" and target.qemu:
+        return device_name(target.qemu)
+    return HOST_DEVICE
+
+
+def measure_of(target, device: str) -> str:
+    """What the tuning table's numbers are: measured time, or the cycle model's estimate."""
+    from lastbit.autotune.farm import HOST_DEVICE
+    from lastbit.autotune.qemu_device import cycle_core
+
+    if device == HOST_DEVICE:
+        return "board time"
+    return f"estimated cycles ({cycle_core(target)} cycle model on qemu instruction counts)"
+
+
+QEMU_TIMEOUT_S = 300.0  # counting under qemu with full logs is slow: a big conv takes a minute
+
+
 @contextlib.contextmanager
-def farm_runner(tracker: str | None, key: str | None, timeout_s: float = 10.0, local_workers: int = 1):
-    """A FarmRunner on the given tracker, or on a private loopback farm of ``local_workers``
-    workers when ``tracker`` is None (checked first: nothing is written if it is down)."""
-    from lastbit.autotune.farm import LocalFarm, parse_address
+def farm_runner(tracker: str | None, key: str | None, target, timeout_s: float | None = None, local_workers: int = 1):
+    """(FarmRunner, device) on the given tracker, or on a private loopback farm of
+    ``local_workers`` workers of :func:`local_device` when ``tracker`` is None (checked first:
+    nothing is written if it is down).  A tracker's workers are asked what they measure
+    with (:func:`check_device`); a qemu device makes the runner measure estimated cycles."""
+    from lastbit.autotune.farm import HOST_DEVICE, LocalFarm, parse_address
+
+    def configured(runner: FarmRunner, device: str) -> FarmRunner:
+        if device != HOST_DEVICE:
+            runner.qemu_triple = target.triple
+        runner.timeout_s = timeout_s if timeout_s is not None else (QEMU_TIMEOUT_S if runner.qemu_triple else 10.0)
+        return runner
 
     if tracker:
         host, port = parse_address(tracker)
-        yield FarmRunner(host, port, key or "local", timeout_s=timeout_s)
+        runner = FarmRunner(host, port, key or "local")
+        device = runner.device_kind()
+        check_device(target, device, f"the workers of key '{runner.key}' at {tracker}")
+        yield configured(runner, device), device
         return
-    with LocalFarm(workers=local_workers, key=key or "local") as farm:
-        yield FarmRunner(farm.host, farm.port, farm.key, timeout_s=timeout_s)
+    device = local_device(target)
+    with LocalFarm(workers=local_workers, key=key or "local", device=device) as farm:
+        yield configured(FarmRunner(farm.host, farm.port, farm.key), device), device
 
 
 def tune_model(model, target: "str | object" = "x86_64-linux-gnu", db_dir: "str | Path" = "tuning-db", *,
                trials: int = 64, example_inputs=None, squeeze=None, tracker: str | None = None,
-               key: str | None = None, resume: bool = False, progress: bool = True, timeout_s: float = 10.0,
+               key: str | None = None, resume: bool = False, progress: bool = True, timeout_s: float | None = None,
                per_round: int = 16, seed: int = 0, name: str | None = None, max_tasks: int | None = None,
                confirm: int = 3, on_round: Callable[[TuningTask, int], None] | None = None,
                integer_only: bool = False, trust_pickle: bool = False) -> TuneResult:
     """Tune every task of ``model`` (anything ``lastbit.compile`` takes) for ``target`` and
     store the records under ``db_dir``; ``lastbit.compile(..., db=db_dir)`` applies them.
 
-    Without ``tracker`` a private loopback farm with one worker measures; with
-    ``tracker="HOST:PORT"`` and ``key`` the farm's devices of that key do.  A database that
+    Without ``tracker`` a private loopback farm with one worker measures: this CPU for the
+    host, for an ARM target a qemu device (estimated cycles of the target core's cycle model
+    from qemu instruction counts, ``autotune/qemu_device.py``: a model, not board time);
+    with ``tracker="HOST:PORT"`` and ``key`` the farm's devices of that key do (boards, or
+    ``lastbit farm worker --device qemu-aarch64``).  An accelerator target (runner "sim")
+    tunes its offloaded layers' tilings on the timing simulator instead
+    (``autotune/accel_tuning.py``; its workers: ``--device accel-sim``).  ``timeout_s`` per measurement: 10 s
+    on a device, 300 s under qemu unless given.  A database that
     already holds records for the target needs ``resume=True``.  ``max_tasks`` keeps only
     the heaviest tasks (FLOPs × calls), for a quick look at a big model; ``integer_only``
     keeps only the integer kernels of quantized layers (tasks of kind ``int:<kernel>``).
@@ -378,17 +450,20 @@ def tune_model(model, target: "str | object" = "x86_64-linux-gnu", db_dir: "str 
     from lastbit.targets import get_target
 
     target = get_target(target)
-    if target.runner == "sim" or str(target.tvm().kind.name) != "llvm":
-        raise TuneError(f"target '{target.triple}' runs on a simulator: there is no farm worker that measures it "
-                        f"yet, so it cannot be tuned (tune its CPU hosts instead)")
+    if target.runner != "sim" and str(target.tvm().kind.name) != "llvm":
+        raise TuneError(f"target '{target.triple}' is not a CPU: no template or device tunes it")
     folder = target_dir(db_dir, target.triple)
     if not resume and folder.is_dir() and any(folder.glob("database_*.json")):
         raise TuneError(f"tuning database {folder} already holds records for {target.triple}; "
                         f"pass resume=True (--resume) to continue it or choose another directory")
     graph = import_model(model, example_inputs, name=name, trust_pickle=trust_pickle)
     torch_module = model if hasattr(model, "state_dict") else None
-    for squeeze_pass in squeeze_passes(squeeze, torch_module):
+    for squeeze_pass in squeeze_passes(squeeze, torch_module, target):  # as lastbit.compile does
         graph = squeeze_pass(graph)
+    if target.runner == "sim":  # the offloaded layers' tilings, on the timing simulator
+        from lastbit.autotune.accel_tuning import tune_accel
+
+        return tune_accel(graph, target, db_dir, trials=trials, tracker=tracker, key=key, resume=resume)
     tvm_target = target.tvm()
     load_cpu_tensor_intrinsics()
     tasks = extract_tasks(lower(graph, target, integer=integer_lowering(target, squeeze)), tvm_target)
@@ -396,12 +471,18 @@ def tune_model(model, target: "str | object" = "x86_64-linux-gnu", db_dir: "str 
         tasks = [t for t in tasks if t.kind.startswith("int:")]
     if max_tasks is not None:
         tasks = tasks[:max_tasks]  # extract_tasks sorts heaviest first
-    builder = CandidateBuilder(tvm_target, cc=target.cross_cc)
-    try:
-        with farm_runner(tracker, key, timeout_s=timeout_s) as runner:
-            db = TuningDatabase(db_dir, target)  # only once the farm answered
+    with farm_runner(tracker, key, target, timeout_s=timeout_s) as (runner, device):
+        measure = measure_of(target, device)
+        db = TuningDatabase(db_dir, target)  # only once the farm answered
+        held = db.measure()
+        if held is not None and held != measure:
+            raise TuneError(f"tuning database {db.folder} holds {held}; this run measures {measure}: "
+                            f"the two do not compare, use another --db")
+        db.set_measure(measure)
+        builder = CandidateBuilder(tvm_target, cc=target.cross_cc, bundle_for=runner.qemu_triple)
+        try:
             tuner = Tuner(target, db, builder, runner, trials=trials, per_round=per_round, seed=seed,
-                          progress=progress, confirm=confirm, on_round=on_round)
+                          progress=progress, confirm=confirm, on_round=on_round, measure=measure)
             return tuner.tune(tasks)
-    finally:
-        builder.close()
+        finally:
+            builder.close()

@@ -11,6 +11,7 @@ import accel_dse  # noqa: E402
 import accel_sim  # noqa: E402
 import admm_sweep  # noqa: E402
 import arm_insn_count  # noqa: E402
+import autotune_arm  # noqa: E402
 import bitserial_arm  # noqa: E402
 import codesign  # noqa: E402
 import compile_time  # noqa: E402
@@ -39,6 +40,7 @@ BENCHMARKS = [
     compile_time,
     bitserial_arm,
     autotune,
+    autotune_arm,
     codesign,
 ]
 

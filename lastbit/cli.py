@@ -179,15 +179,15 @@ def codesign_cmd(model: str, target: str, objective: str, max_drop: float, datas
 @click.option("--target", "-t", default="x86_64-linux-gnu", show_default=True, help="Target triple (see `lastbit targets`).")
 @click.option("--trials", "-n", default=64, show_default=True, type=click.IntRange(min=1), help="Measured candidates per task (including earlier runs with --resume).")
 @click.option("--db", "db_dir", required=True, type=click.Path(path_type=Path, file_okay=False), help="Tuning database directory (MetaSchedule JSON, one folder per target).")
-@click.option("--tracker", default=None, metavar="HOST:PORT", help="RPC tracker of a device farm (default: a private loopback worker).")
+@click.option("--tracker", default=None, metavar="HOST:PORT", help="RPC tracker of a device farm (default: a private loopback worker: this CPU for the host, for ARM targets a qemu device reporting the cycle model's estimate, not board time).")
 @click.option("--key", default=None, help="Device key at the tracker (`lastbit farm status` lists them).")
 @click.option("--resume", is_flag=True, help="Continue the database: measured candidates are not measured again.")
-@click.option("--timeout", "timeout_s", default=10.0, show_default=True, help="Seconds one measurement may take before it is marked failed.")
+@click.option("--timeout", "timeout_s", default=None, type=float, help="Seconds one measurement may take before it is marked failed [default: 10; 300 on a qemu device].")
 @click.option("--untrained", is_flag=True, help="Zoo models: seeded random weights (tuning does not depend on the weights).")
 @click.option("--quant", default=None, metavar="SCHEME:BITS", help="Tune the quantized model, e.g. pow2:3.")
 @click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
 def tune_cmd(model: str, target: str, trials: int, db_dir: Path, tracker: str | None, key: str | None, resume: bool,
-             timeout_s: float, untrained: bool, quant: str | None, trust_pickle: bool) -> None:
+             timeout_s: float | None, untrained: bool, quant: str | None, trust_pickle: bool) -> None:
     """Tune the kernels of MODEL on a device farm and store every measurement in --db."""
     import lastbit
     from lastbit.autotune.tuner import tune_model
@@ -228,11 +228,17 @@ def farm_tracker_cmd(host: str, port: int) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve sessions on. Sessions run uploaded code without authentication: a private address only (docs/AUTOTUNE.md).")
 @click.option("--port", default=9090, show_default=True, type=int, help="First port to try (the next free one is used).")
 @click.option("--threads", default=None, type=int, help="TVM_NUM_THREADS for the kernels measured here.")
-@click.option("--device", type=click.Choice(["host", "accel-sim"]), default="host", show_default=True,
-              help="What measures: this CPU running compiled kernels, or the accelerator's cycle simulator.")
+@click.option("--device", default="host", show_default=True, metavar="DEVICE",
+              help="What measures: this CPU running compiled kernels (host); qemu-aarch64 / qemu-arm: ARM candidates "
+                   "under qemu-user, reporting the cycle model's estimated cycles (not board time); accel-sim: the "
+                   "accelerator's cycle simulator.")
 def farm_worker_cmd(tracker: str, key: str, host: str, port: int, threads: int | None, device: str) -> None:
     """Serve measurements for KEY until Ctrl-C, restarting after a crashing kernel."""
-    from lastbit.autotune.farm import connect_tracker, parse_address, run_worker
+    from lastbit.autotune.farm import connect_tracker, parse_address, run_worker, worker_devices
+
+    known = [*worker_devices(), "accel-sim"]
+    if device not in known:
+        raise click.BadParameter(f"'{device}' is not one of {', '.join(known)}", param_hint="--device")
 
     connect_tracker(*parse_address(tracker), timeout_s=5.0)  # fail now, clearly, if it is not there
     if device == "accel-sim":
@@ -240,7 +246,7 @@ def farm_worker_cmd(tracker: str, key: str, host: str, port: int, threads: int |
 
         serve_forever(host, port, tracker, key)
         return
-    run_worker(tracker, key, host=host, port=port, threads=threads)
+    run_worker(tracker, key, host=host, port=port, threads=threads, device=device)
 
 
 @farm_group.command("status")

@@ -279,9 +279,9 @@ def cost_source(target: str) -> CostSource:
     if t.is_host:
         return HostLatency(t.triple)
     if t.runner == "qemu":  # the core qemu emulates when the cycle model has it (armv7: the A53's tables)
-        from lastbit.targets.arm_cycle_model import CORES
+        from lastbit.autotune.qemu_device import cycle_core
 
-        return ArmCycles(t.triple, core=t.qemu_cpu if t.qemu_cpu in CORES else "cortex-a53")
+        return ArmCycles(t.triple, core=cycle_core(t))
     raise LastbitError(f"no cost source for target '{t.triple}' (runner '{t.runner}'); host latency, "
                        "ARM under qemu and accel-sim are supported")
 

@@ -179,15 +179,18 @@ def lower_and_schedule(graph: Graph, target: Target, dump_ir: Path | None = None
     return mod
 
 
-def offload(graph: Graph, target: Target, dump_ir: Path | None = None):
+def offload(graph: Graph, target: Target, dump_ir: Path | None = None, db=None):
     """Phase 2a' for accelerator targets (runner "sim"): quantized layers go to the simulated
-    shift-add array (codegen/accel), the rest stays for the host; (host graph, AccelModule)."""
+    shift-add array (codegen/accel), the rest stays for the host; (host graph, AccelModule).
+    ``db``: a ``lastbit tune`` folder whose tuned tilings replace the estimate's choice."""
     if target.runner != "sim":
         return graph, None
     from lastbit.codegen.accel import config_for_target
     from lastbit.codegen.accel.offload import offload_to_accelerator
 
-    host_graph, accel = offload_to_accelerator(graph, config_for_target(target.triple))
+    from lastbit.autotune.accel_tuning import load_tilings
+
+    host_graph, accel = offload_to_accelerator(graph, config_for_target(target.triple), load_tilings(db, target))
     _dump(dump_ir, "2a-offloaded", host_graph.mod)
     return host_graph, accel
 
@@ -212,7 +215,7 @@ def compile_graph(
     _dump(dump_ir, "1-squeezed", graph.mod)
     tuned = next((p.result.module for p in passes if getattr(p, "result", None) is not None), None)
     squeezed = time.perf_counter()
-    host_graph, accel = offload(graph, target, dump_ir)
+    host_graph, accel = offload(graph, target, dump_ir, db=db)
     integer = integer_lowering(target, squeeze)
     mod = lower_and_schedule(host_graph, target, dump_ir, integer=integer, db=db)
     kernels = dict(integer.choices) if integer is not None else {}

@@ -186,10 +186,12 @@ def _numbers(timing: TimingReport, energy: EnergyReport) -> dict:
 # --- the graph partition -----------------------------------------------------------------------
 
 
-def offload_to_accelerator(graph: Graph, config: AccelConfig) -> tuple[Graph, AccelModule]:
+def offload_to_accelerator(graph: Graph, config: AccelConfig, tilings: dict | None = None) -> tuple[Graph, AccelModule]:
     """The host graph (offloaded chains replaced by packed calls) and the accelerator module.
 
-    The packed functions are registered process-wide under ``lastbit.accel_sim.<id>.<i>``."""
+    ``tilings``: tuned tilings by compiled layer (``autotune/accel_tuning.load_tilings``);
+    other layers take the estimate's.  The packed functions are registered process-wide
+    under ``lastbit.accel_sim.<id>.<i>``."""
     import tvm
     from tvm import relax
 
@@ -208,7 +210,7 @@ def offload_to_accelerator(graph: Graph, config: AccelConfig) -> tuple[Graph, Ac
         info = codes_source.get(param_name.get(parts["codes"], ""))
         label = info.source_name.removesuffix(".weight") if info else var.name
         try:
-            plan = _plan_layer(var, kind, parts, var2val, users, params, info, config, label)
+            plan = _plan_layer(var, kind, parts, var2val, users, params, info, config, label, tilings or {})
         except AccelCompileError as err:
             module.skipped[label] = str(err)
             log.info("accel: %s stays on the host: %s", label, err)
@@ -350,7 +352,8 @@ def epilogue_chain(var, kind: str, channels: int, out_shape: list[int], var2val:
     return steps, end
 
 
-def _plan_layer(var, kind, parts, var2val, users, params, info, config: AccelConfig, label: str) -> dict:
+def _plan_layer(var, kind, parts, var2val, users, params, info, config: AccelConfig, label: str,
+                tilings: dict) -> dict:
     codes = _constant(parts["codes"], var2val, params)
     alpha = _constant(parts["alpha"], var2val, params)
     if codes is None or alpha is None:
@@ -382,13 +385,16 @@ def _plan_layer(var, kind, parts, var2val, users, params, info, config: AccelCon
         raise AccelCompileError(f"cannot fold {'+'.join(epilogue.ops)}: {err}") from err
     bias_eff, fused = epilogue.bias, list(epilogue.ops)
     layer = replace(layer, relu=relu)
+    from lastbit.autotune.accel_tuning import layer_key
+
     if terms > 1:  # int8 codes as power-of-two digit planes over the repeated input
         from lastbit.codegen.accel.dse import digit_planes
 
         wide = replace(layer, in_channels=layer.in_channels * terms)
-        program = compile_layer(wide, digit_planes(np.asarray(codes, np.int8), terms), config)
+        program = compile_layer(wide, digit_planes(np.asarray(codes, np.int8), terms), config,
+                                tilings.get(layer_key(wide)))
     else:
-        program = compile_layer(layer, codes, config)
+        program = compile_layer(layer, codes, config, tilings.get(layer_key(layer)))
     timing = simulate_timing(program.instructions, config, layer.macs)
     scale = info.activation_scale if info is not None else None
     offloaded = OffloadedLayer(label, kind, program, np.asarray(codes, np.int8), alpha_eff, bias_eff, scale, relu,

@@ -487,7 +487,9 @@ def default_knobs(flavour: Flavour, layer: IntLayer, features: frozenset[str] = 
     return best
 
 
-def _apply(flavour: Flavour, sch, layer: IntLayer, ow_tile, oc_blocks) -> None:
+def _apply(flavour: Flavour, sch, layer: IntLayer, ow_tile, oc_blocks, unroll_taps=1) -> None:
+    """The register tile (``ow_tile`` columns × ``oc_blocks`` channel blocks: ints or sampled
+    variables) and whether the kernel-width taps are unrolled into the tile's body."""
     block = sch.get_sblock("acc_blocked")
     out = sch.get_sblock("acc")
     if flavour.pixels == 2:
@@ -515,7 +517,7 @@ def _apply(flavour: Flavour, sch, layer: IntLayer, ow_tile, oc_blocks) -> None:
         sch.set_scope(block, 0, "local")  # the tile lives in registers
         sch.parallel(sch.fuse(b, qo, y))
         sch.reverse_compute_at(out, zo)
-        for loop in (rx, zi, qi):
+        for loop in ((rx,) if _value(sch, unroll_taps) else ()) + (zi, qi):
             sch.unroll(loop)
         init = sch.decompose_reduction(block, rc)
         sch.vectorize(sch.get_loops(init)[-1])
@@ -546,7 +548,7 @@ def _apply(flavour: Flavour, sch, layer: IntLayer, ow_tile, oc_blocks) -> None:
         reductions = [named[k] for k in ("rc", "ry", "rx") if k in named]
         spatial = [named[k] for k in ("z", "q", "oi") if k in named]
         sch.reorder(*reductions, *spatial)
-        for key in ("rx", "z", "q"):
+        for key in ("rx", "z", "q") if _value(sch, unroll_taps) else ("z", "q"):
             if key in named:
                 sch.unroll(named[key])
         sch.vectorize(named["oi"])
@@ -576,13 +578,20 @@ def schedule(flavour: Flavour, sch, layer: IntLayer, features: frozenset[str], k
 
 
 def tuning_space(flavour: Flavour, layer: IntLayer, features: frozenset[str]):
-    """The tile's output columns sampled with ``sample_perfect_tile`` (a divisor of the row)."""
+    """The register tile's output columns and channel blocks, each a divisor of its loop
+    (``sample_perfect_tile``, up to 8), and whether the kernel-width taps are unrolled.
+
+    The packed weight layout groups :func:`default_knobs`' channel blocks; another block
+    count reads them at another stride, which changes speed, never the result (the compute
+    indexes the packed tensor, the schedule only splits its loops).  No thread-split knob:
+    the ARM targets declare one core (``num-cores``) and are measured single-threaded."""
 
     def space(sch) -> None:
         loops = sch.get_loops(sch.get_sblock("acc_blocked"))
+        _, oc_blocks = sch.sample_perfect_tile(loops[1], n=2, max_innermost_factor=8)
         _, ow_tile = sch.sample_perfect_tile(loops[3], n=2, max_innermost_factor=8)
-        # the channel blocks per tile are fixed by the packed weight layout
-        _apply(flavour, sch, layer, ow_tile, default_knobs(flavour, layer).oc_blocks)
+        unroll_taps = sch.sample_categorical([0, 1], [0.5, 0.5])
+        _apply(flavour, sch, layer, ow_tile, oc_blocks, unroll_taps)
 
     return space
 

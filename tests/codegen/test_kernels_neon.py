@@ -15,7 +15,7 @@ from lastbit.codegen.kernels import IntLayer, get_kernel, neon_int
 from lastbit.passes.pow2_projection import code_set
 from lastbit.targets import get_target
 
-from tests.codegen.test_kernels import _conv_case, _dense_case, _extreme_dense, _run_cases
+from tests.codegen.test_kernels import _conv_case, _dense_case, _extreme_dense, _run_cases, _tuned
 
 DOTPROD = "aarch64-dotprod-linux-gnu"
 I8MM = "aarch64-i8mm-linux-gnu"
@@ -187,3 +187,37 @@ def test_older_cpu_refuses_the_extension(triple, kernel, older_cpu, tmp_path):
     older = build_bundle(mod, dataclasses.replace(target, qemu_cpu=older_cpu), tmp_path / "older-cpu")
     with pytest.raises(RunError, match="signal 4"):  # SIGILL
         run_bundle(older, [x])
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("triple, kernel", [(DOTPROD, "int8-sdot"), ("aarch64-linux-gnu", "int8-smlal")])
+def test_sampled_tuning_schedules_stay_bit_exact_under_qemu(triple, kernel, tmp_path):
+    """Any point of the tuning space (register tile of channel blocks × columns, taps unrolled
+    or not) computes exactly what the default does, on layers with several blocks and columns."""
+    _skip_without_tools(triple)
+    rng = np.random.default_rng(21)
+    cases = []
+    for seed in range(4):
+        conv = _conv_case(rng, kernel, "pow2-4", (1, 16, 5, 8), 64, (3, 3), (1, 1), (1, 1, 1, 1))
+        cases.append((_tuned(conv[0], seed), *conv[1:]))
+    dense = _dense_case(rng, kernel, "pow2-4", 6, 48, 70)
+    cases.append((_tuned(dense[0], 5), *dense[1:]))
+    _run_cases(cases, triple, tmp_path)
+
+
+def test_tuning_space_samples_the_register_tile_and_unroll():
+    """Channel blocks, output columns and tap unrolling are all decisions of the space."""
+    from tvm import s_tir
+    import tvm
+
+    layer = IntLayer("conv2d", "pow2-4", 3, (1, 16, 8, 8), (64, 16, 3, 3), padding=(1, 1, 1, 1))
+    for name in ("int8-sdot", "int8-smlal"):
+        kernel = get_kernel(name)
+        seen = set()
+        for seed in range(12):
+            sch = s_tir.Schedule(tvm.IRModule({"main": kernel.prim_func(layer)}), seed=seed + 1)
+            kernel.tuning_space(layer, NEON64 | {"dotprod"})(sch)
+            seen.add(str(list(sch.trace.decisions.values())))
+        kinds = [str(i.kind.name) for i in sch.trace.insts if str(i.kind.name).startswith("Sample")]
+        assert kinds == ["SamplePerfectTile", "SamplePerfectTile", "SampleCategorical"], name
+        assert len(seen) > 3, name
