@@ -21,6 +21,11 @@ weights, ``acc`` int32 NCHW):
    time, which makes the result exact for every int8 input (the products are summed without
    saturation, so the identity holds modulo 2^32 like the reference's int32).
 
+Fused (``fused_prim_func``, what the x86 lowering ships): stage 1 reads the layer's float
+input and quantizes it on the way in (``quant_prims.quantize_value``), stage 3 applies the
+epilogue, ``float32((acc + bias_q) [max 0]) · scale``, to each tile it writes back; the same
+schedule and tuning space serve both forms (the stage names are the same).
+
 Packed weights (``pack``): ``w_blocks`` int8 ``[O/16, C/4, KH, KW, 16, 4]`` (zero padded) and
 ``compensation`` int32 ``[O]``.
 """
