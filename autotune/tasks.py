@@ -48,6 +48,7 @@ class IntKernelRef:
     kernel: "IntKernel"  # noqa: F821 - lastbit.codegen.kernels.IntKernel
     layer: "IntLayer"  # noqa: F821
     features: frozenset[str]
+    fused: "FusedIO | None" = None  # noqa: F821 - the quantize and epilogue it does itself, if any
 
     @property
     def kind(self) -> str:
@@ -61,9 +62,19 @@ class IntKernelRef:
         kernel, same IntLayer) are one task."""
         import tvm
 
-        from lastbit.codegen.quant_lowering import INT_LAYER_ATTR, KERNEL_ATTR, int_layer_to_json
+        from lastbit.codegen.quant_lowering import (
+            FUSED_IO_ATTR,
+            INT_LAYER_ATTR,
+            KERNEL_ATTR,
+            fused_io_to_json,
+            int_layer_to_json,
+        )
 
-        func = self.kernel.prim_func(self.layer)
+        if self.fused is None:
+            func = self.kernel.prim_func(self.layer)
+        else:
+            func = self.kernel.fused_prim_func(self.layer, self.fused).with_attr(FUSED_IO_ATTR,
+                                                                                 fused_io_to_json(self.fused))
         func = func.with_attr("global_symbol", "main").with_attr(KERNEL_ATTR, self.kernel.name)
         func = func.with_attr(INT_LAYER_ATTR, int_layer_to_json(self.layer, self.features))
         return tvm.IRModule({"main": func})
@@ -72,7 +83,13 @@ class IntKernelRef:
 def int_kernel_of(func) -> IntKernelRef | None:
     """The integer kernel a PrimFunc (lowered, or a workload) runs, from its attributes;
     None for every other function."""
-    from lastbit.codegen.quant_lowering import INT_LAYER_ATTR, KERNEL_ATTR, int_layer_from_json
+    from lastbit.codegen.quant_lowering import (
+        FUSED_IO_ATTR,
+        INT_LAYER_ATTR,
+        KERNEL_ATTR,
+        fused_io_from_json,
+        int_layer_from_json,
+    )
 
     attrs = func.attrs
     if attrs is None or KERNEL_ATTR not in attrs or INT_LAYER_ATTR not in attrs:
@@ -80,7 +97,8 @@ def int_kernel_of(func) -> IntKernelRef | None:
     from lastbit.codegen.kernels import get_kernel
 
     layer, features = int_layer_from_json(str(attrs[INT_LAYER_ATTR]))
-    return IntKernelRef(get_kernel(str(attrs[KERNEL_ATTR])), layer, features)
+    fused = fused_io_from_json(str(attrs[FUSED_IO_ATTR])) if FUSED_IO_ATTR in attrs else None
+    return IntKernelRef(get_kernel(str(attrs[KERNEL_ATTR])), layer, features, fused)
 
 
 def load_cpu_tensor_intrinsics() -> None:

@@ -73,7 +73,20 @@ def tune_part(model_name: str, trials: int, max_tasks: int, repeat: int) -> dict
     }
 
 
-def int_part(model_name: str, trials: int, max_tasks: int, repeat: int, confirm: int) -> dict:
+def _time_split(art, x: np.ndarray) -> dict:
+    """One call's time in the integer kernels (what tuning moves; with their quantize and
+    epilogue where the kernel is fused) and in everything else, from the VM's per-call timing."""
+    from lastbit.codegen.quant_lowering import KERNEL_ATTR
+
+    kernels = {gv.name_hint for gv, f in art.mod.functions_items() if f.attrs is not None and KERNEL_ATTR in f.attrs}
+    times = art.function_times_ms(x, runs=10)
+    in_kernels = sum(ms for name, ms in times.items() if name in kernels)
+    other = sorted(((ms, name) for name, ms in times.items() if name not in kernels), reverse=True)
+    return {"integer_kernels": in_kernels, "other": sum(ms for ms, _ in other),
+            "kernel_share": in_kernels / sum(times.values()), "top_other": {name: ms for ms, name in other[:5]}}
+
+
+def int_part(model_name: str, trials: int, max_tasks: int, repeat: int, confirm: int, model_rounds: int = 5) -> dict:
     """Integer-kernel tasks of the 3-bit model: default vs tuned per task, whole models."""
     import dataclasses
 
@@ -105,9 +118,10 @@ def int_part(model_name: str, trials: int, max_tasks: int, repeat: int, confirm:
         }
         outputs = {k: a.run(x) for k, a in arts.items()}
         rounds: dict[str, list[float]] = {k: [] for k in arts}
-        for _ in range(5):  # interleaved rounds, median of each: the load drifts between long runs
+        for _ in range(model_rounds):  # interleaved rounds, median of each: the load drifts between long runs
             for k, art in arts.items():
                 rounds[k].append(art.latency_ms(x, repeat=repeat))
+        split = {k: _time_split(arts[k], x) for k in ("variant_default", "variant_tuned")}
     finally:
         shutil.rmtree(db_dir, ignore_errors=True)
     medians = {k: float(np.median(v)) for k, v in rounds.items()}
@@ -132,6 +146,7 @@ def int_part(model_name: str, trials: int, max_tasks: int, repeat: int, confirm:
                                     if result.model_ms("default") and result.model_ms("best") else None),
         "tuned_output_bit_identical": bool(np.array_equal(outputs["variant_tuned"], outputs["variant_default"])),
         "model_ms": medians,
+        "model_time_split_ms": split,
         "model_rounds_ms": rounds,
         "model_tuned_vs_variant_default": medians["variant_default"] / medians["variant_tuned"],
         "model_tuned_vs_shipped": medians["shipped"] / medians["variant_tuned"],
@@ -188,6 +203,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="fewer tasks, trials and candidates")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--skip-fp32", action="store_true", help="only the integer-kernel part and the farm")
+    parser.add_argument("--model-rounds", type=int, default=None,
+                        help="interleaved whole-model timing rounds of the integer part (default 5; more on a loaded machine)")
     args = parser.parse_args(argv)
     from results import RESULTS, update_section
 
@@ -199,13 +216,17 @@ def main(argv=None) -> dict:
         tuned = tune_part(args.model, trials, max_tasks, repeat)
         print(f"{args.model}: whole model default {tuned['model_default_ms']:.2f} ms, tuned "
               f"{tuned['model_tuned_ms']:.2f} ms ({tuned['model_speedup']:.2f}x)", flush=True)
-    integer = int_part(args.model, int_trials, int_tasks, repeat, confirm)
+    integer = int_part(args.model, int_trials, int_tasks, repeat, confirm, args.model_rounds or 5)
     ms = integer["model_ms"]
     print(f"{args.model} 3-bit integer kernels: per-task tuned/default geomean "
           f"{integer['task_speedup_geomean'] or float('nan'):.2f}x (min {integer['task_speedup_min'] or float('nan'):.2f}, "
           f"max {integer['task_speedup_max'] or float('nan'):.2f}); whole model shipped {ms['shipped']:.2f} ms, "
           f"variant default {ms['variant_default']:.2f} ms, variant tuned {ms['variant_tuned']:.2f} ms; "
           f"bit-identical {integer['tuned_output_bit_identical']}", flush=True)
+    for k, part in integer["model_time_split_ms"].items():
+        print(f"  {k}: integer kernels {part['integer_kernels']:.2f} ms ({part['kernel_share']:.0%}), "
+              f"other {part['other']:.2f} ms (top: {', '.join(f'{n} {v:.2f}' for n, v in part['top_other'].items())})",
+              flush=True)
     farm = farm_part(candidates, (1, 2, 3))
     for row in farm["rows"]:
         print(f"farm {row['workers']} worker(s): {row['per_s']:.2f} measurements/s "

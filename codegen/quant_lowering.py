@@ -36,19 +36,22 @@ import numpy as np
 from lastbit.codegen import quant_reference as qr
 from lastbit.graph import Graph, QuantInfo
 
-from lastbit.codegen.quant_prims import epilogue_prim_func, quantize_prim_func, rounds_in_vector
+from lastbit.codegen.quant_prims import abs_max_prim_func, epilogue_prim_func, quantize_prim_func, rounds_in_vector
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "FALLBACK_KERNELS",
     "FLOAT_REFERENCE",
+    "FUSED_IO_ATTR",
     "INT_LAYER_ATTR",
     "KERNEL_ATTR",
     "KernelChoice",
     "LayerEpilogue",
     "LowerQuantizedLayers",
     "fold_epilogue",
+    "fused_io_from_json",
+    "fused_io_to_json",
     "int_layer_from_json",
     "int_layer_to_json",
     "kernel_candidates",
@@ -62,6 +65,9 @@ KERNEL_ATTR = "lastbit.int_kernel"
 # tuner can rebuild the unscheduled function (``get_kernel(name).prim_func(layer)``) and the
 # schedule phase can re-schedule it from a tuning database record (autotune/tasks.py).
 INT_LAYER_ATTR = "lastbit.int_layer"
+# On a kernel that does its layer's quantize and epilogue itself (IntKernel.fused_prim_func):
+# the kernels.FusedIO it was built with (JSON), for the same rebuild.
+FUSED_IO_ATTR = "lastbit.fused_io"
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,23 @@ def int_layer_to_json(layer, features: frozenset[str]) -> str:
     return json.dumps({"layer": fields, "features": sorted(features)}, sort_keys=True, default=numpy_scalar)
 
 
+def fused_io_to_json(io) -> str:
+    """The :data:`FUSED_IO_ATTR` value of a kernels.FusedIO."""
+    import dataclasses
+    import json
+
+    return json.dumps(dataclasses.asdict(io), sort_keys=True)
+
+
+def fused_io_from_json(text: str):
+    """The kernels.FusedIO back from :func:`fused_io_to_json`."""
+    import json
+
+    from lastbit.codegen.kernels import FusedIO
+
+    return FusedIO(**json.loads(text))
+
+
 def int_layer_from_json(text: str):
     """(IntLayer, features) back from :func:`int_layer_to_json`."""
     import json
@@ -197,10 +220,12 @@ class LowerQuantizedLayers:
     :class:`KernelChoice`) is filled by each call.
     """
 
-    def __init__(self, target, kernels: Sequence[str] | str | None = None, measured_cost=None):
+    def __init__(self, target, kernels: Sequence[str] | str | None = None, measured_cost=None, fuse_io: bool = True):
         from lastbit.targets import get_target
 
         self.target = get_target(target)
+        # a kernel with a fused_prim_func does the layer's quantize and epilogue itself
+        self.fuse_io = fuse_io
         # (kernel name, IntLayer) -> measured cost or None; see codegen/kernel_cost.py
         self.measured_cost = measured_cost
         self.override = (kernels,) if isinstance(kernels, str) else (tuple(kernels) if kernels is not None else None)
@@ -230,7 +255,7 @@ class LowerQuantizedLayers:
                 plans.append(plan)
         if not plans:
             return graph
-        mod = _rewriter_class()(graph.mod, plans, self.target).rewrite()
+        mod = _rewriter_class()(graph.mod, plans, self.target, self.fuse_io).rewrite()
         return graph.replace(mod=mod)
 
     # -- planning -------------------------------------------------------------------------
@@ -512,8 +537,9 @@ def _rewriter_class():
         """Emits the integer path at each planned layer's binding and drops the bindings of
         the chain it replaces; every binding is visited once, so nothing can loop."""
 
-        def __init__(self, mod, plans: list[_Plan], target):
+        def __init__(self, mod, plans: list[_Plan], target, fuse_io: bool):
             super().__init__(mod)
+            self.fuse_io = fuse_io
             self.mod = mod
             self.plans = {plan.layer_var: plan for plan in plans}
             self.skipped = set().union(*(plan.skipped for plan in plans))
@@ -560,7 +586,8 @@ def _rewriter_class():
                 scale = relax.const(scale_np, "float32")
                 bias_q = relax.const(qr.integer_bias(plan.bias, scale_np, channels), "int32")
             else:  # dynamic: quant_reference.activation_scale computed in the graph, same IEEE ops
-                peak = bb.emit(op.max(op.abs(x)))
+                peak = bb.emit(relax.call_tir(self._abs_max_func(layer.data_shape), relax.Tuple([x]),
+                                              out_ty=relax.TensorType((), "float32")))
                 s_x = bb.emit(op.maximum(op.divide(peak, relax.const(np.float32(hi), "float32")),
                                          relax.const(np.finfo(np.float32).tiny, "float32")))
                 s_64 = bb.emit(op.astype(s_x, "float64"))
@@ -572,11 +599,18 @@ def _rewriter_class():
                     ratio = op.divide(relax.const(plan.bias, "float64"), op.astype(scale, "float64"))
                     i32 = np.iinfo(np.int32)
                     bias_q = bb.emit(op.astype(op.clip(op.round(ratio), float(i32.min), float(i32.max)), "int32"))
+            packed = [relax.const(np.ascontiguousarray(a)) for a in plan.kernel.pack(layer, plan.codes)]
+            if self.fuse_io and plan.kernel.fused_prim_func is not None and layer.op == "conv2d":
+                from lastbit.codegen.kernels import FusedIO
+
+                io = FusedIO(lo, hi, input_relu=fold_relu, output_relu=plan.relu)
+                inv_arg = relax.const(inv, "float32") if s is not None else inv  # a () tensor either way
+                return relax.call_tir(self._kernel_func(plan, io), relax.Tuple([x, inv_arg, *packed, bias_q, scale]),
+                                      out_ty=relax.TensorType(plan.out_shape, "float32"))
             quantize_gv = self._quantize_func(layer.data_shape, lo, hi, float(inv) if s is not None else None,
                                               fold_relu)
             x_q = bb.emit(relax.call_tir(quantize_gv, relax.Tuple([x] if s is not None else [x, inv]),
                                          out_ty=relax.TensorType(layer.data_shape, "int8")), plan.layer_var.name + "_q")
-            packed = [relax.const(np.ascontiguousarray(a)) for a in plan.kernel.pack(layer, plan.codes)]
             acc_shape = self._acc_shape(plan)
             kernel_gv = self._kernel_func(plan)
             acc = bb.emit(relax.call_tir(kernel_gv, relax.Tuple([x_q, *packed]),
@@ -593,11 +627,12 @@ def _rewriter_class():
                 return (layer.data_shape[0], layer.weight_shape[0])
             return tuple(plan.out_shape)
 
-        def _kernel_func(self, plan: _Plan):
+        def _kernel_func(self, plan: _Plan, io=None):
+            """The kernel's PrimFunc for the layer (``io``: its fused form), default-scheduled."""
             layer, kernel = plan.int_layer, plan.kernel
-            key = ("kernel", kernel.name, layer)
+            key = ("kernel", kernel.name, layer, io)
             if key not in self.funcs:
-                func = kernel.prim_func(layer)
+                func = kernel.prim_func(layer) if io is None else kernel.fused_prim_func(layer, io)
                 try:
                     from tvm import s_tir
 
@@ -611,7 +646,10 @@ def _rewriter_class():
                 func = func.without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
                 func = func.with_attr(KERNEL_ATTR, kernel.name)
                 func = func.with_attr(INT_LAYER_ATTR, int_layer_to_json(layer, self.features))
-                name = f"{kernel.name.replace('-', '_')}_{layer.op}"
+                if io is not None:
+                    func = func.with_attr(FUSED_IO_ATTR, fused_io_to_json(io))
+                fused = "" if io is None else "_fused"
+                name = f"{kernel.name.replace('-', '_')}{fused}_{layer.op}"
                 self.funcs[key] = self.builder_.add_func(func, name)
             return self.funcs[key]
 
@@ -622,6 +660,13 @@ def _rewriter_class():
                                           relu=relu)
                 self.funcs[key] = self.builder_.add_func(func.with_attr("op_pattern", OPAQUE),
                                                          "int_relu_quantize" if relu else "int_quantize")
+            return self.funcs[key]
+
+        def _abs_max_func(self, shape):
+            key = ("abs_max", tuple(shape))
+            if key not in self.funcs:
+                func = abs_max_prim_func(tuple(shape), self.info.lanes).with_attr("op_pattern", OPAQUE)
+                self.funcs[key] = self.builder_.add_func(func, "int_abs_max")
             return self.funcs[key]
 
         def _epilogue_func(self, acc_shape, channel_axis: int, relu: bool):

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["MAGIC_BITS", "MAGIC_ROUND", "epilogue_prim_func", "quantize_prim_func", "rounds_in_vector"]
+__all__ = ["MAGIC_BITS", "MAGIC_ROUND", "abs_max_prim_func", "epilogue_prim_func", "epilogue_value", "quantize_prim_func", "quantize_value",
+           "rounds_in_vector"]
 
 MAGIC_ROUND = 12582912.0  # 1.5·2²³: float32 sums in [2²³, 2²⁴) have a unit ulp
 MAGIC_BITS = 0x4B400000  # the float32 bits of MAGIC_ROUND
@@ -80,9 +81,9 @@ def flat_view(buffer, name: str):
     return tirx.decl_buffer((size,), buffer.dtype, name=name), buffer
 
 
-def flat_prim_func(buffers, views, body):
+def flat_prim_func(buffers, views, body, scratch=()):
     """A scheduled PrimFunc of ``buffers`` (its parameters, in order) whose ``body`` reads
-    them through ``views`` (:func:`flat_view` pairs)."""
+    them through ``views`` (:func:`flat_view` pairs); ``scratch``: buffers it allocates."""
     from tvm import tirx
 
     # a flat view is a DeclBuffer statement ahead of the loops that use it (TVM 0.27 form)
@@ -90,9 +91,40 @@ def flat_prim_func(buffers, views, body):
     # Relax's op-pattern analysis expects an opaque root block around the body
     from tvm import s_tir
 
-    body = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body))
+    body = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", body, alloc_buffers=list(scratch)))
     func = tirx.PrimFunc(list(buffers), body)  # TVM 0.27: a buffer is a Var of BufferType
     return func.with_attr("tirx.noalias", True).with_attr("tirx.is_scheduled", True)
+
+
+def quantize_value(x, factor, lo: int, hi: int, vector_round: bool = True, relu: bool = False):
+    """The int8 code of one float32 value ``x`` (a TIR expression, from a buffer or a TE
+    tensor): ``int8(clip(rint([max(x, 0)] · factor), lo, hi))``, ``factor`` the float32
+    reciprocal scale. ``vector_round`` False: the clip-then-1.5·2²³ rounding (armv7). Every
+    quantize of the integer path (this file's and the fused kernels') is this expression,
+    so they round alike."""
+    from tvm import tirx
+
+    from lastbit.codegen.cpu_schedule import vectorizable_nearbyint
+
+    vectorizable_nearbyint()
+    f32 = "float32"
+    lo_f, hi_f = tirx.const(float(lo), f32), tirx.const(float(hi), f32)
+    v = (tirx.Max(x, tirx.const(0.0, f32)) if relu else x) * factor
+    if vector_round:
+        return tirx.Cast("int8", tirx.Min(tirx.Max(tirx.nearbyint(v), lo_f), hi_f))
+    shifted = tirx.Min(tirx.Max(v, lo_f), hi_f) + tirx.const(MAGIC_ROUND, f32)
+    bits = tirx.call_intrin("int32", "tirx.reinterpret", shifted) - tirx.const(MAGIC_BITS, "int32")
+    return tirx.Cast("int8", bits)
+
+
+def epilogue_value(total, scale, relu: bool):
+    """``float32(total [max 0]) · scale`` for one int32 ``total = acc + bias_q`` (a TIR
+    expression): the epilogue of every integer layer, one IEEE multiply (nothing to contract)."""
+    from tvm import tirx
+
+    if relu:
+        total = tirx.Max(total, tirx.const(0, "int32"))
+    return tirx.Cast("float32", total) * scale
 
 
 def quantize_prim_func(shape: tuple[int, ...], lo: int, hi: int, inv: float | None, lanes: int,
@@ -104,28 +136,16 @@ def quantize_prim_func(shape: tuple[int, ...], lo: int, hi: int, inv: float | No
     One flat loop; from ``parallel_min`` elements on, parallel rows of the trailing dims."""
     from tvm import tirx
 
-    from lastbit.codegen.cpu_schedule import vectorizable_nearbyint
-
-    vectorizable_nearbyint()
     shape = tuple(int(d) for d in shape)
     x = tirx.decl_buffer(shape, "float32", name="x")
     out = tirx.decl_buffer(shape, "int8", name="x_q")
     inv_buf = None if inv is not None else tirx.decl_buffer((), "float32", name="inv")
     views = [flat_view(x, "x_flat"), flat_view(out, "x_q_flat")]
     (xf, _), (of, _) = views
-    f32 = "float32"
-    lo_f, hi_f = tirx.const(float(lo), f32), tirx.const(float(hi), f32)
 
     def body(i):
-        factor = tirx.const(float(inv), f32) if inv is not None else tirx.BufferLoad(inv_buf, [])
-        v = tirx.BufferLoad(xf, [i])
-        v = (tirx.Max(v, tirx.const(0.0, f32)) if relu else v) * factor
-        if vector_round:
-            r = tirx.Min(tirx.Max(tirx.nearbyint(v), lo_f), hi_f)
-            return tirx.BufferStore(of, tirx.Cast("int8", r), [i])
-        shifted = tirx.Min(tirx.Max(v, lo_f), hi_f) + tirx.const(MAGIC_ROUND, f32)
-        bits = tirx.call_intrin("int32", "tirx.reinterpret", shifted) - tirx.const(MAGIC_BITS, "int32")
-        return tirx.BufferStore(of, tirx.Cast("int8", bits), [i])
+        factor = tirx.const(float(inv), "float32") if inv is not None else tirx.BufferLoad(inv_buf, [])
+        return tirx.BufferStore(of, quantize_value(tirx.BufferLoad(xf, [i]), factor, lo, hi, vector_round, relu), [i])
 
     total = int(math.prod(shape))
     rows = int(math.prod(shape[:2])) if len(shape) > 2 else (shape[0] if len(shape) == 2 else 1)
@@ -137,6 +157,48 @@ def quantize_prim_func(shape: tuple[int, ...], lo: int, hi: int, inv: float | No
         loop = tirx.For(row, 0, rows, tirx.ForKind.PARALLEL, per_row)
     buffers = [x] + ([inv_buf] if inv_buf is not None else []) + [out]
     return flat_prim_func(buffers, views, loop)
+
+
+def abs_max_prim_func(shape: tuple[int, ...], lanes: int):
+    """``max|x|`` of a float32 tensor of ``shape`` into a float32 ``()`` (the peak behind a
+    dynamic activation scale, ``quant_reference.activation_scale``): ``lanes`` running maxima
+    in one vector over the flat tensor, then those lanes and the scalar tail. Legalized
+    ``max(abs(x))`` is a scalar loop (the generic schedule has no spatial axis to vectorize),
+    which took longer than the next layer's int8 conv. Serial: the tensor was just written
+    by the previous layer and is in cache, one core streams it faster than a parallel
+    launch costs. Exact: max is associative, and |x| ≥ 0, so starting from 0 changes
+    nothing for a non-empty tensor."""
+    from tvm import tirx
+
+    shape = tuple(int(d) for d in shape)
+    total = int(math.prod(shape))
+    x = tirx.decl_buffer(shape, "float32", name="x")
+    peak = tirx.decl_buffer((), "float32", name="peak")
+    running = tirx.decl_buffer((lanes,), "float32", name="running", scope="local")
+    views = [flat_view(x, "x_flat")]
+    ((xf, _),) = views
+    zero = tirx.const(0.0, "float32")
+    full = total // lanes
+
+    def lane_loop(name, body):
+        v = tirx.Var(name, "int32")
+        return tirx.For(v, 0, lanes, tirx.ForKind.VECTORIZED, body(v))
+
+    i = tirx.Var("i", "int32")
+    stmts = [lane_loop("v0", lambda v: tirx.BufferStore(running, zero, [v]))]
+    if full:
+        step = lane_loop("v", lambda v: tirx.BufferStore(
+            running, tirx.Max(tirx.BufferLoad(running, [v]), tirx.abs(tirx.BufferLoad(xf, [i * lanes + v]))), [v]))
+        stmts.append(tirx.For(i, 0, full, tirx.ForKind.SERIAL, step))
+    stmts.append(tirx.BufferStore(peak, zero, []))
+    r = tirx.Var("r", "int32")
+    stmts.append(tirx.For(r, 0, lanes, tirx.ForKind.SERIAL, tirx.BufferStore(
+        peak, tirx.Max(tirx.BufferLoad(peak, []), tirx.BufferLoad(running, [r])), [])))
+    if total - full * lanes:
+        t = tirx.Var("t", "int32")
+        stmts.append(tirx.For(t, 0, total - full * lanes, tirx.ForKind.SERIAL, tirx.BufferStore(
+            peak, tirx.Max(tirx.BufferLoad(peak, []), tirx.abs(tirx.BufferLoad(xf, [full * lanes + t]))), [])))
+    return flat_prim_func([x, peak], views, tirx.SeqStmt(stmts), scratch=[running])
 
 
 def epilogue_prim_func(acc_shape: tuple[int, ...], channel_axis: int, relu: bool, lanes: int = 4,
@@ -160,9 +222,7 @@ def epilogue_prim_func(acc_shape: tuple[int, ...], channel_axis: int, relu: bool
 
     def value(i, c):
         total = tirx.BufferLoad(af, [i]) + tirx.BufferLoad(bias, [c])
-        if relu:
-            total = tirx.Max(total, tirx.const(0, "int32"))
-        return tirx.BufferStore(of, tirx.Cast("float32", total) * tirx.BufferLoad(scale, [c]), [i])
+        return tirx.BufferStore(of, epilogue_value(total, tirx.BufferLoad(scale, [c]), relu), [i])
 
     row = tirx.Var("row", "int32")
     if inner == 1:  # channels innermost (dense [M, N]): one row per sample, bias/scale as vectors

@@ -12,6 +12,13 @@ Calling convention of ``IntKernel.prim_func(layer)`` (argument order of the Prim
     conv2d: x_q int8 [N, C, H, W], *packed weights, acc int32 [N, O, OH, OW]
 ``pack(layer, codes)`` turns the int8 codes ([N, K] for dense, OIHW for conv2d, as torch lays
 them out) into those packed arrays at compile time.
+
+A kernel may also offer ``fused_prim_func(layer, io)``: the same accumulation with the layer's
+activation quantize and float epilogue done inside it (:class:`FusedIO`), so the whole layer
+is one PrimFunc whose schedule (and tuning space) covers all of it:
+    conv2d: x float32 [N, C, H, W], inv float32 (), *packed weights, bias_q int32 [O],
+            scale float32 [O], y float32 [N, O, OH, OW]
+It must give exactly ``quant_reference.epilogue(kernel(quantize_activation(x)), ...)``.
 """
 
 from __future__ import annotations
@@ -46,6 +53,21 @@ class IntLayer:
 
 
 @dataclass(frozen=True)
+class FusedIO:
+    """What a fused kernel does around the accumulation: quantize its float input to codes in
+    ``[act_lo, act_hi]`` (``quant_reference.quantize_activation``; ``input_relu``: of
+    ``max(x, 0)``, the ReLU before the layer folded in) and turn the accumulators into
+    ``float32((acc + bias_q) [max 0]) · scale`` (``quant_reference.epilogue``; ``output_relu``:
+    with the max). The reciprocal scale, bias and scale are runtime arguments, so one
+    function serves calibrated and dynamic activation scales alike."""
+
+    act_lo: int
+    act_hi: int
+    input_relu: bool = False
+    output_relu: bool = False
+
+
+@dataclass(frozen=True)
 class IntKernel:
     """One kernel family: its name (shown in the report), what it serves, and its code.
 
@@ -63,6 +85,9 @@ class IntKernel:
     schedule: Callable[[object, IntLayer, frozenset[str]], None]
     tuning_space: Callable[[IntLayer, frozenset[str]], Callable] | None = None
     description: str = ""
+    # the layer's quantize and epilogue inside the kernel (FusedIO); schedule and
+    # tuning_space apply to it unchanged
+    fused_prim_func: Callable[[IntLayer, FusedIO], object] | None = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 

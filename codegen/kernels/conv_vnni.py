@@ -21,6 +21,11 @@ weights, ``acc`` int32 NCHW):
    time, which makes the result exact for every int8 input (the products are summed without
    saturation, so the identity holds modulo 2^32 like the reference's int32).
 
+Fused (``fused_prim_func``, what the x86 lowering ships): stage 1 reads the layer's float
+input and quantizes it on the way in (``quant_prims.quantize_value``), stage 3 applies the
+epilogue, ``float32((acc + bias_q) [max 0]) · scale``, to each tile it writes back; the same
+schedule and tuning space serve both forms (the stage names are the same).
+
 Packed weights (``pack``): ``w_blocks`` int8 ``[O/16, C/4, KH, KW, 16, 4]`` (zero padded) and
 ``compensation`` int32 ``[O]``.
 """
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lastbit.codegen.kernels import IntKernel, IntLayer, KernelError, register_kernel
+from lastbit.codegen.kernels import FusedIO, IntKernel, IntLayer, KernelError, register_kernel
 from lastbit.codegen.kernels.common import (
     X86_VNNI_FEATURES,
     check_codes_shape,
@@ -116,7 +121,11 @@ def supports(layer: IntLayer, features: frozenset[str]) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def prim_func(layer: IntLayer):
+def _compute(layer: IntLayer, code, weights, channel_value, name: str):
+    """The three stages over a layer input whose int8 code at (b, c, y, x) is ``code(...)``
+    (an int32 expression); ``channel_value(acc, f)`` turns one exact accumulator of output
+    channel ``f`` into the output element (stage 3's name is always ``acc``: the schedule
+    addresses it)."""
     from tvm import te, tirx
 
     n, c, h, w = layer.data_shape
@@ -125,28 +134,22 @@ def prim_func(layer: IntLayer):
     sh, sw = layer.strides
     dh, dw = layer.dilation
     pt, pl, pb, pr = layer.padding
-    cb, ob = _ceil_div(c, IC_BLOCK), _ceil_div(o, OC_BLOCK)
-
-    x = te.placeholder((n, c, h, w), "int8", name="x_q")
-    wt = te.placeholder((ob, cb, kh, kw, OC_BLOCK, IC_BLOCK), "int8", name="w_blocks")
-    comp = te.placeholder((o,), "int32", name="compensation")
+    wt, comp = weights
 
     def shifted(b, q, y, z, ci):
         ch = q * IC_BLOCK + ci
         inside = tirx.all(y >= pt, y < pt + h, z >= pl, z < pl + w, ch < c)
         # indices clamped: a vectorized if_then_else may load both sides
-        value = x[b, tirx.min(ch, c - 1), tirx.max(tirx.min(y - pt, h - 1), 0), tirx.max(tirx.min(z - pl, w - 1), 0)]
-        return tirx.if_then_else(
-            inside, (value.astype("int32") + ZERO_U8).astype("uint8"), tirx.const(ZERO_U8, "uint8")
-        )
+        value = code(b, tirx.min(ch, c - 1), tirx.max(tirx.min(y - pt, h - 1), 0), tirx.max(tirx.min(z - pl, w - 1), 0))
+        return tirx.if_then_else(inside, (value + ZERO_U8).astype("uint8"), tirx.const(ZERO_U8, "uint8"))
 
-    data = te.compute((n, cb, h + pt + pb, w + pl + pr, IC_BLOCK), shifted, name="data_u8")
-    rc = te.reduce_axis((0, cb), name="rc")
+    data = te.compute((n, _ceil_div(c, IC_BLOCK), h + pt + pb, w + pl + pr, IC_BLOCK), shifted, name="data_u8")
+    rc = te.reduce_axis((0, _ceil_div(c, IC_BLOCK)), name="rc")
     ry = te.reduce_axis((0, kh), name="ry")
     rx = te.reduce_axis((0, kw), name="rx")
     ri = te.reduce_axis((0, IC_BLOCK), name="ri")
     acc_blocked = te.compute(
-        (n, ob, oh, ow, OC_BLOCK),
+        (n, _ceil_div(o, OC_BLOCK), oh, ow, OC_BLOCK),
         lambda b, q, y, z, oi: te.sum(
             data[b, rc, y * sh + ry * dh, z * sw + rx * dw, ri].astype("int32")
             * wt[q, rc, ry, rx, oi, ri].astype("int32"),
@@ -154,12 +157,54 @@ def prim_func(layer: IntLayer):
         ),
         name="acc_blocked",
     )
-    acc = te.compute(
+    return te.compute(
         (n, o, oh, ow),
-        lambda b, f, y, z: acc_blocked[b, f // OC_BLOCK, y, z, f % OC_BLOCK] - comp[f],
-        name="acc",
+        lambda b, f, y, z: channel_value(acc_blocked[b, f // OC_BLOCK, y, z, f % OC_BLOCK] - comp[f], f),
+        name=name,
     )
-    return te.create_prim_func([x, wt, comp, acc])
+
+
+def _weights(layer: IntLayer):
+    from tvm import te
+
+    o, c, kh, kw = layer.weight_shape
+    wt = te.placeholder((_ceil_div(o, OC_BLOCK), _ceil_div(c, IC_BLOCK), kh, kw, OC_BLOCK, IC_BLOCK), "int8",
+                        name="w_blocks")
+    return wt, te.placeholder((o,), "int32", name="compensation")
+
+
+def prim_func(layer: IntLayer):
+    from tvm import te
+
+    x = te.placeholder(layer.data_shape, "int8", name="x_q")
+    weights = _weights(layer)
+    acc = _compute(layer, lambda *i: x[i].astype("int32"), weights, lambda acc, f: acc, "acc")
+    return te.create_prim_func([x, *weights, acc])
+
+
+def fused_prim_func(layer: IntLayer, io: FusedIO):
+    """The layer whole: its float input quantized as the input is packed (each element once,
+    ``quant_prims.quantize_value``), the epilogue applied as each tile of accumulators is
+    written back (``quant_prims.epilogue_value``); no int8 or int32 tensor leaves the
+    kernel. Arguments: x float32, inv float32 (), w_blocks, compensation, bias_q int32 [O],
+    scale float32 [O] → float32 NCHW."""
+    from tvm import te
+
+    from lastbit.codegen.quant_prims import epilogue_value, quantize_value
+
+    o = layer.weight_shape[0]
+    x = te.placeholder(layer.data_shape, "float32", name="x")
+    inv = te.placeholder((), "float32", name="inv")
+    bias = te.placeholder((o,), "int32", name="bias_q")
+    scale = te.placeholder((o,), "float32", name="scale")
+    weights = _weights(layer)
+
+    def code(*i):
+        return quantize_value(x[i], inv(), io.act_lo, io.act_hi, relu=io.input_relu).astype("int32")
+
+    out = _compute(layer, code, weights, lambda acc, f: epilogue_value(acc + bias[f], scale[f], io.output_relu),
+                   "acc")
+    return te.create_prim_func([x, inv, *weights, bias, scale, out])
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,5 +302,6 @@ INT8_VNNI_CONV = register_kernel(
         schedule=schedule,
         tuning_space=tuning_space,
         description="int8 codes, direct conv2d in NCHW[c/4]c4 blocks, vpdpbusd 16×4 micro-kernel (x86 AVX-512 VNNI)",
+        fused_prim_func=fused_prim_func,
     )
 )

@@ -202,3 +202,79 @@ def test_sampled_tuning_schedules_stay_bit_exact(tmp_path):
         tuned.append(dataclasses.replace(kernel, schedule=schedule))
         cases.append(_case(rng, (1, 8, 12, 12), 64, (3, 3), stride=(1 + seed % 2,) * 2, padding=(1, 1, 1, 1)))
     _run(cases, tmp_path, kernels=tuned)
+
+
+# --------------------------------------------------------------------------------------------
+# fused: the layer's quantize and epilogue inside the kernel
+# --------------------------------------------------------------------------------------------
+
+
+def _fused_case(rng, data_shape, out_c, ksize, io_bits=(8, False), relus=(False, False), dynamic=True, **conv):
+    """A random layer run whole in numpy: ``quantize_activation`` → ``int_conv2d`` →
+    ``epilogue``, with the FusedIO that asks the kernel for the same."""
+    from lastbit.codegen.kernels import FusedIO
+    from lastbit.codegen.quant_reference import activation_range, activation_scale, epilogue, quantize_activation
+
+    bits, unsigned = io_bits
+    layer, codes, _, _ = _case(rng, data_shape, out_c, ksize, **conv)
+    io = FusedIO(*activation_range(bits, unsigned), input_relu=relus[0], output_relu=relus[1])
+    x = (rng.normal(size=data_shape) * 3).astype(np.float32)
+    x_in = np.maximum(x, 0) if io.input_relu else x
+    # calibrated scales clip the tails; dynamic ones see max|x|
+    s = activation_scale(x_in, None if dynamic else float(np.abs(x_in).max() / 3 / io.act_hi), bits, unsigned)
+    x.flat[:8] = np.float32(s) * np.float32([0.5, 1.5, -0.5, -2.5, 2.5, 126.5, -126.5, 3.5])  # ties round to even
+    x_in = np.maximum(x, 0) if io.input_relu else x
+    x_q = quantize_activation(x_in, s, bits, unsigned)
+    pt, pl, pb, pr = layer.padding
+    acc = int_conv2d(np.pad(x_q, ((0, 0), (0, 0), (pt, pb), (pl, pr))), codes, layer.strides, 0, layer.dilation)
+    bias_q = rng.integers(-3000, 3000, out_c).astype(np.int32)
+    scale = rng.uniform(1e-3, 1e-2, out_c).astype(np.float32)
+    ref = epilogue(acc, bias_q, scale, relu=io.output_relu)
+    inv = np.float32(1.0 / float(s))
+    return layer, io, codes, (x, np.array(inv, np.float32)), (bias_q, scale), ref
+
+
+def _run_fused(cases, schedule=None) -> None:
+    import tvm
+    from tvm import s_tir
+
+    kernel = get_kernel(conv_vnni.NAME)
+    target = get_target(HOST)
+    for layer, io, codes, (x, inv), (bias_q, scale), ref in cases:
+        sch = s_tir.Schedule(tvm.IRModule({"main": kernel.fused_prim_func(layer, io)}))
+        (schedule or kernel.schedule)(sch, layer, target.feature_set())
+        lib = tvm.tirx.build(sch.mod, target=target.tvm())
+        arrays = [x, inv, *kernel.pack(layer, codes), bias_q, scale, np.zeros(ref.shape, np.float32)]
+        args = [tvm.runtime.tensor(np.require(a, requirements="C")) for a in arrays]  # keeps 0-d inv 0-d
+        lib["main"](*args)
+        out = args[-1].numpy()
+        mismatch = int(np.count_nonzero(out.view(np.int32) != ref.view(np.int32)))
+        assert mismatch == 0, f"{layer} {io}: {mismatch} of {ref.size} outputs differ"
+
+
+@needs_vnni
+def test_fused_layer_is_bit_exact_against_the_reference_path():
+    rng = np.random.default_rng(20261205)
+    _run_fused([
+        _fused_case(rng, (1, 16, 12, 12), 32, (3, 3), padding=(1, 1, 1, 1), cs="pow2-4", relus=(False, True)),
+        _fused_case(rng, (2, 5, 9, 11), 7, (3, 3), padding=(1, 1, 1, 1), relus=(True, False), dynamic=False),
+        _fused_case(rng, (1, 3, 23, 23), 16, (7, 7), stride=(2, 2), padding=(3, 3, 3, 3), relus=(False, True)),
+        _fused_case(rng, (1, 12, 14, 14), 24, (1, 1), stride=(2, 2), cs="ternary", dynamic=False),
+        _fused_case(rng, (1, 8, 9, 10), 16, (3, 2), stride=(1, 2), padding=(0, 1, 2, 1), io_bits=(4, True),
+                    relus=(True, True)),
+        _fused_case(rng, (1, 4, 11, 11), 16, (3, 3), padding=(2, 2, 2, 2), dilation=(2, 2), io_bits=(3, False)),
+    ])
+
+
+@needs_vnni
+def test_fused_layer_stays_bit_exact_under_sampled_tuning_schedules():
+    rng = np.random.default_rng(6)
+    kernel = get_kernel(conv_vnni.NAME)
+    for seed in range(4):
+        def schedule(sch, layer, features, seed=seed):
+            sch.seed(seed)
+            kernel.tuning_space(layer, features)(sch)
+
+        case = _fused_case(rng, (1, 8, 12, 12), 64, (3, 3), stride=(1 + seed % 2,) * 2, padding=(1, 1, 1, 1),
+                           relus=(seed % 2 == 0, True), dynamic=seed < 2)
+        _run_fused([case], schedule)

@@ -216,11 +216,41 @@ def test_epilogue_stays_its_own_function_so_no_fma_can_change_it(small_cnn):
     model, x = small_cnn
     art = lastbit.compile(model, HOST, (x,), squeeze=Squeeze(bits=3))
     script = art.mod["main"].script(show_meta=False)
-    assert script.count("int_epilogue") >= 3
+    # the epilogue is its own function, or inside a fused kernel (int8-vnni-conv on VNNI hosts)
+    assert script.count("int_epilogue") + script.count("_fused_conv2d") >= 3
     kernels = [f for f in art.mod.functions.values() if f.attrs is not None and "lastbit.int_kernel" in f.attrs]
     assert kernels and all(bool(f.attrs["tirx.is_scheduled"]) for f in kernels)  # the kernel's own schedule
     epilogues = [f for gv, f in art.mod.functions_items() if gv.name_hint.startswith("int_epilogue")]
-    assert epilogues and all(int(f.attrs["op_pattern"]) == 8 for f in epilogues)
+    assert all(int(f.attrs["op_pattern"]) == 8 for f in epilogues + kernels)  # never fused with a neighbour
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_kernels_doing_their_own_quantize_and_epilogue_give_the_same_bits(small_cnn, calibrated):
+    """The fused int8-vnni-conv layer (quantize, accumulate, epilogue in one PrimFunc) against
+    the three-function path, on a whole model: dynamic scales (the in-graph max|x|) and
+    calibrated ones (with the ReLU before a layer folded into its quantize)."""
+    from lastbit.codegen.kernels.conv_vnni import NAME
+    from lastbit.codegen.quant_lowering import FUSED_IO_ATTR, LowerQuantizedLayers
+    import tvm
+    from tvm import relax
+
+    from lastbit.pipeline import build_vm, lower_and_schedule
+
+    model, x = small_cnn
+    target = get_target(HOST)
+    if {"avx512bw", "avx512vnni"} - target.feature_set():
+        pytest.skip("host CPU lacks AVX-512 VNNI")
+    squeeze = Squeeze(bits=3, data=x.numpy()) if calibrated else Squeeze(bits=3)
+    art = lastbit.compile(model, HOST, (x,), squeeze=squeeze)
+    fused = [f for f in art.mod.functions.values() if f.attrs is not None and FUSED_IO_ATTR in f.attrs]
+    assert fused and all(str(f.attrs["lastbit.int_kernel"]) == NAME for f in fused)
+    unfused = lower_and_schedule(art.graph, target, integer=LowerQuantizedLayers(target, fuse_io=False))
+    assert not any(f.attrs is not None and FUSED_IO_ATTR in f.attrs for f in unfused.functions.values())
+    vm = relax.VirtualMachine(build_vm(unfused, target), tvm.cpu())
+    result = vm["main"](tvm.runtime.tensor(x.numpy()))
+    expected = (result if hasattr(result, "numpy") else result[0]).numpy()
+    got = art.run(x)
+    assert np.array_equal(got.view(np.int32), expected.view(np.int32))
 
 
 # --- the float reference path and fallbacks ----------------------------------------------------
@@ -381,9 +411,13 @@ def test_relu_before_a_layer_folds_into_its_quantize():
     x = torch.randn(1, 4, 7, 7)
     calib = np.random.default_rng(1).standard_normal((8, 4, 7, 7)).astype("float32")
     art = lastbit.compile(model, HOST, (x,), squeeze=Squeeze(bits=3, keep_first_last=False, data=calib))
+    from lastbit.codegen.quant_lowering import FUSED_IO_ATTR, fused_io_from_json
+
     names = [gv.name_hint for gv in art.mod.get_global_vars()]
-    assert "int_relu_quantize" in names and not any("relu" in n and "quantize" not in n and "epilogue" not in n
-                                                    for n in names), names
+    fused = [fused_io_from_json(str(f.attrs[FUSED_IO_ATTR])) for f in art.mod.functions.values()
+             if f.attrs is not None and FUSED_IO_ATTR in f.attrs]  # a kernel quantizing its own input
+    assert "int_relu_quantize" in names or [io.input_relu for io in fused] == [True], names
+    assert not any("relu" in n and "quantize" not in n and "epilogue" not in n for n in names), names
     (info,) = art.graph.quant.values()
     expected = _int_layer(np.maximum(x.numpy(), 0), info, art.graph.params, "conv2d",
                           bias=model[1].bias.detach().numpy(), padding=1)

@@ -142,3 +142,24 @@ def test_bit_exact_under_qemu(triple, tmp_path):
     mod = _module(cases, cpu_info(target).lanes, rounds_in_vector(target))
     bundle = build_bundle(mod, target, tmp_path / triple)
     _check(cases, run_bundle(bundle, [case[2] for case in cases], timeout_s=600))
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 14, 14), (1, 3, 5, 7), (2, 9), (1, 1, 1, 1)])
+def test_abs_max_is_the_peak_the_dynamic_scale_needs(shape):
+    """max|x| over whole vectors and the scalar tail, with the peak placed in each part."""
+    import tvm
+
+    from lastbit.codegen.quant_prims import abs_max_prim_func
+
+    host = get_target("x86_64-linux-gnu")
+    func = abs_max_prim_func(shape, cpu_info(host).lanes).with_attr("global_symbol", "main")
+    lib = tvm.tirx.build(tvm.IRModule({"main": func}), target=host.tvm())
+    rng = np.random.default_rng(len(shape))
+    for where in (0, -1, None):  # first element, the tail's last, wherever it falls
+        x = rng.standard_normal(shape).astype(np.float32)
+        if where is not None:
+            x.flat[where] = -50.0  # a negative peak: the abs matters
+        peak = tvm.runtime.tensor(np.zeros((), np.float32))
+        lib["main"](tvm.runtime.tensor(x), peak)
+        assert peak.numpy() == np.abs(x).max() and qr.activation_scale(x) == np.maximum(
+            peak.numpy() / np.float32(127), np.finfo(np.float32).tiny)

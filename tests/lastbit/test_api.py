@@ -69,3 +69,15 @@ def test_export_writes_bundle_with_manifest(small_mlp, tmp_path):
     assert manifest["target"] == "x86_64-linux-gnu"
     assert manifest["inputs"][0]["shape"] == [1, 32]
     assert {"kernels.so", "plan.txt", "params.bin", "lastbit_run"} <= {p.name for p in out.iterdir()}
+
+
+def test_function_times_name_every_function_main_calls(small_mlp):
+    model, x = small_mlp
+    art = lastbit.compile(model, example_inputs=(x,), squeeze=lastbit.Squeeze(bits=3))
+    times = art.function_times_ms(x, runs=2)
+    called = {gv.name_hint for gv, f in art.mod.functions_items() if gv.name_hint != "main"
+              and gv.name_hint in art.mod["main"].script(show_meta=False)}
+    assert called and called <= set(times)  # every PrimFunc of main, timed
+    assert all(ms >= 0 for ms in times.values()) and any(name.startswith("vm.builtin") for name in times)
+    with pytest.raises(RunError, match="cannot be profiled"):
+        lastbit.compile(model, target="aarch64-linux-gnu", example_inputs=(x,)).function_times_ms(x)
