@@ -16,6 +16,7 @@ additive model HAWQ-V3 and HAQ use); benchmarks/codesign.py checks it on whole m
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -29,8 +30,8 @@ from lastbit.errors import LastbitError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AccelSimCost", "ArmCycles", "CostCache", "CostModel", "CostPoint", "CostSource", "HostLatency", "cost_source",
-           "tvm_threads"]
+__all__ = ["AccelSimCost", "ArmCycles", "CostCache", "CostModel", "CostPoint", "CostSource", "HostLatency", "code_fingerprint",
+           "cost_source", "tvm_threads"]
 
 
 @dataclass(frozen=True)
@@ -219,8 +220,8 @@ class ArmCycles:
     ``target``, its instructions per inference counted under qemu-user
     (codegen/qemu_count.py) and costed by the per-class throughput model of
     targets/arm_cycle_model.py (``core``: "cortex-a53" or "cortex-a76"). Estimated cycles
-    from qemu counts, not board timings; deterministic, so a cached value never goes stale
-    with machine load. ``cycles_<other core>`` and ``insns`` are recorded alongside."""
+    from qemu counts, not board timings; deterministic for one build (the cache keys carry the
+    code's fingerprint), so a cached value never goes stale with machine load. ``cycles_<other core>`` and ``insns`` are recorded alongside."""
 
     metrics = ("cycles", "insns")
 
@@ -286,11 +287,31 @@ def cost_source(target: str) -> CostSource:
                        "ARM under qemu and accel-sim are supported")
 
 
-class CostCache:
-    """Measurements on disk (JSON), keyed by cost source and point, so a rerun reuses them."""
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of the code that decides what a compiled layer costs: the sources and tables of
+    lastbit's codegen, passes and targets packages. Part of every cache key, so a kernel,
+    lowering or cost-table change measures again instead of reusing a number the old code
+    gave (qemu counts are deterministic for one build, not across builds)."""
+    import hashlib
+    import importlib
 
-    def __init__(self, path: "str | Path"):
+    digest = hashlib.sha256()
+    for package in ("lastbit.codegen", "lastbit.passes", "lastbit.targets"):
+        root = Path(importlib.import_module(package).__file__).parent
+        for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".json") and p.is_file()):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+class CostCache:
+    """Measurements on disk (JSON), keyed by cost source, the code's fingerprint and point, so a
+    rerun of the same code reuses them. Saving drops entries of other code fingerprints: they
+    would never be read again."""
+
+    def __init__(self, path: "str | Path", fingerprint: str | None = None):
         self.path = Path(path)
+        self.fingerprint = fingerprint or code_fingerprint()
         self.entries: dict[str, dict | None] = self._read()
         if self.entries is None:
             log.warning("cost cache %s is unreadable; starting it again", self.path)
@@ -306,9 +327,8 @@ class CostCache:
             return None
         return entries if isinstance(entries, dict) else None
 
-    @staticmethod
-    def key(source: CostSource, point: CostPoint) -> str:
-        return f"{source.name}|{point.key()}"
+    def key(self, source: CostSource, point: CostPoint) -> str:
+        return f"{source.name}|{self.fingerprint}|{point.key()}"
 
     def get(self, source: CostSource, point: CostPoint) -> tuple[bool, dict | None]:
         k = self.key(source, point)
@@ -321,7 +341,9 @@ class CostCache:
         """Write the cache atomically, merged with what another run wrote there meanwhile."""
         from lastbit.fileio import atomic_write_json
 
-        self.entries = {**(self._read() or {}), **self.entries}
+        current = f"|{self.fingerprint}|"
+        merged = {**(self._read() or {}), **self.entries}
+        self.entries = {k: v for k, v in merged.items() if current in k}
         atomic_write_json(self.path, {"format": "lastbit-cost-cache/1", "entries": self.entries})
 
 

@@ -3,6 +3,7 @@ brute-force optimum (a pruned layer and its reader chosen together), reuses cach
 measurements, and predicts the unmeasured choices with the cost model."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -97,6 +98,27 @@ def test_measurements_are_cached_and_the_rest_predicted(tmp_path):
     again = _CountingSource()
     table2 = measure_costs(groups, again, CostCache(tmp_path / "costs.json"), measure_share=0.5, progress=False)
     assert again.calls == 0 and table2.measured == table.measured
+
+
+def test_a_code_change_measures_again_and_drops_the_old_entries(tmp_path):
+    """The cache is keyed by the code's fingerprint: numbers measured by other kernels are
+    never reused, and saving forgets them."""
+    groups = site_groups(_toy_sites())
+    old = CostCache(tmp_path / "costs.json", fingerprint="old-code")
+    measure_costs(groups, _CountingSource(), old, measure_share=0.5, progress=False)
+    assert old.entries and all("|old-code|" in k for k in old.entries)
+    source = _CountingSource()
+    new = CostCache(tmp_path / "costs.json", fingerprint="new-code")
+    table = measure_costs(groups, source, new, measure_share=0.5, progress=False)
+    assert source.calls == len(table.measured) > 0  # nothing taken from the old code's entries
+    stored = json.loads((tmp_path / "costs.json").read_text())["entries"]
+    assert stored and all("|new-code|" in k for k in stored)
+
+
+def test_code_fingerprint_follows_the_kernel_sources():
+    from lastbit.codesign_cost import code_fingerprint
+
+    assert len(code_fingerprint()) == 16 and code_fingerprint() == code_fingerprint()
 
 
 def test_restructured_torch_module_matches_the_compiled_structural_squeeze(small_cnn):
