@@ -312,12 +312,26 @@ def layer_sensitivity(module, graph: Graph, sites: list[LayerSite], x: np.ndarra
     """Loss change on (x, y) when one layer alone takes one factor of a choice (a code set, a
     keep ratio, a rank); the rest of the model stays as trained. Returns
     ({layer: {("codes"|"keep"|"rank", value): Δloss}}, {"slope": points per unit loss, "base_*"}).
-    The drop of a whole choice is the slope times the sum of its factors' loss changes."""
+    The drop of a whole choice is the slope times the sum of its factors' loss changes.
+
+    Each changed model has its BatchNorm statistics re-estimated on ``x`` before it is scored,
+    as the compiled model's are (fine-tuning ends with that recalibration; BN folds into the
+    conv after it): a pruned or projected layer shifts the statistics of every layer after it,
+    and scoring with the float model's statistics charged that shift to the layer. On ResNet-8,
+    uniform pow2-4 projection scores 59 % with the old statistics, 82 % recalibrated, and 82 %
+    after ADMM fine-tuning."""
+    import copy
+
+    import torch
     from tqdm.auto import tqdm
 
-    from lastbit.passes.sensitivity import additive_drop_model, lowrank_weight, quantized_weight, score, swapped_weight
+    from lastbit.passes.admm import recalibrate_bn
+    from lastbit.passes.sensitivity import additive_drop_model, lowrank_weight, quantized_weight, score
 
-    base = score(module, x, y)
+    def recalibrated_score(changed):
+        return score(recalibrate_bn(changed, (x, y), num_batches=max(1, len(x) // 64)), x, y)
+
+    base = recalibrated_score(copy.deepcopy(module))  # the same 512-sample statistics as every change
     jobs = []
     for site in sites:
         jobs += [(site, "codes", c) for c in site.codes if c != FLOAT_CODES]
@@ -328,14 +342,15 @@ def layer_sensitivity(module, graph: Graph, sites: list[LayerSite], x: np.ndarra
     loss_d, acc_d = [], []
     for site, kind, value in tqdm(jobs, desc="layer sensitivity", disable=not progress):
         if kind == "keep":
-            pruned = restructure_module(module, graph, LayerConfig({site.name: LayerChoice(FLOAT_CODES, keep=value)}),
-                                        lanes)
-            s = score(pruned, x, y)
+            changed = restructure_module(module, graph, LayerConfig({site.name: LayerChoice(FLOAT_CODES, keep=value)}),
+                                         lanes)
         else:
             w = modules[site.name].weight.detach().numpy()
             new = quantized_weight(w, value) if kind == "codes" else lowrank_weight(w, value)
-            with swapped_weight(module, site.name, new):
-                s = score(module, x, y)
+            changed = copy.deepcopy(module)
+            with torch.no_grad():
+                dict(changed.named_modules())[site.name].weight.copy_(torch.as_tensor(new))
+        s = recalibrated_score(changed)
         deltas[site.name][(kind, value)] = s.loss - base.loss
         loss_d.append(s.loss - base.loss)
         acc_d.append(100.0 * (base.accuracy - s.accuracy))
