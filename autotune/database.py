@@ -12,7 +12,9 @@ good ones (re-numbering records when a workload line is lost), moves the bad one
 ``rejected.jsonl`` and warns once per file.  Failed candidates are stored too, with
 ``FAILED_SECS`` as their run time (MetaSchedule's own convention), so a resumed run does
 not measure them again.  A candidate re-measured on purpose (the tuner's confirmation
-rounds) has several records; its latency is the median of all their repeats.
+rounds) has several records; its latency is the median of the repeats of its re-measurements,
+and once any candidate of a workload was re-measured only re-measured candidates compete for
+its best (:class:`Candidate`, :meth:`TuningDatabase.best`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,41 @@ def latency_s(run_secs) -> float:
 def target_dir(root: "str | Path", triple: str) -> Path:
     """The folder holding one target's records (the triple, made a safe file name)."""
     return Path(root) / re.sub(r"[^A-Za-z0-9_.+-]", "_", triple)
+
+
+@dataclass
+class Candidate:
+    """One distinct schedule of a workload and every record the database holds of it.
+
+    A candidate with several records was re-measured on purpose (the tuner's confirmation
+    rounds, side by side with the default).  Its first record is then left out of its
+    latency: the search picked it *because* that record was the fastest of many noisy
+    measurements, so it is biased low (the winner's curse); on a busy machine one lucky
+    record made a schedule that was no faster than the default look 2x faster.
+    """
+
+    schedule: object  # tvm.s_tir.Schedule of the workload with this candidate's trace replayed
+    records: list[list[float]]  # run_secs of each record, in commit order
+
+    @property
+    def re_measured(self) -> bool:
+        return len(self.records) > 1
+
+    @property
+    def failed(self) -> bool:
+        return any(latency_s(secs) >= FAILED_SECS for secs in self.records)
+
+    @property
+    def run_secs(self) -> list[float]:
+        """The repeats its latency is the median of: those of its re-measurements when it has
+        any, else of its one record; ``[FAILED_SECS]`` once any record failed."""
+        if self.failed:
+            return [FAILED_SECS]
+        return [s for secs in self.records[1:] or self.records for s in secs]
+
+    @property
+    def latency_s(self) -> float:
+        return latency_s(self.run_secs)
 
 
 @dataclass
@@ -164,17 +201,16 @@ class TuningDatabase:
             return []
         return [r for r in self.ms.get_all_tuning_records() if tvm_ffi.structural_equal(r.workload.mod, mod)]
 
-    def candidates(self, mod) -> dict[int, tuple[object, list[float]]]:
+    def candidates(self, mod) -> dict[int, Candidate]:
         """Every candidate of workload ``mod`` in the database, keyed by the structural hash of
-        its scheduled module: (Schedule, run_secs of all its records pooled).  A candidate
-        has several records only when it was re-measured on purpose (the tuner's
-        confirmation rounds); any failed record marks it failed."""
+        its scheduled module, with all its records (several only when it was re-measured on
+        purpose: the tuner's confirmation rounds)."""
         import tvm_ffi
         from tvm import s_tir
 
         from lastbit.autotune.templates import register_intrinsics
 
-        found: dict[int, tuple[object, list[float]]] = {}
+        found: dict[int, Candidate] = {}
         records = self.records(mod)
         if records:
             register_intrinsics(mod)
@@ -186,19 +222,14 @@ class TuningDatabase:
                 log.debug("record does not replay on its workload: %s", err)
                 continue
             key = tvm_ffi.structural_hash(sch.mod)
-            secs = [float(s) for s in record.run_secs]
-            if latency_s(secs) >= FAILED_SECS:
-                secs = [FAILED_SECS]
-            if key in found:
-                previous = found[key][1]
-                secs = [FAILED_SECS] if FAILED_SECS in previous or FAILED_SECS in secs else previous + secs
-            found[key] = (sch, secs)
+            found.setdefault(key, Candidate(sch, [])).records.append([float(s) for s in record.run_secs])
         return found
 
     def measured(self, mod) -> dict[int, list[float]]:
-        """Structural hash of each candidate already measured for ``mod`` -> its run_secs, so
-        a resumed run neither measures a candidate again nor forgets its result."""
-        return {key: secs for key, (_, secs) in self.candidates(mod).items()}
+        """Structural hash of each candidate already measured for ``mod`` -> the run_secs its
+        latency is the median of (:attr:`Candidate.run_secs`), so a resumed run neither
+        measures a candidate again nor forgets its result."""
+        return {key: c.run_secs for key, c in self.candidates(mod).items()}
 
     def commit(self, mod, trace, run_secs: "list[float] | None", args_info=None) -> None:
         """Store one measured (or failed: ``run_secs`` None) candidate of workload ``mod``."""
@@ -214,14 +245,20 @@ class TuningDatabase:
         )
 
     def best(self, mod) -> "tuple[object, float] | None":
-        """(Schedule, seconds) of the fastest successful candidate of ``mod`` (median of all
-        its repeats, :func:`latency_s`), or None."""
-        best = None
-        for sch, secs in self.candidates(mod).values():
-            latency = latency_s(secs)
-            if latency < FAILED_SECS and (best is None or latency < best[1]):
-                best = (sch, latency)
-        return best
+        """(Schedule, seconds) of the fastest successful candidate of ``mod``, or None: what
+        ``compile --db`` applies.  Once any candidate was re-measured (the tuner confirms its
+        winner against the default, alternating), only re-measured candidates compete: a
+        candidate measured once was never compared with the default under the same load, and
+        among many such the fastest record is mostly luck (:class:`Candidate`)."""
+        contenders = [c for c in self.candidates(mod).values() if not c.failed]
+        if any(c.re_measured for c in contenders):
+            contenders = [c for c in contenders if c.re_measured]
+        return _fastest(contenders)
+
+    def fastest(self, mod) -> "tuple[object, float] | None":
+        """(Schedule, seconds) of the fastest successful candidate by its own records,
+        re-measured or not: what the search found, the one the tuner confirms."""
+        return _fastest([c for c in self.candidates(mod).values() if not c.failed])
 
     def measure(self) -> str | None:
         """What the records' run times are (``tuner.measure_of``); a folder with records but
@@ -249,6 +286,11 @@ class TuningDatabase:
         except (json.JSONDecodeError, AttributeError):
             log.warning("tuning summary %s is unreadable; ignoring it", path)
             return []
+
+
+def _fastest(candidates: list[Candidate]) -> "tuple[object, float] | None":
+    best = min(candidates, key=lambda c: c.latency_s, default=None)
+    return None if best is None else (best.schedule, best.latency_s)
 
 
 def apply_database(mod, root: "str | Path", target) -> "tvm.IRModule":  # noqa: F821

@@ -132,10 +132,12 @@ class Tuner:
     (tests pass wrapped ones).  ``on_round(task, done)`` is called after every measured
     round; raising ``KeyboardInterrupt`` from it behaves like Ctrl-C.  ``confirm`` > 0
     re-measures the default and the best schedule of each tuned task that many times,
-    alternating, and reports the medians: on a busy device the load drifts between the
-    first measurement of the default and the last of the search.  The re-runs are stored
-    as further records of those two candidates, so ``compile --db`` sees the pooled result
-    (a candidate that only looked fast once does not win).
+    alternating, and reports the medians of those re-runs: on a busy device the load drifts
+    between the first measurement of the default and the last of the search, and the
+    search's best is the luckiest of many noisy measurements.  The re-runs are stored as
+    further records of those two candidates, and once a task has them the database lets
+    only re-measured candidates win, so ``compile --db`` applies the confirmed winner or
+    the default, never a runner-up that looked fast once (``database.Candidate``).
     """
 
     def __init__(self, target, db: TuningDatabase, builder: CandidateBuilder, runner: FarmRunner, *,
@@ -215,10 +217,12 @@ class Tuner:
                 overall.total -= budget - bar.n
                 overall.refresh()
             bar.close()
-        found = self.db.best(task.mod)
-        result.best_ms = found[1] * 1e3 if found else None
+        found = self.db.fastest(task.mod)  # the search's winner, by the one measurement that ranked it
         if self.confirm and found is not None and result.default_ms is not None and found[1] * 1e3 < result.default_ms:
-            self._confirm(task, default, found[0], result)
+            self._confirm(task, default, found[0])
+            result.default_ms = _latency_ms(self.db.measured(task.mod).get(_key(default)))
+        found = self.db.best(task.mod)  # what compile --db applies: a confirmed winner, else the default
+        result.best_ms = found[1] * 1e3 if found else None
         log.info("task %s: default %s ms, tuned %s ms (%d measured, %d from the database, %d failed)", task.name,
                  _ms(result.default_ms), _ms(result.best_ms), result.measured, result.reused, result.failed)
         return result
@@ -281,10 +285,11 @@ class Tuner:
             if self.on_round is not None:
                 self.on_round(task, new_done)
 
-    def _confirm(self, task: TuningTask, default, best, result: TaskResult) -> None:
+    def _confirm(self, task: TuningTask, default, best) -> None:
         """Re-measure the default and the best schedule ``confirm`` times each, alternating,
-        and store the runs as further records of those two candidates (``best`` pools all
-        records of a candidate), then report what the database now says."""
+        and store the runs as further records of those two candidates: the database then
+        judges them by these runs alone, and lets only re-measured candidates win
+        (``database.Candidate``, ``TuningDatabase.best``)."""
         from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
         built = self.builder.build([default.mod, best.mod])
@@ -302,10 +307,6 @@ class Tuner:
                             count=False)
         for path, _ in built:
             Path(path).unlink(missing_ok=True)
-        known = self.db.measured(task.mod)
-        result.default_ms = _latency_ms(known.get(_key(default)))
-        found = self.db.best(task.mod)
-        result.best_ms = found[1] * 1e3 if found else None
 
     def _sample_pool(self, task: TuningTask, known: dict, rng, size: int) -> list:
         """Up to ``size`` distinct, not yet measured schedules of the task's template."""

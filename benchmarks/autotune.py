@@ -2,18 +2,23 @@
 
 Part 1 tunes the heaviest tasks of fp32 ResNet-18 with a modest trial budget on a private
 loopback worker, and reports each task's default and best latency from the same run, then
-the model compiled with and without the database.  Part 1b does the same for the integer
-kernels of ResNet-18 quantized with ``Squeeze(bits=3)`` (tasks of kind ``int:<kernel>``:
-the kernel's default schedule against the best of its ``tuning_space``); the default and
-the best are re-measured alternately (the tuner's confirmation rounds) because the machine
-is shared.  The host's own strategy serves conv2d with ``reference-int``, which has no
-tuning space, so part 1b tunes a variant of the host target whose conv2d strategy is the
-kernels that have one (``int8-vnni-conv`` where VNNI exists, else ``int8``) and compares
-whole models three ways: the host as shipped, the variant with its defaults, the variant
-tuned.  Part 2 measures the
-same candidate set through farms of 1, 2 and 3 single-threaded workers and reports
-measurements per second relative to one worker (the issue's goal: >= 0.8 N x).  On a
-machine with C cores the speed-up cannot pass C (every worker measures on a core).
+the same tasks' functions timed inside the model compiled with and without the database
+(the VM's per-function timing; ``schedule_changed`` says whether the database replaced the
+default schedule) and the whole model both ways: a per-task gain the model does not show is
+a measurement artefact of the tuner, not a speed-up (docs/AUTOTUNE.md, "Reading the
+numbers").  Part 1b does the same for the integer kernels of ResNet-18 quantized with
+``Squeeze(bits=3)`` (tasks of kind ``int:<kernel>``: the kernel's default schedule against
+the best of its ``tuning_space``); the default and the best are re-measured alternately
+(the tuner's confirmation rounds) because the machine is shared.  The host's own strategy
+serves conv2d with ``reference-int``, which has no tuning space, so part 1b tunes a variant
+of the host target whose conv2d strategy is the kernels that have one (``int8-vnni-conv``
+where VNNI exists, else ``int8``) and compares whole models three ways: the host as
+shipped, the variant with its defaults, the variant tuned.  Part 2 measures the same
+candidate set through farms of 1, 2 and 3 single-threaded workers and reports measurements
+per second relative to one worker (the issue's goal: >= 0.8 N x).  On a machine with C
+cores the speed-up cannot pass C (every worker measures on a core).  ``--skip-fp32`` /
+``--fp32-only`` run a subset; the parts not run keep the last run's numbers
+(``meta.parts_run`` says which ran).
 """
 
 from __future__ import annotations
@@ -30,8 +35,37 @@ from pathlib import Path
 import numpy as np
 
 
+def _task_functions(module, example, model_name: str, task_names: list[str]) -> dict[str, list[str]]:
+    """The model's function names each task serves: a task is one distinct PrimFunc, which
+    the model may call under several names (its ``weight`` counts all the calls)."""
+    import tvm
+    import tvm_ffi
+
+    from lastbit.autotune.tasks import workload_of
+    from lastbit.pipeline import import_model, lower
+    from lastbit.targets import get_target
+
+    lowered = lower(import_model(module, (example,), name=model_name), get_target("x86_64-linux-gnu"))
+    workloads = {gv.name_hint: workload_of(f) for gv, f in lowered.functions_items()
+                 if isinstance(f, tvm.tirx.PrimFunc)}
+    return {name: [other for other, wl in workloads.items() if tvm_ffi.structural_equal(wl, workloads[name])]
+            for name in task_names}
+
+
+def _same_schedule(a, b) -> bool:
+    """Whether two scheduled PrimFuncs have the same loops (the database's copy of a schedule
+    carries other attributes than the default scheduler's)."""
+    import tvm_ffi
+
+    def loops(func):
+        return func.without_attr("global_symbol").without_attr("tirx.is_scheduled")
+
+    return bool(tvm_ffi.structural_equal(loops(a), loops(b)))
+
+
 def tune_part(model_name: str, trials: int, max_tasks: int, repeat: int) -> dict:
-    """Tuned vs default per task, and the model with and without the database."""
+    """Tuned vs default per task as the tuner measured them, the same tasks' functions timed
+    inside the compiled model with and without the database, and the whole model."""
     import lastbit
     from lastbit.autotune.tuner import tune_model
     from lastbit.frontend.models import get_model
@@ -49,13 +83,27 @@ def tune_part(model_name: str, trials: int, max_tasks: int, repeat: int) -> dict
         tuned_art = lastbit.compile(module, example_inputs=(example,), name=model_name, db=db_dir)
         # Interleaved rounds, median of each: the machine's load drifts between two long runs.
         default_runs, tuned_runs = [], []
+        profiles: dict[str, list[dict]] = {"default": [], "tuned": []}
         for _ in range(5):
             default_runs.append(default_art.latency_ms(x, repeat=repeat))
             tuned_runs.append(tuned_art.latency_ms(x, repeat=repeat))
+            profiles["default"].append(default_art.function_times_ms(x, runs=repeat))
+            profiles["tuned"].append(tuned_art.function_times_ms(x, runs=repeat))
         default_ms, tuned_ms = float(np.median(default_runs)), float(np.median(tuned_runs))
     finally:
         shutil.rmtree(db_dir, ignore_errors=True)
-    tasks = [dict(t.to_json(), speedup=t.speedup) for t in result.tasks]
+    functions = _task_functions(module, example, model_name, [t.name for t in result.tasks])
+    tasks = []
+    for t in result.tasks:
+        # The task's time in one call of the model (all its calls), median over the rounds.
+        in_model = {k: float(np.median([sum(p.get(n, 0.0) for n in functions[t.name]) for p in rounds]))
+                    for k, rounds in profiles.items()}
+        changed = any(not _same_schedule(default_art.mod[n], tuned_art.mod[n]) for n in functions[t.name])
+        tasks.append(dict(t.to_json(), speedup=t.speedup, functions=functions[t.name], schedule_changed=changed,
+                          in_model_default_ms=in_model["default"], in_model_tuned_ms=in_model["tuned"],
+                          in_model_speedup=in_model["default"] / in_model["tuned"]))
+    in_model_default = sum(t["in_model_default_ms"] for t in tasks)
+    in_model_tuned = sum(t["in_model_tuned_ms"] for t in tasks)
     return {
         "model": model_name,
         "precision": "fp32",
@@ -65,6 +113,9 @@ def tune_part(model_name: str, trials: int, max_tasks: int, repeat: int) -> dict
         "tasks": tasks,
         "tuned_tasks_sum_default_ms": result.model_ms("default"),
         "tuned_tasks_sum_best_ms": result.model_ms("best"),
+        "tuned_tasks_in_model_default_ms": in_model_default,
+        "tuned_tasks_in_model_tuned_ms": in_model_tuned,
+        "tuned_tasks_in_model_speedup": in_model_default / in_model_tuned,
         "model_default_ms": default_ms,
         "model_tuned_ms": tuned_ms,
         "model_default_rounds_ms": default_runs,
@@ -198,46 +249,68 @@ def farm_part(candidates: int, worker_counts: tuple[int, ...]) -> dict:
     return {"cores": os.cpu_count(), "candidates": candidates, "rows": rows}
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer tasks, trials and candidates")
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--skip-fp32", action="store_true", help="only the integer-kernel part and the farm")
-    parser.add_argument("--model-rounds", type=int, default=None,
-                        help="interleaved whole-model timing rounds of the integer part (default 5; more on a loaded machine)")
-    args = parser.parse_args(argv)
-    from results import RESULTS, update_section
+def _print_fp32(model: str, tuned: dict) -> None:
+    nan = float("nan")
+    for t in tuned["tasks"]:
+        print(f"  {t['name']}: tuner {(t['default_ms'] or nan) * t['weight']:.2f} -> "
+              f"{(t['best_ms'] or nan) * t['weight']:.2f} ms ({t['speedup'] or nan:.2f}x), in the model "
+              f"{t['in_model_default_ms']:.2f} -> {t['in_model_tuned_ms']:.2f} ms ({t['in_model_speedup']:.2f}x; "
+              f"schedule {'changed' if t['schedule_changed'] else 'unchanged'})", flush=True)
+    print(f"{model}: tuned tasks, tuner {tuned['tuned_tasks_sum_default_ms']:.2f} -> "
+          f"{tuned['tuned_tasks_sum_best_ms']:.2f} ms, in the model {tuned['tuned_tasks_in_model_default_ms']:.2f} -> "
+          f"{tuned['tuned_tasks_in_model_tuned_ms']:.2f} ms ({tuned['tuned_tasks_in_model_speedup']:.2f}x); "
+          f"whole model default {tuned['model_default_ms']:.2f} ms, tuned {tuned['model_tuned_ms']:.2f} ms "
+          f"({tuned['model_speedup']:.2f}x)", flush=True)
 
-    logging.basicConfig(level=logging.WARNING)
-    trials, max_tasks, repeat, candidates = (6, 3, 4, 12) if args.quick else (32, 8, 10, 30)
-    int_trials, int_tasks, confirm = (8, 3, 2) if args.quick else (24, 12, 3)
-    tuned = None
-    if not args.skip_fp32:
-        tuned = tune_part(args.model, trials, max_tasks, repeat)
-        print(f"{args.model}: whole model default {tuned['model_default_ms']:.2f} ms, tuned "
-              f"{tuned['model_tuned_ms']:.2f} ms ({tuned['model_speedup']:.2f}x)", flush=True)
-    integer = int_part(args.model, int_trials, int_tasks, repeat, confirm, args.model_rounds or 5)
-    ms = integer["model_ms"]
-    print(f"{args.model} 3-bit integer kernels: per-task tuned/default geomean "
-          f"{integer['task_speedup_geomean'] or float('nan'):.2f}x (min {integer['task_speedup_min'] or float('nan'):.2f}, "
-          f"max {integer['task_speedup_max'] or float('nan'):.2f}); whole model shipped {ms['shipped']:.2f} ms, "
+
+def _print_int(model: str, integer: dict) -> None:
+    ms, nan = integer["model_ms"], float("nan")
+    print(f"{model} 3-bit integer kernels: per-task tuned/default geomean "
+          f"{integer['task_speedup_geomean'] or nan:.2f}x (min {integer['task_speedup_min'] or nan:.2f}, "
+          f"max {integer['task_speedup_max'] or nan:.2f}); whole model shipped {ms['shipped']:.2f} ms, "
           f"variant default {ms['variant_default']:.2f} ms, variant tuned {ms['variant_tuned']:.2f} ms; "
           f"bit-identical {integer['tuned_output_bit_identical']}", flush=True)
     for k, part in integer["model_time_split_ms"].items():
         print(f"  {k}: integer kernels {part['integer_kernels']:.2f} ms ({part['kernel_share']:.0%}), "
               f"other {part['other']:.2f} ms (top: {', '.join(f'{n} {v:.2f}' for n, v in part['top_other'].items())})",
               flush=True)
-    farm = farm_part(candidates, (1, 2, 3))
-    for row in farm["rows"]:
-        print(f"farm {row['workers']} worker(s): {row['per_s']:.2f} measurements/s "
-              f"({row['speedup_vs_1']:.2f}x of one; goal {row['goal_0.8N']:.1f}x)", flush=True)
-    if tuned is None:  # --skip-fp32 keeps the fp32 numbers of the last full run
-        import json
 
-        previous = json.loads(RESULTS.read_text()).get("autotune", {}) if RESULTS.is_file() else {}
-        tuned = previous.get("tuning")
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer tasks, trials and candidates")
+    parser.add_argument("--model", default="resnet18")
+    parts = parser.add_mutually_exclusive_group()
+    parts.add_argument("--skip-fp32", action="store_true", help="only the integer-kernel part and the farm")
+    parts.add_argument("--fp32-only", action="store_true",
+                       help="only the fp32 part; the integer part and the farm keep the last run's numbers")
+    parser.add_argument("--model-rounds", type=int, default=None,
+                        help="interleaved whole-model timing rounds of the integer part (default 5; more on a loaded machine)")
+    args = parser.parse_args(argv)
+    import json
+
+    from results import RESULTS, update_section
+
+    logging.basicConfig(level=logging.WARNING)
+    trials, max_tasks, repeat, candidates = (6, 3, 4, 12) if args.quick else (32, 8, 10, 30)
+    int_trials, int_tasks, confirm = (8, 3, 2) if args.quick else (24, 12, 3)
+    # A part not run keeps the numbers of the last run that ran it.
+    previous = json.loads(RESULTS.read_text()).get("autotune", {}) if RESULTS.is_file() else {}
+    tuned, integer, farm = previous.get("tuning"), previous.get("tuning_int"), previous.get("farm")
+    if not args.skip_fp32:
+        tuned = tune_part(args.model, trials, max_tasks, repeat)
+        _print_fp32(args.model, tuned)
+    if not args.fp32_only:
+        integer = int_part(args.model, int_trials, int_tasks, repeat, confirm, args.model_rounds or 5)
+        _print_int(args.model, integer)
+        farm = farm_part(candidates, (1, 2, 3))
+        for row in farm["rows"]:
+            print(f"farm {row['workers']} worker(s): {row['per_s']:.2f} measurements/s "
+                  f"({row['speedup_vs_1']:.2f}x of one; goal {row['goal_0.8N']:.1f}x)", flush=True)
+    parts_run = [name for name, ran in (("tuning", not args.skip_fp32), ("tuning_int", not args.fp32_only),
+                                        ("farm", not args.fp32_only)) if ran]
     data = {"meta": {"host": platform.processor() or platform.machine(), "quick": args.quick,
-                     "load_avg_1min": os.getloadavg()[0]},
+                     "load_avg_1min": os.getloadavg()[0], "parts_run": parts_run},
             "tuning": tuned, "tuning_int": integer, "farm": farm}
     update_section("autotune", data)
     return data

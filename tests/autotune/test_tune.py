@@ -148,3 +148,66 @@ def test_tuner_docstring_describes_the_search_it_runs():
     assert "XGBoost" in doc and "samples" in doc
     assert "EvolutionarySearch" not in doc and "evolutionary search and" not in doc
     assert "EvolutionarySearch" not in inspect.getsource(tuner).replace(doc, "")
+
+
+class _ScriptedBuilder:
+    """Builds nothing: a candidate's "artifact" names its scheduled module's structural hash."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def build(self, mods):
+        return [(str(self.folder / str(tvm_ffi.structural_hash(m))), None) for m in mods]
+
+
+class _LuckyFirstRunner:
+    """A busy machine in miniature: the default runs 5 ms every time; every other candidate's
+    first run looks fast (1.0 ms, 1.1 ms, ... in the order measured) and re-runs take 9 ms."""
+
+    deterministic = False
+
+    def __init__(self, default_key: int):
+        self.default_key = default_key
+        self.seen: list[int] = []
+        self.stats = runner_module.MeasureStats()
+
+    def measure(self, artifacts, on_result=None, count=True):
+        results = []
+        for i, (path, _) in enumerate(artifacts):
+            key = int(path.rsplit("/", 1)[-1])
+            if key == self.default_key:
+                secs = 5e-3
+            elif key in self.seen:
+                secs = 9e-3
+            else:
+                secs = 1e-3 + 1e-4 * len(self.seen)
+                self.seen.append(key)
+            m = runner_module.Measurement(run_secs=[secs] * 3)
+            if on_result is not None:
+                on_result(i, m)
+            results.append(m)
+        return results
+
+
+def test_confirmation_that_demotes_the_winner_leaves_the_default(tmp_path, tiny_mlp):
+    """The search's winner is confirmed against the default and turns out slower: the task
+    reports no gain and the database's best is the default schedule.  Before, the runner-up
+    (measured once, luckily) became the best and the table claimed a 4.5x speed-up."""
+    from lastbit.autotune.database import TuningDatabase
+    from lastbit.autotune.tasks import extract_tasks
+    from lastbit.autotune.templates import default_schedule
+    from lastbit.autotune.tuner import Tuner
+    from lastbit.pipeline import import_model, lower
+    from lastbit.targets import get_target
+
+    model, x = tiny_mlp
+    target = get_target(TRIPLE)
+    task = next(t for t in extract_tasks(lower(import_model(model, (x,)), target), target.tvm()) if t.tunable)
+    default = default_schedule(task.mod, target.tvm())
+    runner = _LuckyFirstRunner(tvm_ffi.structural_hash(default.mod))
+    db = TuningDatabase(tmp_path, target)
+    tuner = Tuner(target, db, _ScriptedBuilder(tmp_path), runner, trials=5, per_round=2, progress=False, confirm=3)
+    (result,) = tuner.tune([task]).tasks
+    assert len(runner.seen) >= 2  # a winner and at least one runner-up were measured once
+    assert result.default_ms == pytest.approx(5.0) and result.best_ms == pytest.approx(5.0)
+    assert tvm_ffi.structural_equal(db.best(task.mod)[0].mod, default.mod)

@@ -42,14 +42,29 @@ def mlp_tasks():
     return model, x, lowered, extract_tasks(lowered, HOST.tvm())
 
 
+def _other_candidates(task, count: int, seed: int = 3) -> list:
+    """``count`` template candidates whose loops differ from the default schedule's and from
+    each other's."""
+    found = [default_schedule(task.mod, HOST.tvm())]
+    for s in range(seed, seed + 200):
+        for space in design_spaces(s_tir.Schedule(task.mod, seed=s), HOST.tvm()):
+            if not any(tvm_ffi.structural_equal(space.mod, known.mod) for known in found):
+                found.append(space)
+                if len(found) == count + 1:
+                    return found[1:]
+    raise AssertionError(f"the template of {task.name} has fewer than {count} candidates besides the default")
+
+
 def _other_candidate(task, seed: int = 3):
     """A template candidate whose loops differ from the default schedule's."""
-    default = default_schedule(task.mod, HOST.tvm())
-    for s in range(seed, seed + 50):
-        for space in design_spaces(s_tir.Schedule(task.mod, seed=s), HOST.tvm()):
-            if not tvm_ffi.structural_equal(space.mod, default.mod):
-                return space
-    raise AssertionError(f"the template of {task.name} has only the default candidate")
+    return _other_candidates(task, 1, seed)[0]
+
+
+def _applied_body(applied, task):
+    """The function ``apply_database`` left for ``task``, as the workload module it scheduled."""
+    func = applied[applied.get_global_var(task.name)]
+    assert bool(func.attrs["tirx.is_scheduled"])
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main").without_attr("tirx.is_scheduled")})
 
 
 def test_latency_is_the_median_of_repeats():
@@ -78,10 +93,7 @@ def test_db_changes_schedule_and_outputs_stay_correct(tmp_path, mlp_tasks):
     db.commit(task.mod, default_schedule(task.mod, HOST.tvm()).trace, None)  # a failure never does
 
     applied = apply_database(lowered, tmp_path, HOST)
-    gv = lowered.get_global_var(task.name)
-    assert bool(applied[gv].attrs["tirx.is_scheduled"])
-    body = applied[gv].with_attr("global_symbol", "main").without_attr("tirx.is_scheduled")
-    assert tvm_ffi.structural_equal(tvm.IRModule({"main": body}), tuned.mod)
+    assert tvm_ffi.structural_equal(_applied_body(applied, task), tuned.mod)
 
     art = lastbit.compile(model, example_inputs=(x,), db=tmp_path)
     default_art = lastbit.compile(model, example_inputs=(x,))
@@ -126,16 +138,41 @@ def test_corrupt_lines_are_skipped_with_a_warning(tmp_path, mlp_tasks, caplog):
     assert {index for index, _ in kept} == {0}
 
 
-def test_re_measured_candidate_pools_its_records(tmp_path, mlp_tasks):
-    """Confirmation rounds add records to a candidate; one lucky first run does not win."""
+def test_re_measured_candidate_is_judged_by_its_re_runs(tmp_path, mlp_tasks):
+    """Confirmation rounds add records to the search's winner and the default, alternating;
+    the winner's first record (the luckiest of the search) no longer counts, so a winner
+    that only looked fast once loses to the default."""
     _, _, _, tasks = mlp_tasks
     task = next(t for t in tasks if t.tunable)
     default, other = default_schedule(task.mod, HOST.tvm()), _other_candidate(task)
     db = TuningDatabase(tmp_path, HOST)
-    db.commit(task.mod, other.trace, [1e-6])  # looked fast once
-    db.commit(task.mod, default.trace, [5e-6])
+    db.commit(task.mod, default.trace, [5e-6] * 5)
+    db.commit(task.mod, other.trace, [1e-6] * 5)  # looked fast once
     assert tvm_ffi.structural_equal(db.best(task.mod)[0].mod, other.mod)
-    db.commit(task.mod, other.trace, [9e-6, 9e-6])  # re-measured: it is slow
+    db.commit(task.mod, default.trace, [5e-6] * 5)  # one confirmation round: it is not faster
+    db.commit(task.mod, other.trace, [6e-6] * 5)  # (pooled with its first record: median 3.5e-6)
     sch, secs = db.best(task.mod)
     assert tvm_ffi.structural_equal(sch.mod, default.mod) and secs == pytest.approx(5e-6)
-    assert len(db.measured(task.mod)) == 2  # two candidates, three records
+    assert db.measured(task.mod)[tvm_ffi.structural_hash(other.mod)] == [6e-6] * 5
+    assert len(db.measured(task.mod)) == 2  # two candidates, four records
+
+
+def test_a_candidate_measured_once_never_beats_confirmed_ones(tmp_path, mlp_tasks):
+    """After the confirmation rounds demote the search's winner, the runner-up (measured once,
+    never side by side with the default) must not take its place: compile --db applies the
+    default.  Before, it did, and a model "tuned" 1.5x per task ran no faster."""
+    _, _, lowered, tasks = mlp_tasks
+    task = next(t for t in tasks if t.tunable)
+    default = default_schedule(task.mod, HOST.tvm())
+    winner, runner_up = _other_candidates(task, 2)
+    db = TuningDatabase(tmp_path, HOST)
+    db.commit(task.mod, default.trace, [5e-6])
+    db.commit(task.mod, winner.trace, [1e-6])
+    db.commit(task.mod, runner_up.trace, [2e-6])
+    assert tvm_ffi.structural_equal(db.fastest(task.mod)[0].mod, winner.mod)  # what the tuner confirms
+    for _ in range(3):
+        db.commit(task.mod, default.trace, [5e-6])
+        db.commit(task.mod, winner.trace, [9e-6])
+    sch, secs = db.best(task.mod)
+    assert tvm_ffi.structural_equal(sch.mod, default.mod) and secs == pytest.approx(5e-6)
+    assert tvm_ffi.structural_equal(_applied_body(apply_database(lowered, tmp_path, HOST), task), default.mod)
