@@ -88,6 +88,8 @@ class IntKernel:
     # the layer's quantize and epilogue inside the kernel (FusedIO); schedule and
     # tuning_space apply to it unchanged
     fused_prim_func: Callable[[IntLayer, FusedIO], object] | None = None
+    # the layers the fused form serves (None: every conv2d); the others keep three functions
+    fuses: Callable[[IntLayer], bool] | None = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 

@@ -418,6 +418,28 @@ def fused_prim_func(flavour: Flavour, layer: IntLayer, io: FusedIO):
     return _layer_func(flavour, layer, io).with_attr(FUSED_IO_ATTR, fused_io_to_json(io))
 
 
+def _offers_fused(flavour: Flavour) -> bool:
+    """The flavours whose fused form arm_insn_count counted fewer instructions than three
+    functions for: the sdot layout (4 channels a pixel), with a vector rint. Not smmla (its
+    stride-phase pack has no vector quantize), not smlal (one channel a pixel: ResNet-20 ran
+    more, 0.47x vs 0.46x fp32 on plain aarch64), not armv7 (scalar rounding: 555k vs 522k)."""
+    return flavour.ic_block == 4 and flavour.pixels == 1 and flavour.vector_round
+
+
+def pack_columns(layer: IntLayer) -> int:
+    """Output columns per quantize-and-interleave of the fused pack: the most of 8, 4, 2 that
+    divide the row (1: an odd row, which the fused form does not serve)."""
+    width = geometry(layer).w
+    return max(d for d in (1, 2, 4, PACK_COLUMNS) if width % d == 0)
+
+
+def fuses(flavour: Flavour, layer: IntLayer) -> bool:
+    """Whether the fused form serves ``layer``: conv2d whose channels fill the pack's 4-channel
+    blocks and whose rows split into vector runs (an odd row — ResNet-18's 7×7 — or C = 3
+    would pack a pixel at a time, more instructions than the separate vector quantize)."""
+    return layer.op == "conv2d" and geometry(layer).c % flavour.ic_block == 0 and pack_columns(layer) > 1
+
+
 def _fused_io(sch) -> FusedIO | None:
     """The FusedIO of a schedule's fused PrimFunc (None: the kernel alone)."""
     from lastbit.codegen.quant_lowering import FUSED_IO_ATTR, fused_io_from_json
@@ -486,7 +508,9 @@ def _layer_func(flavour: Flavour, layer: IntLayer, io: FusedIO | None):
 
     def packed(b, q, y, z, ci):
         ch = q * ib + ci
-        if not any(g.padding) and cp == g.c:  # nothing to zero or clamp (the fused pack's intrinsic matches)
+        # nothing to zero or clamp (so the fused pack's intrinsic matches); smmla's phases
+        # read columns past the row, which the condition zeroes
+        if not any(g.padding) and cp == g.c and flavour.pixels == 1:
             return code(b, ch, y, z) if layer.op == "conv2d" else code(z, ch)
         inside = tirx.all(y >= pt, y < pt + g.h, z >= pl, z < pl + g.w, ch < g.c)
         return tirx.if_then_else(inside, source(b, ch, y - pt, z - pl), tirx.const(0, "int8"))
@@ -724,29 +748,19 @@ def _write_back_at(sch, loop) -> None:
 def _schedule_pack(sch, layer: IntLayer, flavour: Flavour) -> None:
     """The input pack: parallel over (batch, channel block, padded row), each pixel's channel
     block unrolled. Fused (the pack quantizes float input): the zero border written first and
-    the interior, free of bounds tests, a vector at a time — the sdot layout's 4 channels
-    interleaved as they are stored (:func:`register_quantize_pack_intrin`: one ``st4`` per 8
-    columns), the smlal layout's one channel a contiguous row."""
+    the interior, free of bounds tests, a run of columns at a time, the 4 channels quantized
+    as vectors and interleaved as they are stored (:func:`register_quantize_pack_intrin`: one
+    ``st4`` per 8 columns); a layer :func:`fuses` declines packs a pixel at a time."""
     block = sch.get_sblock("data_pack")
     io = _fused_io(sch)
-    ib = flavour.ic_block
-    if io is not None and flavour.pixels == 1 and geometry(layer).c % ib == 0 and (ib == 1 or flavour.vector_round):
+    if io is not None and fuses(flavour, layer):
         if any(geometry(layer).padding):
             pad = sch.decompose_padding(block, sch.get_loops(block)[0])
             sch.vectorize(sch.fuse(*sch.get_loops(pad)[-2:]))
-        pb, pc, py, z, pi = sch.get_loops(block)
+        pb, pc, py, z, _ = sch.get_loops(block)
         sch.parallel(sch.fuse(pb, pc, py))
-        if ib == 1:
-            sch.vectorize(z)
-            return
-        # the row in runs of the most columns up to PACK_COLUMNS that divide it (14: 7)
-        width = geometry(layer).w
-        columns = max(d for d in range(1, PACK_COLUMNS + 1) if width % d == 0)
-        if columns == 1:  # a prime row: one pixel's 4 channels at a time
-            sch.unroll(pi)
-            return
-        inner = sch.split(z, [None, columns])[1]
-        sch.tensorize(inner, register_quantize_pack_intrin(columns, io.act_lo, io.act_hi, io.input_relu))
+        inner = sch.split(z, [None, pack_columns(layer)])[1]
+        sch.tensorize(inner, register_quantize_pack_intrin(pack_columns(layer), io.act_lo, io.act_hi, io.input_relu))
         return
     pb, pc, py, *_, pi = sch.get_loops(block)
     sch.parallel(sch.fuse(pb, pc, py))
@@ -784,11 +798,7 @@ def tuning_space(flavour: Flavour, layer: IntLayer, features: frozenset[str]):
 
 
 def _kernel(flavour: Flavour, description: str) -> IntKernel:
-    # fused only where arm_insn_count counted fewer instructions for the whole layer: not
-    # smmla (its stride-phase pack has no vector quantize yet) nor armv7 (no vector rint: the
-    # pack's quantize stays scalar; ResNet-20 conv 555k vs 522k unfused)
-    fused = (functools.partial(fused_prim_func, flavour) if flavour.pixels == 1 and flavour.vector_round
-             else None)
+    fused = functools.partial(fused_prim_func, flavour) if _offers_fused(flavour) else None
     return register_kernel(
         IntKernel(
             name=flavour.name,
@@ -796,6 +806,7 @@ def _kernel(flavour: Flavour, description: str) -> IntKernel:
             pack=functools.partial(pack, flavour),
             prim_func=functools.partial(prim_func, flavour),
             fused_prim_func=fused,
+            fuses=functools.partial(fuses, flavour) if fused else None,
             schedule=functools.partial(schedule, flavour),
             tuning_space=functools.partial(tuning_space, flavour),
             description=description,

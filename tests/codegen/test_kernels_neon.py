@@ -252,9 +252,10 @@ def _run_fused(cases, triple: str, tmp_path) -> None:
 
 
 def _fused_cases(rng, kernel: str, cs: str):
-    """Rows of 16 (8-column st4 runs) and 14 (7-column runs), channels not a multiple of the
-    pack's 4 and outputs not of the block's 4 (the scalar pack, clamped bias index), stride 2,
-    dilation, asymmetric padding, 4-bit unsigned and 3-bit activations, ReLU before and after."""
+    """Rows of 16, 14, 10 and 12 (runs of 8, 2 and 4 columns), channels not a multiple of the pack's 4
+    and outputs not of the block's 4 (the pixel-at-a-time pack, clamped bias index), stride 2,
+    no padding, dilation, asymmetric padding, 4-bit unsigned and 3-bit activations, ReLU
+    before and after."""
     return [
         _fused(rng, kernel, (1, 16, 12, 16), 32, (3, 3), padding=(1, 1, 1, 1), cs=cs, relus=(False, True)),
         _fused(rng, kernel, (2, 5, 9, 11), 7, (3, 3), padding=(1, 1, 1, 1), cs=cs, relus=(True, False), dynamic=False),
@@ -262,6 +263,7 @@ def _fused_cases(rng, kernel: str, cs: str):
         _fused(rng, kernel, (1, 12, 10, 10), 24, (1, 1), stride=(2, 2), cs=cs, io_bits=(4, True), relus=(True, True)),
         _fused(rng, kernel, (1, 4, 11, 11), 16, (3, 3), padding=(2, 2, 2, 2), dilation=(2, 2), cs=cs, io_bits=(3, False)),
         _fused(rng, kernel, (1, 8, 9, 8), 8, (3, 2), stride=(1, 2), padding=(0, 1, 2, 1), cs=cs, relus=(True, True)),
+        _fused(rng, kernel, (1, 8, 5, 12), 12, (3, 3), padding=(1, 1, 1, 1), cs=cs, io_bits=(4, True)),  # runs of 4
     ]
 
 
@@ -276,29 +278,29 @@ def test_fused_sdot_layer_is_bit_exact_under_qemu(tmp_path):
     _run_fused(cases, DOTPROD, tmp_path)
 
 
-@pytest.mark.qemu
-def test_fused_smlal_layer_is_bit_exact_under_qemu(tmp_path):
-    _skip_without_tools("aarch64-linux-gnu")
-    rng = np.random.default_rng(24)
-    _run_fused(_fused_cases(rng, "int8-smlal", "pow2-4"), "aarch64-linux-gnu", tmp_path)
-
-
 def test_fused_form_only_where_it_counted_fewer_instructions():
-    """smmla (scalar stride-phase pack) and armv7 (no vector rint) keep three functions."""
+    """The sdot layout offers it (smmla's pack, smlal and armv7 keep three functions), and
+    only for layers its vector pack serves: channels in whole blocks of 4, an even row."""
     offered = {k: get_kernel(k).fused_prim_func is not None
                for k in ("int8-sdot", "lut-sdot", "int8-smlal", "int8-smmla", "int8-smlal-v7")}
-    assert offered == {"int8-sdot": True, "lut-sdot": True, "int8-smlal": True, "int8-smmla": False,
+    assert offered == {"int8-sdot": True, "lut-sdot": True, "int8-smlal": False, "int8-smmla": False,
                        "int8-smlal-v7": False}
+    sdot = get_kernel("int8-sdot")
+    assert sdot.fuses(_conv(channels=8)) and sdot.fuses(IntLayer("conv2d", "pow2-4", 3, (1, 16, 14, 14), (8, 16, 3, 3)))
+    assert not sdot.fuses(IntLayer("conv2d", "pow2-4", 3, (1, 3, 32, 32), (16, 3, 3, 3)))  # C = 3
+    assert not sdot.fuses(IntLayer("conv2d", "pow2-4", 3, (1, 512, 7, 7), (512, 512, 3, 3)))  # odd row
+    assert not sdot.fuses(_conv("dense"))
+    assert [neon_int.pack_columns(_conv(channels=8)), neon_int.pack_columns(
+        IntLayer("conv2d", "pow2-4", 3, (1, 4, 28, 28), (4, 4, 3, 3)))] == [8, 4]
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("triple, kernel", [(DOTPROD, "int8-sdot"), ("aarch64-linux-gnu", "int8-smlal")])
-def test_fused_layer_stays_bit_exact_under_sampled_tuning_schedules(triple, kernel, tmp_path):
-    _skip_without_tools(triple)
+def test_fused_layer_stays_bit_exact_under_sampled_tuning_schedules(tmp_path):
+    _skip_without_tools(DOTPROD)
     rng = np.random.default_rng(33)
     cases = []
     for seed in range(4):
-        (base, *rest), x, ref = _fused(rng, kernel, (1, 8, 12, 16), 64, (3, 3), stride=(1 + seed % 2,) * 2,
+        (base, *rest), x, ref = _fused(rng, "int8-sdot", (1, 8, 12, 16), 64, (3, 3), stride=(1 + seed % 2,) * 2,
                                        padding=(1, 1, 1, 1), cs="pow2-4", relus=(seed % 2 == 0, True))
         cases.append(((_tuned(base, seed), *rest), x, ref))
-    _run_fused(cases, triple, tmp_path)
+    _run_fused(cases, DOTPROD, tmp_path)
