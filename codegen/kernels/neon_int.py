@@ -35,6 +35,12 @@ smlal; zero padding, zero channels past C), then back to NCHW. A dense layer is
 the same kernel on a 1×1 "image" of M columns (input channel = feature, column = row of the
 batch), so one micro-kernel serves both.
 
+Fused (``fused_prim_func``; sdot and lut-sdot conv2d, where :func:`fuses`): the pack reads the
+layer's float input and quantizes it (``quant_prims.quantize_value``), 4 channel rows of up
+to 8 columns a tensor intrinsic whose shuffle LLVM stores with ``st4``; ``acc_epilogue``
+applies ``quant_prims.epilogue_value`` to the register tile's accumulator vectors before the
+NCHW write-back. Same stage names, so one schedule and tuning space serve both forms.
+
 Packed weights (``pack``): ``[O/(G·OB), C/IB, KH, KW, G, OB, IB]`` int8, zero padded (OB = 4 for
 sdot, 2 for smmla, 16 for smlal; G = the register tile's channel blocks, :func:`default_knobs`), so one
 tap's weights for a tile are one contiguous run.
