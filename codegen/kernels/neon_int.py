@@ -35,9 +35,10 @@ smlal; zero padding, zero channels past C), then back to NCHW. A dense layer is
 the same kernel on a 1×1 "image" of M columns (input channel = feature, column = row of the
 batch), so one micro-kernel serves both.
 
-Fused (``fused_prim_func``; sdot and lut-sdot conv2d, where :func:`fuses`): the pack reads the
-layer's float input and quantizes it (``quant_prims.quantize_value``), 4 channel rows of up
-to 8 columns a tensor intrinsic whose shuffle LLVM stores with ``st4``; ``acc_epilogue``
+Fused (``fused_prim_func``; sdot, lut-sdot and smlal conv2d, where :func:`fuses`): the pack
+reads the layer's float input and quantizes it (``quant_prims.quantize_value``), sdot's 4
+channel rows of up to 8 columns a tensor intrinsic whose shuffle LLVM stores with ``st4``
+(smlal's one channel a contiguous vector row); ``acc_epilogue``
 applies ``quant_prims.epilogue_value`` to the register tile's accumulator vectors before the
 NCHW write-back. Same stage names, so one schedule and tuning space serve both forms.
 
@@ -336,6 +337,7 @@ def register_smmla_intrin() -> str:
 # --------------------------------------------------------------------------------------------
 
 PACK_COLUMNS = 8  # columns per quantize-and-interleave: 4 × 8 int8 codes, one st4
+SMLAL_FUSED_MIN_CHANNELS = 32  # smlal layers with fewer input channels counted more fused
 
 
 @functools.lru_cache(maxsize=None)
@@ -426,10 +428,11 @@ def fused_prim_func(flavour: Flavour, layer: IntLayer, io: FusedIO):
 
 def _offers_fused(flavour: Flavour) -> bool:
     """The flavours whose fused form arm_insn_count counted fewer instructions than three
-    functions for: the sdot layout (4 channels a pixel), with a vector rint. Not smmla (its
-    stride-phase pack has no vector quantize), not smlal (one channel a pixel: ResNet-20 ran
-    more, 0.47x vs 0.46x fp32 on plain aarch64), not armv7 (scalar rounding: 555k vs 522k)."""
-    return flavour.ic_block == 4 and flavour.pixels == 1 and flavour.vector_round
+    functions for: sdot and smlal (4 or 1 channels a pixel), with a vector rint. Not smmla
+    (its stride-phase pack has no vector quantize; a trial with an 8-channel one added more
+    to the kernel than the separate loops cost), not armv7 (scalar rounding: the ResNet-20
+    conv 555k vs 522k)."""
+    return flavour.ic_block in (1, 4) and flavour.pixels == 1 and flavour.vector_round
 
 
 def pack_columns(layer: IntLayer) -> int:
@@ -442,8 +445,14 @@ def pack_columns(layer: IntLayer) -> int:
 def fuses(flavour: Flavour, layer: IntLayer) -> bool:
     """Whether the fused form serves ``layer``: conv2d whose channels fill the pack's 4-channel
     blocks and whose rows split into vector runs (an odd row — ResNet-18's 7×7 — or C = 3
-    would pack a pixel at a time, more instructions than the separate vector quantize)."""
-    return layer.op == "conv2d" and geometry(layer).c % flavour.ic_block == 0 and pack_columns(layer) > 1
+    would pack a pixel at a time, more instructions than the separate vector quantize).
+    smlal also needs stride 1 and at least SMLAL_FUSED_MIN_CHANNELS input channels: so
+    gated, whole ResNet-20 on plain aarch64 counted fewer instructions fused (8.60M; every
+    layer fused 8.73M, none 8.72M)."""
+    g = geometry(layer)
+    if flavour.ic_block == 1 and (g.c < SMLAL_FUSED_MIN_CHANNELS or g.strides != (1, 1)):
+        return False
+    return layer.op == "conv2d" and g.c % flavour.ic_block == 0 and pack_columns(layer) > 1
 
 
 def _fused_io(sch) -> FusedIO | None:
@@ -756,7 +765,8 @@ def _schedule_pack(sch, layer: IntLayer, flavour: Flavour) -> None:
     block unrolled. Fused (the pack quantizes float input): the zero border written first and
     the interior, free of bounds tests, a run of columns at a time, the 4 channels quantized
     as vectors and interleaved as they are stored (:func:`register_quantize_pack_intrin`: one
-    ``st4`` per 8 columns); a layer :func:`fuses` declines packs a pixel at a time."""
+    ``st4`` per 8 columns; smlal: a contiguous vector row); a layer :func:`fuses` declines
+    packs a pixel at a time."""
     block = sch.get_sblock("data_pack")
     io = _fused_io(sch)
     if io is not None and fuses(flavour, layer):
@@ -765,6 +775,9 @@ def _schedule_pack(sch, layer: IntLayer, flavour: Flavour) -> None:
             sch.vectorize(sch.fuse(*sch.get_loops(pad)[-2:]))
         pb, pc, py, z, _ = sch.get_loops(block)
         sch.parallel(sch.fuse(pb, pc, py))
+        if flavour.ic_block == 1:  # smlal: one channel a pixel, the packed row is contiguous
+            sch.vectorize(z)
+            return
         inner = sch.split(z, [None, pack_columns(layer)])[1]
         sch.tensorize(inner, register_quantize_pack_intrin(pack_columns(layer), io.act_lo, io.act_hi, io.input_relu))
         return

@@ -278,13 +278,32 @@ def test_fused_sdot_layer_is_bit_exact_under_qemu(tmp_path):
     _run_fused(cases, DOTPROD, tmp_path)
 
 
+@pytest.mark.qemu
+def test_fused_smlal_layer_is_bit_exact_under_qemu(tmp_path):
+    """Layers it fuses (≥ 32 channels, stride 1: the vector row pack) and ones it declines
+    (the pixel-at-a-time pack), which must still give the same bits when asked."""
+    _skip_without_tools("aarch64-linux-gnu")
+    rng = np.random.default_rng(24)
+    cases = _fused_cases(rng, "int8-smlal", "pow2-4")[:3] + [
+        _fused(rng, "int8-smlal", (1, 32, 10, 14), 16, (3, 3), padding=(1, 1, 1, 1), cs="pow2-4", relus=(False, True)),
+        _fused(rng, "int8-smlal", (1, 40, 6, 8), 24, (1, 1), cs="ternary", io_bits=(4, True), relus=(True, True)),
+    ]
+    assert [get_kernel("int8-smlal").fuses(case[1]) for case, _, _ in cases[-2:]] == [True, True]
+    _run_fused(cases, "aarch64-linux-gnu", tmp_path)
+
+
 def test_fused_form_only_where_it_counted_fewer_instructions():
-    """The sdot layout offers it (smmla's pack, smlal and armv7 keep three functions), and
-    only for layers its vector pack serves: channels in whole blocks of 4, an even row."""
+    """sdot and smlal offer it (smmla's pack and armv7 keep three functions), and only for
+    layers their vector pack serves: channels in whole blocks of 4, an even row; smlal also
+    ≥ 32 channels at stride 1."""
     offered = {k: get_kernel(k).fused_prim_func is not None
                for k in ("int8-sdot", "lut-sdot", "int8-smlal", "int8-smmla", "int8-smlal-v7")}
-    assert offered == {"int8-sdot": True, "lut-sdot": True, "int8-smlal": False, "int8-smmla": False,
+    assert offered == {"int8-sdot": True, "lut-sdot": True, "int8-smlal": True, "int8-smmla": False,
                        "int8-smlal-v7": False}
+    smlal = get_kernel("int8-smlal")
+    assert smlal.fuses(IntLayer("conv2d", "pow2-4", 3, (1, 32, 14, 14), (32, 32, 3, 3), padding=(1, 1, 1, 1)))
+    assert not smlal.fuses(IntLayer("conv2d", "pow2-4", 3, (1, 16, 32, 32), (16, 16, 3, 3), padding=(1, 1, 1, 1)))
+    assert not smlal.fuses(IntLayer("conv2d", "pow2-4", 3, (1, 32, 16, 16), (64, 32, 3, 3), strides=(2, 2)))
     sdot = get_kernel("int8-sdot")
     assert sdot.fuses(_conv(channels=8)) and sdot.fuses(IntLayer("conv2d", "pow2-4", 3, (1, 16, 14, 14), (8, 16, 3, 3)))
     assert not sdot.fuses(IntLayer("conv2d", "pow2-4", 3, (1, 3, 32, 32), (16, 3, 3, 3)))  # C = 3
