@@ -361,7 +361,8 @@ def kernels_module(cases: list[tuple], features: frozenset[str]):
                 if fused:
                     args = fused[0]
                     consts = [relax.const(np.array(args.inv, np.float32)), *consts,
-                              relax.const(np.asarray(args.bias_q, np.int32)), relax.const(np.asarray(args.scale, np.float32))]
+                              relax.const(np.asarray(args.bias_q, np.int32)),
+                              relax.const(np.asarray(args.scale, np.float32))]
                 out_ty = relax.TensorType(output_shape(layer), "int32" if not fused else "float32")
                 outs.append(bb.emit(relax.call_tir(gv, relax.Tuple([x, *consts]), out_ty=out_ty)))
             result = bb.emit_output(relax.Tuple(outs))

@@ -510,10 +510,12 @@ def _layer_func(flavour: Flavour, layer: IntLayer, io: FusedIO | None):
     else:
         wt = te.placeholder(weight_shape, "int8", name="w_blocks")
         params = [*inputs, wt]
+    epilogue = None  # (bias_q, scale, FusedIO) of the fused form
     if io is not None:
         bias = te.placeholder((g.o,), "int32", name="bias_q")
         scale = te.placeholder((g.o,), "float32", name="scale")
         params += [bias, scale]
+        epilogue = (bias, scale, io)
 
     def source(b, ch, y, z):  # x[b, ch, y, z] of the conv view; indices clamped (vector loads)
         ch = tirx.min(ch, g.c - 1)
@@ -534,7 +536,7 @@ def _layer_func(flavour: Flavour, layer: IntLayer, io: FusedIO | None):
     rx = te.reduce_axis((0, g.kw), name="rx")
     if flavour.pixels == 2:
         acc_blocked = _smmla_compute(g, flavour, packed, wt, group, cb, ry, rx)
-        return te.create_prim_func([*params, _written_back(layer, g, acc_blocked, flavour, None if io is None else (bias, scale, io))])
+        return te.create_prim_func([*params, _written_back(layer, g, acc_blocked, flavour, epilogue)])
     data = te.compute((g.n, cb, g.h + pt + pb, g.w + pl + pr, ib), packed, name="data_pack")
     if not flavour.int16:
         rc = te.reduce_axis((0, cb), name="rc")
@@ -566,7 +568,7 @@ def _layer_func(flavour: Flavour, layer: IntLayer, io: FusedIO | None):
             lambda b, q, y, z, oi: te.sum(partial[b, q, y, z, rk, oi].astype("int32"), axis=rk),
             name="acc_blocked",
         )
-    return te.create_prim_func([*params, _written_back(layer, g, acc_blocked, flavour, None if io is None else (bias, scale, io))])
+    return te.create_prim_func([*params, _written_back(layer, g, acc_blocked, flavour, epilogue)])
 
 
 def _smmla_compute(g: ConvGeometry, flavour: Flavour, packed, wt, group: int, cb: int, ry, rx):

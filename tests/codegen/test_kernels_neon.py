@@ -259,9 +259,11 @@ def _fused_cases(rng, kernel: str, cs: str):
     return [
         _fused(rng, kernel, (1, 16, 12, 16), 32, (3, 3), padding=(1, 1, 1, 1), cs=cs, relus=(False, True)),
         _fused(rng, kernel, (2, 5, 9, 11), 7, (3, 3), padding=(1, 1, 1, 1), cs=cs, relus=(True, False), dynamic=False),
-        _fused(rng, kernel, (1, 8, 14, 14), 16, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1), cs=cs, relus=(False, True)),
+        _fused(rng, kernel, (1, 8, 14, 14), 16, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1), cs=cs,
+               relus=(False, True)),
         _fused(rng, kernel, (1, 12, 10, 10), 24, (1, 1), stride=(2, 2), cs=cs, io_bits=(4, True), relus=(True, True)),
-        _fused(rng, kernel, (1, 4, 11, 11), 16, (3, 3), padding=(2, 2, 2, 2), dilation=(2, 2), cs=cs, io_bits=(3, False)),
+        _fused(rng, kernel, (1, 4, 11, 11), 16, (3, 3), padding=(2, 2, 2, 2), dilation=(2, 2), cs=cs,
+               io_bits=(3, False)),
         _fused(rng, kernel, (1, 8, 9, 8), 8, (3, 2), stride=(1, 2), padding=(0, 1, 2, 1), cs=cs, relus=(True, True)),
         _fused(rng, kernel, (1, 8, 5, 12), 12, (3, 3), padding=(1, 1, 1, 1), cs=cs, io_bits=(4, True)),  # runs of 4
     ]
