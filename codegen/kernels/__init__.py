@@ -19,6 +19,8 @@ is one PrimFunc whose schedule (and tuning space) covers all of it:
     conv2d: x float32 [N, C, H, W], inv float32 (), *packed weights, bias_q int32 [O],
             scale float32 [O], y float32 [N, O, OH, OW]
 It must give exactly ``quant_reference.epilogue(kernel(quantize_activation(x)), ...)``.
+``fuses(layer)``, when given, says which layers the lowering builds in the fused form (the
+others keep three functions: where the fused form would count more instructions).
 """
 
 from __future__ import annotations
