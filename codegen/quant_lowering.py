@@ -600,7 +600,9 @@ def _rewriter_class():
                     i32 = np.iinfo(np.int32)
                     bias_q = bb.emit(op.astype(op.clip(op.round(ratio), float(i32.min), float(i32.max)), "int32"))
             packed = [relax.const(np.ascontiguousarray(a)) for a in plan.kernel.pack(layer, plan.codes)]
-            if self.fuse_io and plan.kernel.fused_prim_func is not None and layer.op == "conv2d":
+            kernel = plan.kernel
+            if (self.fuse_io and kernel.fused_prim_func is not None and layer.op == "conv2d"
+                    and (kernel.fuses is None or kernel.fuses(layer))):
                 from lastbit.codegen.kernels import FusedIO
 
                 io = FusedIO(lo, hi, input_relu=fold_relu, output_relu=plan.relu)

@@ -19,6 +19,8 @@ is one PrimFunc whose schedule (and tuning space) covers all of it:
     conv2d: x float32 [N, C, H, W], inv float32 (), *packed weights, bias_q int32 [O],
             scale float32 [O], y float32 [N, O, OH, OW]
 It must give exactly ``quant_reference.epilogue(kernel(quantize_activation(x)), ...)``.
+``fuses(layer)``, when given, says which layers the lowering builds in the fused form (the
+others keep three functions: where the fused form would count more instructions).
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class IntKernel:
     # the layer's quantize and epilogue inside the kernel (FusedIO); schedule and
     # tuning_space apply to it unchanged
     fused_prim_func: Callable[[IntLayer, FusedIO], object] | None = None
+    # the layers the fused form serves (None: every conv2d); the others keep three functions
+    fuses: Callable[[IntLayer], bool] | None = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
 

@@ -336,25 +336,45 @@ def build_for_host(kernel: IntKernel, layer: IntLayer, codes: np.ndarray, target
     return BuiltKernel(lib, packed, output_shape(layer))
 
 
-def kernels_module(cases: list[tuple[IntKernel, IntLayer, np.ndarray]], features: frozenset[str]):
+def kernels_module(cases: list[tuple], features: frozenset[str]):
     """A Relax module whose ``main(x_0, x_1, ...)`` runs each (kernel, layer, codes) case on its
     own input through ``call_tir`` with the packed weights as constants, returning the tuple of
-    accumulators: the unit a bundle (``codegen.bundle.build_bundle``) can carry to any target."""
+    accumulators: the unit a bundle (``codegen.bundle.build_bundle``) can carry to any target.
+    A case of four, (kernel, layer, codes, :class:`FusedArgs`), runs the kernel's fused form:
+    float32 input and output, the reciprocal scale, bias and scale as constants."""
     import tvm
     from tvm import relax, s_tir
 
     bb = relax.BlockBuilder()
-    params = [relax.Var(f"x_{i}", relax.TensorType(layer.data_shape, "int8")) for i, (_, layer, _) in enumerate(cases)]
+    params = [relax.Var(f"x_{i}", relax.TensorType(case[1].data_shape, "int8" if len(case) == 3 else "float32"))
+              for i, case in enumerate(cases)]
     with bb.function("main", params):
         with bb.dataflow():
             outs = []
-            for i, ((kernel, layer, codes), x) in enumerate(zip(cases, params)):
-                sch = s_tir.Schedule(tvm.IRModule({"main": kernel.prim_func(layer)}))
+            for i, (case, x) in enumerate(zip(cases, params)):
+                kernel, layer, codes, *fused = case
+                func = kernel.prim_func(layer) if not fused else kernel.fused_prim_func(layer, fused[0].io)
+                sch = s_tir.Schedule(tvm.IRModule({"main": func}))
                 kernel.schedule(sch, layer, features)
                 gv = bb.add_func(sch.mod["main"], f"{kernel.name}_{layer.op}_{i}")
                 consts = [relax.const(np.ascontiguousarray(a)) for a in kernel.pack(layer, codes)]
-                call = relax.call_tir(gv, relax.Tuple([x, *consts]), out_ty=relax.TensorType(output_shape(layer), "int32"))
-                outs.append(bb.emit(call))
+                if fused:
+                    args = fused[0]
+                    consts = [relax.const(np.array(args.inv, np.float32)), *consts,
+                              relax.const(np.asarray(args.bias_q, np.int32)),
+                              relax.const(np.asarray(args.scale, np.float32))]
+                out_ty = relax.TensorType(output_shape(layer), "int32" if not fused else "float32")
+                outs.append(bb.emit(relax.call_tir(gv, relax.Tuple([x, *consts]), out_ty=out_ty)))
             result = bb.emit_output(relax.Tuple(outs))
         bb.emit_func_output(result)
     return bb.get()
+
+
+@dataclass(frozen=True)
+class FusedArgs:
+    """What a fused kernel takes besides its input and packed weights (:func:`kernels_module`)."""
+
+    io: object  # kernels.FusedIO
+    inv: float  # float32 reciprocal activation scale
+    bias_q: np.ndarray  # int32 [O]
+    scale: np.ndarray  # float32 [O]

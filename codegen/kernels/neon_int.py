@@ -35,6 +35,13 @@ smlal; zero padding, zero channels past C), then back to NCHW. A dense layer is
 the same kernel on a 1×1 "image" of M columns (input channel = feature, column = row of the
 batch), so one micro-kernel serves both.
 
+Fused (``fused_prim_func``; sdot, lut-sdot and smlal conv2d, where :func:`fuses`): the pack
+reads the layer's float input and quantizes it (``quant_prims.quantize_value``), sdot's 4
+channel rows of up to 8 columns a tensor intrinsic whose shuffle LLVM stores with ``st4``
+(smlal's one channel a contiguous vector row); ``acc_epilogue``
+applies ``quant_prims.epilogue_value`` to the register tile's accumulator vectors before the
+NCHW write-back. Same stage names, so one schedule and tuning space serve both forms.
+
 Packed weights (``pack``): ``[O/(G·OB), C/IB, KH, KW, G, OB, IB]`` int8, zero padded (OB = 4 for
 sdot, 2 for smmla, 16 for smlal; G = the register tile's channel blocks, :func:`default_knobs`), so one
 tap's weights for a tile are one contiguous run.
@@ -47,7 +54,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lastbit.codegen.kernels import IntKernel, IntLayer, KernelError, register_kernel
+from lastbit.codegen.kernels import FusedIO, IntKernel, IntLayer, KernelError, register_kernel
 from lastbit.codegen.kernels.common import (
     check_int8_codes,
     code_indices,
@@ -73,6 +80,12 @@ class Flavour:
     int16: bool = False  # int16 partial sums (smlal) rather than int32 (sdot)
     pixels: int = 1  # output pixels per accumulator vector (smmla: a pair)
     table_decode: bool = False  # weights as packed code indices, decoded by tbl in the loop
+
+    @property
+    def vector_round(self) -> bool:
+        """Whether the fused quantize rounds with a vector instruction (armv7 NEON has none:
+        quant_prims' clip-then-1.5·2²³ rounding)."""
+        return "armv7" not in self.needs
 
 
 # aarch64 has 32 vector registers, armv7 16 quad ones: the rest hold weights and broadcasts
@@ -320,12 +333,143 @@ def register_smmla_intrin() -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# The fused input pack: 4 channels' float rows quantized and interleaved, O[z, c] = q(A[c, z])
+# --------------------------------------------------------------------------------------------
+
+PACK_COLUMNS = 8  # columns per quantize-and-interleave: 4 × 8 int8 codes, one st4
+SMLAL_FUSED_MIN_CHANNELS = 32  # smlal layers with fewer input channels counted more fused
+
+
+@functools.lru_cache(maxsize=None)
+def register_quantize_pack_intrin(columns: int, lo: int, hi: int, relu: bool) -> str:
+    """``columns`` output columns of the sdot input pack from float input: 4 channel rows of
+    ``columns`` floats (A, any row strides) quantized by ``quant_prims.quantize_value`` and
+    stored interleaved, ``O[z, c]`` (the packed ``[.., W, 4]`` run). The description is that
+    expression per element; the implementation computes it on 4 vectors and interleaves them
+    with one shuffle, which LLVM stores with ``st4`` (TVM's own vectorizer stores a strided
+    vector a lane at a time). Vector rounding only (not armv7)."""
+    from tvm import tirx
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    from lastbit.codegen.quant_prims import quantize_value
+
+    name = f"lastbit_neon_quantize_pack_{columns}x4_{lo}_{hi}{'_relu' if relu else ''}"
+
+    def element(a, inv):
+        return quantize_value(a, inv, lo, hi, relu=relu)
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, f: T.handle, o: T.handle) -> None:
+        A = T.match_buffer(a, (4, 1, columns), "float32", offset_factor=1, strides=[T.int32(), T.int32(), 1])
+        inv = T.match_buffer(f, (), "float32", offset_factor=1)
+        O = T.match_buffer(o, (columns, 4), "int8", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(A[0:4, 0, 0:columns], inv[()])
+            T.writes(O[0:columns, 0:4])
+            for z, c in T.grid(columns, 4):
+                with T.sblock("pack"):
+                    vz, vc = T.axis.remap("SS", [z, c])
+                    O[vz, vc] = element(A[vc, 0, vz], inv[()])
+
+    def vector(value: float):
+        return tirx.Broadcast(tirx.const(value, "float32"), columns)
+
+    def quantized(row, inv):  # quantize_value on a vector of one channel's columns
+        if relu:
+            row = tirx.Max(row, vector(0.0))
+        scaled = tirx.nearbyint(row * tirx.Broadcast(inv, columns))
+        return tirx.Cast(f"int8x{columns}", tirx.Min(tirx.Max(scaled, vector(float(lo))), vector(float(hi))))
+
+    def interleaved(rows, inv):
+        return tirx.Shuffle([quantized(row, inv) for row in rows],
+                            [c * columns + z for z in range(columns) for c in range(4)])
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, f: T.handle, o: T.handle) -> None:
+        s0 = T.int32()
+        s1 = T.int32()
+        A = T.match_buffer(a, (4, 1, columns), "float32", offset_factor=1, strides=[s0, s1, 1])
+        inv = T.match_buffer(f, (), "float32", offset_factor=1)
+        O = T.match_buffer(o, (columns, 4), "int8", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(A[0:4, 0, 0:columns], inv[()])
+            T.writes(O[0:columns, 0:4])
+            O[0, T.ramp(T.int32(0), 1, 4 * columns)] = interleaved(
+                [A.vload([0, 0, 0], f"float32x{columns}"), A.vload([1, 0, 0], f"float32x{columns}"),
+                 A.vload([2, 0, 0], f"float32x{columns}"), A.vload([3, 0, 0], f"float32x{columns}")], inv[()])
+
+    TensorIntrin.register(name, desc, impl, override=True)
+    return name
+
+
+# --------------------------------------------------------------------------------------------
 # Compute (TE)
 # --------------------------------------------------------------------------------------------
 
 
 def prim_func(flavour: Flavour, layer: IntLayer):
+    return _layer_func(flavour, layer, None)
+
+
+def fused_prim_func(flavour: Flavour, layer: IntLayer, io: FusedIO):
+    """The conv2d layer whole: its float input quantized as the input is packed (each element
+    once, ``quant_prims.quantize_value``; armv7 with the clip-then-1.5·2²³ rounding), the
+    epilogue (``quant_prims.epilogue_value``) applied as each register tile of accumulators is
+    written back; no int8 or int32 tensor leaves the kernel. Arguments: x float32, inv
+    float32 (), *packed weights, bias_q int32 [O], scale float32 [O] → float32 NCHW."""
+    from lastbit.codegen.quant_lowering import FUSED_IO_ATTR, fused_io_to_json
+
+    if layer.op != "conv2d":
+        raise KernelError(f"{flavour.name}: the fused form serves conv2d, not {layer.op}")
+    # the schedule reads it back: the pack's tensor intrinsic is the quantize's expression
+    return _layer_func(flavour, layer, io).with_attr(FUSED_IO_ATTR, fused_io_to_json(io))
+
+
+def _offers_fused(flavour: Flavour) -> bool:
+    """The flavours whose fused form arm_insn_count counted fewer instructions than three
+    functions for: sdot and smlal (4 or 1 channels a pixel), with a vector rint. Not smmla
+    (its stride-phase pack has no vector quantize; a trial with an 8-channel one added more
+    to the kernel than the separate loops cost), not armv7 (scalar rounding: the ResNet-20
+    conv 555k vs 522k)."""
+    return flavour.ic_block in (1, 4) and flavour.pixels == 1 and flavour.vector_round
+
+
+def pack_columns(layer: IntLayer) -> int:
+    """Output columns per quantize-and-interleave of the fused pack: the most of 8, 4, 2 that
+    divide the row (1: an odd row, which the fused form does not serve)."""
+    width = geometry(layer).w
+    return max(d for d in (1, 2, 4, PACK_COLUMNS) if width % d == 0)
+
+
+def fuses(flavour: Flavour, layer: IntLayer) -> bool:
+    """Whether the fused form serves ``layer``: conv2d whose channels fill the pack's 4-channel
+    blocks and whose rows split into vector runs (an odd row — ResNet-18's 7×7 — or C = 3
+    would pack a pixel at a time, more instructions than the separate vector quantize).
+    smlal also needs stride 1 and at least SMLAL_FUSED_MIN_CHANNELS input channels: so
+    gated, whole ResNet-20 on plain aarch64 counted fewer instructions fused (8.60M; every
+    layer fused 8.73M, none 8.72M)."""
+    g = geometry(layer)
+    if flavour.ic_block == 1 and (g.c < SMLAL_FUSED_MIN_CHANNELS or g.strides != (1, 1)):
+        return False
+    return layer.op == "conv2d" and g.c % flavour.ic_block == 0 and pack_columns(layer) > 1
+
+
+def _fused_io(sch) -> FusedIO | None:
+    """The FusedIO of a schedule's fused PrimFunc (None: the kernel alone)."""
+    from lastbit.codegen.quant_lowering import FUSED_IO_ATTR, fused_io_from_json
+
+    attrs = sch.mod["main"].attrs
+    return fused_io_from_json(str(attrs[FUSED_IO_ATTR])) if attrs is not None and FUSED_IO_ATTR in attrs else None
+
+
+def _layer_func(flavour: Flavour, layer: IntLayer, io: FusedIO | None):
+    """The kernel's PrimFunc: int8 codes in, int32 accumulators out; with ``io``, float in and
+    out (the layer's quantize and epilogue inside). The stage names are the same either way,
+    so one schedule and tuning space serve both."""
     from tvm import te, tirx
+
+    from lastbit.codegen.quant_prims import quantize_value
 
     g = geometry(layer)
     ib, ob = flavour.ic_block, flavour.oc_block
@@ -335,7 +479,19 @@ def prim_func(flavour: Flavour, layer: IntLayer):
     pt, pl, pb, pr = g.padding
     sh, sw = g.strides
     dh, dw = g.dilation
-    x = te.placeholder(layer.data_shape, "int8", name="x_q")
+    if io is None:
+        x = te.placeholder(layer.data_shape, "int8", name="x_q")
+        inputs = [x]
+
+        def code(*i):
+            return x[i]
+    else:
+        x = te.placeholder(layer.data_shape, "float32", name="x")
+        inv = te.placeholder((), "float32", name="inv")
+        inputs = [x, inv]
+
+        def code(*i):
+            return quantize_value(x[i], inv(), io.act_lo, io.act_hi, flavour.vector_round, io.input_relu)
     weight_shape = (obs // group, cb, g.kh, g.kw, group, ob, ib)
     if flavour.table_decode:
         bits = index_bits(layer)
@@ -350,19 +506,29 @@ def prim_func(flavour: Flavour, layer: IntLayer):
             return tirx.call_llvm_pure_intrin("int8", "llvm.aarch64.neon.tbl1", table[lane], index)
 
         wt = te.compute(weight_shape, decode, name="w_decoded")
-        params = [x, fields, table]
+        params = [*inputs, fields, table]
     else:
         wt = te.placeholder(weight_shape, "int8", name="w_blocks")
-        params = [x, wt]
+        params = [*inputs, wt]
+    epilogue = None  # (bias_q, scale, FusedIO) of the fused form
+    if io is not None:
+        bias = te.placeholder((g.o,), "int32", name="bias_q")
+        scale = te.placeholder((g.o,), "float32", name="scale")
+        params += [bias, scale]
+        epilogue = (bias, scale, io)
 
     def source(b, ch, y, z):  # x[b, ch, y, z] of the conv view; indices clamped (vector loads)
         ch = tirx.min(ch, g.c - 1)
         if layer.op == "dense":
-            return x[tirx.max(tirx.min(z, g.w - 1), 0), ch]
-        return x[b, ch, tirx.max(tirx.min(y, g.h - 1), 0), tirx.max(tirx.min(z, g.w - 1), 0)]
+            return code(tirx.max(tirx.min(z, g.w - 1), 0), ch)
+        return code(b, ch, tirx.max(tirx.min(y, g.h - 1), 0), tirx.max(tirx.min(z, g.w - 1), 0))
 
     def packed(b, q, y, z, ci):
         ch = q * ib + ci
+        # nothing to zero or clamp (so the fused pack's intrinsic matches); smmla's phases
+        # read columns past the row, which the condition zeroes
+        if not any(g.padding) and cp == g.c and flavour.pixels == 1:
+            return code(b, ch, y, z) if layer.op == "conv2d" else code(z, ch)
         inside = tirx.all(y >= pt, y < pt + g.h, z >= pl, z < pl + g.w, ch < g.c)
         return tirx.if_then_else(inside, source(b, ch, y - pt, z - pl), tirx.const(0, "int8"))
 
@@ -370,7 +536,7 @@ def prim_func(flavour: Flavour, layer: IntLayer):
     rx = te.reduce_axis((0, g.kw), name="rx")
     if flavour.pixels == 2:
         acc_blocked = _smmla_compute(g, flavour, packed, wt, group, cb, ry, rx)
-        return te.create_prim_func([*params, _unblocked(layer, g, acc_blocked, flavour)])
+        return te.create_prim_func([*params, _written_back(layer, g, acc_blocked, flavour, epilogue)])
     data = te.compute((g.n, cb, g.h + pt + pb, g.w + pl + pr, ib), packed, name="data_pack")
     if not flavour.int16:
         rc = te.reduce_axis((0, cb), name="rc")
@@ -402,7 +568,7 @@ def prim_func(flavour: Flavour, layer: IntLayer):
             lambda b, q, y, z, oi: te.sum(partial[b, q, y, z, rk, oi].astype("int32"), axis=rk),
             name="acc_blocked",
         )
-    return te.create_prim_func([*params, _unblocked(layer, g, acc_blocked, flavour)])
+    return te.create_prim_func([*params, _written_back(layer, g, acc_blocked, flavour, epilogue)])
 
 
 def _smmla_compute(g: ConvGeometry, flavour: Flavour, packed, wt, group: int, cb: int, ry, rx):
@@ -436,11 +602,27 @@ def _smmla_compute(g: ConvGeometry, flavour: Flavour, packed, wt, group: int, cb
     )
 
 
-def _unblocked(layer: IntLayer, g: ConvGeometry, acc_blocked, flavour: Flavour):
-    """The blocked accumulators back to the layer's layout (NCHW, or rows × features)."""
-    from tvm import te
+def _written_back(layer: IntLayer, g: ConvGeometry, acc_blocked, flavour: Flavour, epilogue):
+    """The blocked accumulators back to the layer's layout (NCHW, or rows × features). Fused
+    (``epilogue`` = (bias_q, scale, FusedIO)): first ``acc_epilogue``, the float epilogue in
+    the blocked layout, so it runs on whole accumulator vectors (channels innermost, bias and
+    scale loaded as vectors), then the layout change on floats."""
+    from tvm import te, tirx
+
+    from lastbit.codegen.quant_prims import epilogue_value
 
     ob = flavour.oc_block
+    if epilogue is not None:
+        bias, scale, io = epilogue
+        accumulators = acc_blocked
+
+        def value(*i):
+            f = i[1] * ob + i[-1]
+            if g.o % ob:  # channels past O (block padding, never stored): any bias in range
+                f = tirx.min(f, g.o - 1)
+            return epilogue_value(accumulators[i] + bias[f], scale[f], io.output_relu)
+
+        acc_blocked = te.compute(accumulators.shape, value, name="acc_epilogue")
 
     def at(b, f, y, z):
         if flavour.pixels == 2:  # de-interleave the 2×2 pixel × channel tiles
@@ -491,7 +673,6 @@ def _apply(flavour: Flavour, sch, layer: IntLayer, ow_tile, oc_blocks, unroll_ta
     """The register tile (``ow_tile`` columns × ``oc_blocks`` channel blocks: ints or sampled
     variables) and whether the kernel-width taps are unrolled into the tile's body."""
     block = sch.get_sblock("acc_blocked")
-    out = sch.get_sblock("acc")
     if flavour.pixels == 2:
         b, q, y, z, p, oi, rc, ry, rx, ri = sch.get_loops(block)
         qo, qi = sch.split(q, [None, oc_blocks])
@@ -499,15 +680,13 @@ def _apply(flavour: Flavour, sch, layer: IntLayer, ow_tile, oc_blocks, unroll_ta
         sch.reorder(b, qo, y, zo, rc, ry, rx, zi, qi, p, oi, ri)
         sch.set_scope(block, 0, "local")  # the tile lives in registers
         sch.parallel(sch.fuse(b, qo, y))
-        sch.reverse_compute_at(out, zo)
+        _write_back_at(sch, zo)
         for loop in (rx, zi, qi):
             sch.unroll(loop)
         init = sch.decompose_reduction(block, rc)
         sch.vectorize(sch.fuse(*sch.get_loops(init)[-2:]))
         sch.tensorize(p, register_smmla_intrin())
-        pb, pc, py, pp, _, pi = sch.get_loops(sch.get_sblock("data_pack"))
-        sch.parallel(sch.fuse(pb, pc, py))
-        sch.unroll(pi)
+        _schedule_pack(sch, layer, flavour)
         return
     if not flavour.int16:
         b, q, y, z, oi, rc, ry, rx, ri = sch.get_loops(block)
@@ -516,7 +695,7 @@ def _apply(flavour: Flavour, sch, layer: IntLayer, ow_tile, oc_blocks, unroll_ta
         sch.reorder(b, qo, y, zo, rc, ry, rx, zi, qi, oi, ri)
         sch.set_scope(block, 0, "local")  # the tile lives in registers
         sch.parallel(sch.fuse(b, qo, y))
-        sch.reverse_compute_at(out, zo)
+        _write_back_at(sch, zo)
         for loop in ((rx,) if _value(sch, unroll_taps) else ()) + (zi, qi):
             sch.unroll(loop)
         init = sch.decompose_reduction(block, rc)
@@ -559,9 +738,52 @@ def _apply(flavour: Flavour, sch, layer: IntLayer, ow_tile, oc_blocks, unroll_ta
         sch.vectorize(oi)
         init = sch.decompose_reduction(block, rk)
         sch.vectorize(sch.get_loops(init)[-1])
-        sch.reverse_compute_at(out, zo)
-    # the input pack: parallel over (batch, channel block, padded row)
-    pb, pc, py, _, pi = sch.get_loops(sch.get_sblock("data_pack"))
+        _write_back_at(sch, zo)
+    _schedule_pack(sch, layer, flavour)
+
+
+def _write_back_at(sch, loop) -> None:
+    """The tile's write-back into ``loop`` (the register tile's outer column loop); fused, the
+    epilogue first, a vector of accumulators at a time, then the columns of each channel
+    stored as one vector."""
+    out = sch.get_sblock("acc")
+    if _fused_io(sch) is None:
+        sch.reverse_compute_at(out, loop)
+        return
+    epilogue = sch.get_sblock("acc_epilogue")
+    for block in (epilogue, out):  # unrolled: the tile stays in registers (constant indices)
+        sch.reverse_compute_at(block, loop)
+        loops = sch.get_loops(block)
+        at = next(i for i, outer in enumerate(loops) if sch.get(outer).same_as(sch.get(loop)))
+        *tile, lanes = loops[at + 1:]
+        for tile_loop in tile:
+            sch.unroll(tile_loop)
+        sch.vectorize(lanes)
+    sch.set_scope(epilogue, 0, "local")
+
+
+def _schedule_pack(sch, layer: IntLayer, flavour: Flavour) -> None:
+    """The input pack: parallel over (batch, channel block, padded row), each pixel's channel
+    block unrolled. Fused (the pack quantizes float input): the zero border written first and
+    the interior, free of bounds tests, a run of columns at a time, the 4 channels quantized
+    as vectors and interleaved as they are stored (:func:`register_quantize_pack_intrin`: one
+    ``st4`` per 8 columns; smlal: a contiguous vector row); a layer :func:`fuses` declines
+    packs a pixel at a time."""
+    block = sch.get_sblock("data_pack")
+    io = _fused_io(sch)
+    if io is not None and fuses(flavour, layer):
+        if any(geometry(layer).padding):
+            pad = sch.decompose_padding(block, sch.get_loops(block)[0])
+            sch.vectorize(sch.fuse(*sch.get_loops(pad)[-2:]))
+        pb, pc, py, z, _ = sch.get_loops(block)
+        sch.parallel(sch.fuse(pb, pc, py))
+        if flavour.ic_block == 1:  # smlal: one channel a pixel, the packed row is contiguous
+            sch.vectorize(z)
+            return
+        inner = sch.split(z, [None, pack_columns(layer)])[1]
+        sch.tensorize(inner, register_quantize_pack_intrin(pack_columns(layer), io.act_lo, io.act_hi, io.input_relu))
+        return
+    pb, pc, py, *_, pi = sch.get_loops(block)
     sch.parallel(sch.fuse(pb, pc, py))
     sch.unroll(pi)
 
@@ -597,12 +819,15 @@ def tuning_space(flavour: Flavour, layer: IntLayer, features: frozenset[str]):
 
 
 def _kernel(flavour: Flavour, description: str) -> IntKernel:
+    fused = functools.partial(fused_prim_func, flavour) if _offers_fused(flavour) else None
     return register_kernel(
         IntKernel(
             name=flavour.name,
             supports=functools.partial(supports, flavour),
             pack=functools.partial(pack, flavour),
             prim_func=functools.partial(prim_func, flavour),
+            fused_prim_func=fused,
+            fuses=functools.partial(fuses, flavour) if fused else None,
             schedule=functools.partial(schedule, flavour),
             tuning_space=functools.partial(tuning_space, flavour),
             description=description,

@@ -221,3 +221,107 @@ def test_tuning_space_samples_the_register_tile_and_unroll():
         kinds = [str(i.kind.name) for i in sch.trace.insts if str(i.kind.name).startswith("Sample")]
         assert kinds == ["SamplePerfectTile", "SamplePerfectTile", "SampleCategorical"], name
         assert len(seen) > 3, name
+
+
+# --------------------------------------------------------------------------------------------
+# fused: the layer's quantize and epilogue inside the kernel (FusedIO), under qemu
+# --------------------------------------------------------------------------------------------
+
+
+def _fused(rng, kernel: str, data_shape, out_c, ksize, **conv):
+    """A random whole layer (quantize → int conv → epilogue in numpy, tests.codegen.
+    test_kernels_conv_vnni._fused_case) as a fused case of ``kernel``."""
+    from lastbit.codegen.kernels.common import FusedArgs
+    from tests.codegen.test_kernels_conv_vnni import _fused_case
+
+    layer, io, codes, (x, inv), (bias_q, scale), ref = _fused_case(rng, data_shape, out_c, ksize, **conv)
+    return (get_kernel(kernel), layer, codes, FusedArgs(io, float(inv), bias_q, scale)), x, ref
+
+
+def _run_fused(cases, triple: str, tmp_path) -> None:
+    from lastbit.codegen.bundle import build_bundle, run_bundle
+    from lastbit.codegen.kernels.common import kernels_module
+
+    target = get_target(triple)
+    bundle = build_bundle(kernels_module([case for case, _, _ in cases], target.feature_set()), target,
+                          tmp_path / f"fused-{triple}")
+    outs = run_bundle(bundle, [x for _, x, _ in cases], timeout_s=600)
+    for (case, _, ref), out in zip(cases, outs):
+        mismatch = int(np.count_nonzero(out.view(np.int32) != ref.view(np.int32)))
+        assert mismatch == 0, f"{case[0].name} {case[1]} {case[3].io}: {mismatch} of {ref.size} outputs differ"
+
+
+def _fused_cases(rng, kernel: str, cs: str):
+    """Rows of 16, 14, 10 and 12 (runs of 8, 2 and 4 columns), channels not a multiple of the pack's 4
+    and outputs not of the block's 4 (the pixel-at-a-time pack, clamped bias index), stride 2,
+    no padding, dilation, asymmetric padding, 4-bit unsigned and 3-bit activations, ReLU
+    before and after."""
+    return [
+        _fused(rng, kernel, (1, 16, 12, 16), 32, (3, 3), padding=(1, 1, 1, 1), cs=cs, relus=(False, True)),
+        _fused(rng, kernel, (2, 5, 9, 11), 7, (3, 3), padding=(1, 1, 1, 1), cs=cs, relus=(True, False), dynamic=False),
+        _fused(rng, kernel, (1, 8, 14, 14), 16, (3, 3), stride=(2, 2), padding=(1, 1, 1, 1), cs=cs,
+               relus=(False, True)),
+        _fused(rng, kernel, (1, 12, 10, 10), 24, (1, 1), stride=(2, 2), cs=cs, io_bits=(4, True), relus=(True, True)),
+        _fused(rng, kernel, (1, 4, 11, 11), 16, (3, 3), padding=(2, 2, 2, 2), dilation=(2, 2), cs=cs,
+               io_bits=(3, False)),
+        _fused(rng, kernel, (1, 8, 9, 8), 8, (3, 2), stride=(1, 2), padding=(0, 1, 2, 1), cs=cs, relus=(True, True)),
+        _fused(rng, kernel, (1, 8, 5, 12), 12, (3, 3), padding=(1, 1, 1, 1), cs=cs, io_bits=(4, True)),  # runs of 4
+    ]
+
+
+@pytest.mark.qemu
+def test_fused_sdot_layer_is_bit_exact_under_qemu(tmp_path):
+    _skip_without_tools(DOTPROD)
+    rng = np.random.default_rng(1205)
+    cases = _fused_cases(rng, "int8-sdot", "pow2-4") + _fused_cases(rng, "int8-sdot", "int8")[:2] + [
+        _fused(rng, "lut-sdot", (1, 16, 8, 8), 16, (3, 3), padding=(1, 1, 1, 1), cs="ternary", relus=(False, True)),
+        _fused(rng, "lut-sdot", (1, 6, 7, 7), 5, (3, 3), padding=(1, 1, 1, 1), cs="pow2-4", relus=(True, False)),
+    ]
+    _run_fused(cases, DOTPROD, tmp_path)
+
+
+@pytest.mark.qemu
+def test_fused_smlal_layer_is_bit_exact_under_qemu(tmp_path):
+    """Layers it fuses (≥ 32 channels, stride 1: the vector row pack) and ones it declines
+    (the pixel-at-a-time pack), which must still give the same bits when asked."""
+    _skip_without_tools("aarch64-linux-gnu")
+    rng = np.random.default_rng(24)
+    cases = _fused_cases(rng, "int8-smlal", "pow2-4")[:3] + [
+        _fused(rng, "int8-smlal", (1, 32, 10, 14), 16, (3, 3), padding=(1, 1, 1, 1), cs="pow2-4", relus=(False, True)),
+        _fused(rng, "int8-smlal", (1, 40, 6, 8), 24, (1, 1), cs="ternary", io_bits=(4, True), relus=(True, True)),
+    ]
+    assert [get_kernel("int8-smlal").fuses(case[1]) for case, _, _ in cases[-2:]] == [True, True]
+    _run_fused(cases, "aarch64-linux-gnu", tmp_path)
+
+
+def test_fused_form_only_where_it_counted_fewer_instructions():
+    """sdot and smlal offer it (smmla's pack and armv7 keep three functions), and only for
+    layers their vector pack serves: channels in whole blocks of 4, an even row; smlal also
+    ≥ 32 channels at stride 1."""
+    offered = {k: get_kernel(k).fused_prim_func is not None
+               for k in ("int8-sdot", "lut-sdot", "int8-smlal", "int8-smmla", "int8-smlal-v7")}
+    assert offered == {"int8-sdot": True, "lut-sdot": True, "int8-smlal": True, "int8-smmla": False,
+                       "int8-smlal-v7": False}
+    smlal = get_kernel("int8-smlal")
+    assert smlal.fuses(IntLayer("conv2d", "pow2-4", 3, (1, 32, 14, 14), (32, 32, 3, 3), padding=(1, 1, 1, 1)))
+    assert not smlal.fuses(IntLayer("conv2d", "pow2-4", 3, (1, 16, 32, 32), (16, 16, 3, 3), padding=(1, 1, 1, 1)))
+    assert not smlal.fuses(IntLayer("conv2d", "pow2-4", 3, (1, 32, 16, 16), (64, 32, 3, 3), strides=(2, 2)))
+    sdot = get_kernel("int8-sdot")
+    assert sdot.fuses(_conv(channels=8)) and sdot.fuses(IntLayer("conv2d", "pow2-4", 3, (1, 16, 14, 14), (8, 16, 3, 3)))
+    assert not sdot.fuses(IntLayer("conv2d", "pow2-4", 3, (1, 3, 32, 32), (16, 3, 3, 3)))  # C = 3
+    assert not sdot.fuses(IntLayer("conv2d", "pow2-4", 3, (1, 512, 7, 7), (512, 512, 3, 3)))  # odd row
+    assert not sdot.fuses(_conv("dense"))
+    assert [neon_int.pack_columns(_conv(channels=8)), neon_int.pack_columns(
+        IntLayer("conv2d", "pow2-4", 3, (1, 4, 28, 28), (4, 4, 3, 3)))] == [8, 4]
+
+
+@pytest.mark.qemu
+def test_fused_layer_stays_bit_exact_under_sampled_tuning_schedules(tmp_path):
+    _skip_without_tools(DOTPROD)
+    rng = np.random.default_rng(33)
+    cases = []
+    for seed in range(4):
+        (base, *rest), x, ref = _fused(rng, "int8-sdot", (1, 8, 12, 16), 64, (3, 3), stride=(1 + seed % 2,) * 2,
+                                       padding=(1, 1, 1, 1), cs="pow2-4", relus=(seed % 2 == 0, True))
+        cases.append(((_tuned(base, seed), *rest), x, ref))
+    _run_fused(cases, DOTPROD, tmp_path)

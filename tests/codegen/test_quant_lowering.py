@@ -400,7 +400,29 @@ def test_small_cnn_integer_path_is_bit_exact_under_qemu(small_cnn, triple):
     calib = np.random.default_rng(2).standard_normal((8, 3, 8, 8)).astype("float32")
     art = lastbit.compile(model, triple, (x,), squeeze=Squeeze(bits=3, data=calib))
     assert {layer.kernel for layer in art.report().layers} <= _integer_kernel_names()
+    fused = _fused_as_declared(art.mod)
+    if triple == "aarch64-dotprod-linux-gnu":  # conv2 (8 channels, rows of 8); conv1's 3 channels are declined
+        assert fused == ["int8-sdot"]
     np.testing.assert_array_equal(art.run(x), _numpy_small_cnn(model, art.graph, x.numpy()))
+
+
+def _fused_as_declared(mod) -> list[str]:
+    """Checks that every integer kernel function is fused exactly when its kernel offers a
+    fused form that ``fuses`` the layer (conv2d); returns the fused ones' kernel names."""
+    from lastbit.codegen.kernels import get_kernel
+    from lastbit.codegen.quant_lowering import FUSED_IO_ATTR, INT_LAYER_ATTR, KERNEL_ATTR, int_layer_from_json
+
+    fused = []
+    for func in mod.functions.values():
+        if func.attrs is None or KERNEL_ATTR not in func.attrs:
+            continue
+        kernel = get_kernel(str(func.attrs[KERNEL_ATTR]))
+        layer, _ = int_layer_from_json(str(func.attrs[INT_LAYER_ATTR]))
+        declared = (kernel.fused_prim_func is not None and layer.op == "conv2d"
+                    and (kernel.fuses is None or kernel.fuses(layer)))
+        assert (FUSED_IO_ATTR in func.attrs) == declared, (kernel.name, layer)
+        fused += [kernel.name] * declared
+    return fused
 
 
 def test_relu_before_a_layer_folds_into_its_quantize():
