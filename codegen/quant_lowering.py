@@ -49,6 +49,7 @@ __all__ = [
     "KernelChoice",
     "LayerEpilogue",
     "LowerQuantizedLayers",
+    "choose_kernel",
     "fold_epilogue",
     "fused_io_from_json",
     "fused_io_to_json",
@@ -371,37 +372,48 @@ class LowerQuantizedLayers:
         return epilogue, last, skipped
 
     def _choose_kernel(self, int_layer, layer_name: str):
-        """The cheapest registered candidate whose ``supports`` accepts the layer
-        (``codegen/kernel_cost.py``), and why every other candidate was passed over."""
-        from lastbit.codegen.kernel_cost import passed_over_reason, rank_candidates
-        from lastbit.codegen.kernels import KernelError, get_kernel
+        """The cheapest registered candidate whose ``supports`` accepts the layer, and why every
+        other candidate was passed over (``choose_kernel``)."""
+        from lastbit.codegen.kernels import get_kernel
 
-        features = self.target.feature_set()
-        listed = set(self.override if self.override is not None else _strategy(self.target).get(int_layer.op, ()))
-        passed_over: list[str] = []
-        accepted: list[str] = []
-        fallbacks: list[str] = []
-        for name in kernel_candidates(self.target, self.override, int_layer.op):
-            try:
-                candidate = get_kernel(name)
-            except KernelError:  # a strategy may name kernels this build does not have
-                log.debug("layer %s: kernel %s is not registered", layer_name, name)
-                continue
-            why = candidate.supports(int_layer, features)
-            if why is not None:
-                passed_over.append(f"{name}: {why}")
-            else:
-                (accepted if name in listed else fallbacks).append(name)
-        # the fallbacks only compete when nothing the target (or caller) listed serves the layer
-        if accepted:
-            passed_over += [f"{name}: fallback only" for name in fallbacks]
-        accepted = accepted or fallbacks
-        if not accepted:
-            return None, passed_over
-        ranked = rank_candidates(accepted, int_layer, self.target.triple, measured=self.measured_cost)
-        winner = ranked[0]
-        passed_over = [passed_over_reason(loser, winner) for loser in ranked[1:]] + passed_over
-        return get_kernel(winner.kernel), passed_over
+        winner, passed_over = choose_kernel(int_layer, self.target, self.override, self.measured_cost, layer_name)
+        return (get_kernel(winner.kernel) if winner is not None else None), passed_over
+
+
+def choose_kernel(int_layer, target, override: Sequence[str] | None = None, measured_cost=None,
+                  layer_name: str = "") -> tuple[Any, list[str]]:
+    """The cost (``codegen/kernel_cost.py``) of the cheapest registered candidate of ``target``'s
+    strategy (or ``override``) whose ``supports`` accepts ``int_layer``, or None when none does;
+    and why every other candidate was passed over. The lowering's choice, also the co-design
+    cost model's prior (lastbit/codesign_cost.py)."""
+    from lastbit.codegen.kernel_cost import passed_over_reason, rank_candidates
+    from lastbit.codegen.kernels import KernelError, get_kernel
+
+    features = target.feature_set()
+    listed = set(override if override is not None else _strategy(target).get(int_layer.op, ()))
+    passed_over: list[str] = []
+    accepted: list[str] = []
+    fallbacks: list[str] = []
+    for name in kernel_candidates(target, override, int_layer.op):
+        try:
+            candidate = get_kernel(name)
+        except KernelError:  # a strategy may name kernels this build does not have
+            log.debug("layer %s: kernel %s is not registered", layer_name, name)
+            continue
+        why = candidate.supports(int_layer, features)
+        if why is not None:
+            passed_over.append(f"{name}: {why}")
+        else:
+            (accepted if name in listed else fallbacks).append(name)
+    # the fallbacks only compete when nothing the target (or caller) listed serves the layer
+    if accepted:
+        passed_over += [f"{name}: fallback only" for name in fallbacks]
+    accepted = accepted or fallbacks
+    if not accepted:
+        return None, passed_over
+    ranked = rank_candidates(accepted, int_layer, target.triple, measured=measured_cost)
+    winner = ranked[0]
+    return winner, [passed_over_reason(loser, winner) for loser in ranked[1:]] + passed_over
 
 
 # --- helpers on the Relax function -------------------------------------------------------------

@@ -244,12 +244,13 @@ def measure_costs(groups: list[SiteGroup], source: CostSource, cache: CostCache,
     unmeasured = [p for p in points if p not in want]
     metrics = [m for m in source.metrics if measured and all(m in values[p] for p in measured)]
     train = sorted(measured, key=lambda p: p.key())
+    prior = getattr(source, "lowering_target", None)
     for metric in metrics:
         y = np.array([values[p][metric] for p in train])
         if len(train) >= 8:
-            table.model_scores[metric] = CostModel.held_out_scores(train, y, seed=seed)
+            table.model_scores[metric] = CostModel.held_out_scores(train, y, seed=seed, target=prior)
         if unmeasured:
-            pred = CostModel(seed).fit(train, y).predict(unmeasured)
+            pred = CostModel(seed, prior).fit(train, y).predict(unmeasured)
             for p, v in zip(unmeasured, pred):
                 values.setdefault(p, {})[metric] = float(v)
     for p in points:  # analytic, never measured

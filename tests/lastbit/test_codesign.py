@@ -196,3 +196,29 @@ def test_arm_cycles_refuses_a_target_it_cannot_count():
     with pytest.raises(LastbitError, match="cortex-z9"):
         ArmCycles("aarch64-linux-gnu", core="cortex-z9")
 
+
+
+@pytest.mark.parametrize("point", [
+    CostPoint("conv2d", 16, 32, (3, 3), (2, 2), (1, 1), (14, 14), 1, "pow2-2"),
+    CostPoint("conv2d", 16, 32, (3, 3), (1, 1), (1, 1), (14, 14), 1, "ternary", rank=16),
+    CostPoint("dense", 64, 10, codes="int8", bn_relu=False),
+])
+def test_kernel_prior_names_the_kernels_the_lowering_picks(point):
+    """The cost model's prior is the lowering's own choice: the kernels a compiled one-layer
+    model reports, in the target's strategy order, and their summed estimate."""
+    from lastbit.codegen.quant_lowering import kernel_candidates
+    from lastbit.codesign_cost import CostModel, _compile_point
+    from lastbit.targets import get_target
+
+    target = "x86_64-linux-gnu"
+    artifact, _ = _compile_point(point, target)
+    picked = [layer.kernel for layer in artifact.report().layers if layer.bits < 32]
+    assert len(picked) == len(point.int_layers()) == (1 if point.rank is None else 2)
+    log_cost, first = point.kernel_prior(target)
+    assert kernel_candidates(get_target(target), None, point.op)[int(first)] == picked[0]
+    assert log_cost > 0
+    assert point.kernel_prior(target) == point.kernel_prior(target)  # deterministic features
+    fp32 = CostPoint(point.op, point.in_channels, point.out_channels, point.kernel, point.stride, point.padding,
+                     point.in_hw, point.batch, "fp32")
+    assert fp32.kernel_prior(target)[1] == -1.0
+    assert len(CostModel(target=target)._features([point])[0]) == len(point.features()) + 2
