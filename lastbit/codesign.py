@@ -601,7 +601,7 @@ def search(tables: Sequence[SearchTables], max_drop: float, bins: int = 2000) ->
     residual-keep combination (one ``SearchTables`` each): each combination's knapsack gets the
     budget its residual keeps leave and is exact up to the drop rounding of passes/knapsack.py;
     the combinations are enumerated, so the answer is the exact optimum of the product space
-    under the same rounding. Ties keep the earlier combination (less residual pruning)."""
+    under the same rounding. Ties keep the earlier combination (all residual keeps 1 first)."""
     from lastbit.passes.knapsack import solve_knapsack
 
     best = None
@@ -714,7 +714,7 @@ def evaluate_config(tables: Sequence[SearchTables], config: LayerConfig, lanes: 
 def uniform_configs(sites: list[LayerSite]) -> dict[str, LayerConfig]:
     """The uniform baselines of the issue: int8 everywhere; 3-bit (pow2-4) with the first and
     last layers at int8 (the project's default Squeeze(bits=3)); and that with every prunable
-    group at keep 0.7 (rounded to the keeps each layer offers)."""
+    group, residual ones included, at keep 0.7 (the pass rounds it to whole SIMD blocks)."""
     first_last = {sites[0].name, sites[-1].name}
 
     def three_bit(name: str) -> str:
