@@ -240,6 +240,7 @@ def main(argv=None) -> dict:
             "cost_model": result.cost_scores, "measured_points": result.measured_points,
             "predicted_points": result.predicted_points, "search_s": search_s, "timings_s": result.timings,
             "lanes": result.lanes, "chosen": result.chosen.config.to_dict()["layers"],
+            "residual_groups": {r.name: list(r.kept_channels) for r in result.residuals},
             "pareto_points": len(result.front), "compile_s": compile_s, "equal_budget_search": equal_row,
         }
         if not args.untrained:  # after every target, so a later failure keeps what is done

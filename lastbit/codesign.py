@@ -1,18 +1,27 @@
 """Co-design search: each layer's code set, keep ratio and rank chosen from the target's own
 measured cost and a per-layer accuracy sensitivity, exactly, under an accuracy-drop budget.
 
-    sites   = model_sites(graph, lanes)                     # layers and what can change
-    costs   = measure_costs(sites, source, cache, ...)      # measured + XGBoost-predicted
-    drops   = layer_sensitivity(module, graph, sites, data) # single-layer loss change
-    result  = search(sites, costs, drops, objective, max_drop)  # multiple-choice knapsack (DP)
+    sites     = model_sites(graph, lanes)                    # layers and what can change
+    residuals = residual_groups(graph, sites, lanes)         # channel groups several layers produce
+    combos    = residual_combos(sites, residuals)            # one per choice of their keeps
+    costs     = measure_costs(combos[0].groups, source, cache, extra=...)  # measured + predicted
+    drops     = layer_sensitivity(module, graph, sites, x, y, residuals=residuals)
+    tables    = combo_tables(combos, residuals, costs, drops, slope, metric)
+    chosen    = search(tables, max_drop)                     # knapsack (DP) per combination
 
 Layers whose costs depend on each other — a pruned conv and the layers that read its
 channels — form one group whose options are the product of theirs, so the knapsack stays
-exact. ``run_codesign`` is the whole flow the ``lastbit codesign`` command runs.
+exact. A residual channel group (the stem and every block's last conv of a ResNet stage,
+joined by the adds) touches the inputs and outputs of many layers that belong to other
+groups; rather than one group of all of them (whose options would multiply), every
+combination of the residual groups' keeps fixes those layers' channels and gets its own
+exact knapsack, and the search takes the cheapest combination within the budget.
+``run_codesign`` is the whole flow the ``lastbit codesign`` command runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -30,11 +39,15 @@ from lastbit.layer_config import FLOAT_CODES, LayerChoice, LayerConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CODES", "KEEPS", "CodesignResult", "LayerSite", "OBJECTIVES", "finetune_config", "layer_sensitivity",
-           "measure_costs", "model_sites", "restructure_module", "run_codesign", "search"]
+__all__ = ["CODES", "KEEPS", "RESIDUAL_KEEPS", "CodesignResult", "LayerSite", "OBJECTIVES", "ResidualGroup",
+           "combo_tables", "finetune_config", "layer_sensitivity", "measure_costs", "model_sites",
+           "residual_combos", "residual_groups", "restructure_module", "run_codesign", "search"]
 
 CODES = ("binary", "ternary", "pow2-2", "pow2-4", "int8", FLOAT_CODES)
 KEEPS = (1.0, 0.75, 0.5, 0.25)
+# a residual group feeds every block of its stage: a quarter of it costs too much accuracy to
+# be worth the combinations (each keep multiplies them)
+RESIDUAL_KEEPS = (1.0, 0.75, 0.5)
 OBJECTIVES = {"latency": "latency_ms", "cycles": "cycles", "energy": "energy_pj", "bytes": "weight_bytes"}
 
 
@@ -74,17 +87,14 @@ def model_sites(graph: Graph, lanes: int = 8, codes: Sequence[str] = CODES, keep
                 ranks: bool = True) -> list[LayerSite]:
     """The weighted layers of ``graph`` with their options: every code set; the keep ratios
     that give distinct channel counts (after the pruning pass rounds to ``lanes``) for a layer
-    that alone produces a prunable channel group; half the full rank for k×k convs."""
+    that alone produces a prunable channel group (groups several layers produce are
+    :func:`residual_groups`); half the full rank for k×k convs."""
     from lastbit.passes.channel_groups import analyze_channels
     from lastbit.passes.flops import layer_key
-    from lastbit.passes.prune_channels import aligned_removal
     from lastbit.passes.quantize_pow2 import weighted_layers
 
     analysis = analyze_channels(graph)
-    sole_producer: dict[str, Any] = {}
-    for group in analysis.groups:
-        if not group.reason and len(group.producers) == 1 and not group.pinned:
-            sole_producer[group.producers[0].weight] = group
+    sole_producer = {g.producers[0].weight: g for g in _prunable_groups(analysis) if len(g.producers) == 1}
     sites: list[LayerSite] = []
     site_layers = []
     for layer in weighted_layers(graph):
@@ -107,12 +117,7 @@ def model_sites(graph: Graph, lanes: int = 8, codes: Sequence[str] = CODES, keep
             continue
         group = sole_producer.get(layer.weight)
         if group is not None:
-            channels, seen = len(group.channels), {}
-            for k in keeps:
-                kept = channels - aligned_removal(channels, (1 - k) * channels, channels - 1, lanes)
-                seen.setdefault(kept, kept / channels)  # the share the pass really keeps
-            site.keeps = tuple(seen.values())
-            site.kept_channels = tuple(seen)
+            site.keeps, site.kept_channels = keep_options(len(group.channels), keeps, lanes)
         full = min(site.out_channels, site.in_channels * site.kernel[0] * site.kernel[1])
         half = (full // 2) // 8 * 8
         if ranks and site.op == "conv2d" and site.kernel != (1, 1) and half >= 8:
@@ -121,15 +126,89 @@ def model_sites(graph: Graph, lanes: int = 8, codes: Sequence[str] = CODES, keep
         site_layers.append(layer)
     producers = {layer_key(graph, w): g for w, g in sole_producer.items()}
     for site, layer in zip(sites, site_layers):
-        labels = analysis.param_labels.get(layer.weight)
-        if labels is None or len(labels) < 2:
-            continue
-        in_axis = 1 if site.op == "conv2d" or layer.axis == 0 else 0  # torch Linear [out, in]; ONNX [in, out]
-        inputs = set(analysis.find(labels[in_axis]).tolist())
+        inputs = set(_input_classes(analysis, layer, site).tolist())
         for producer, group in producers.items():
             if producer != site.name and inputs & set(group.channels):
                 site.input_from = producer
     return sites
+
+
+def _prunable_groups(analysis) -> list:
+    """The channel groups the search may prune: prunable and with no pinned channel."""
+    return [g for g in analysis.groups if not g.reason and not g.pinned]
+
+
+def _input_classes(analysis, layer, site: LayerSite) -> np.ndarray:
+    """The channel class of each input channel of ``layer`` (empty for a layer with none)."""
+    labels = analysis.param_labels.get(layer.weight)
+    if labels is None or len(labels) < 2:
+        return np.zeros(0, dtype=np.int64)
+    in_axis = 1 if site.op == "conv2d" or layer.axis == 0 else 0  # torch Linear [out, in]; ONNX [in, out]
+    return analysis.find(labels[in_axis])
+
+
+def kept_channel_count(channels: int, keep: float, lanes: int) -> int:
+    """How many of a group's ``channels`` the pruning pass keeps for ``keep`` (lanes-aligned)."""
+    from lastbit.passes.prune_channels import aligned_removal
+
+    return channels - aligned_removal(channels, (1 - keep) * channels, channels - 1, lanes)
+
+
+def keep_options(channels: int, keeps: Sequence[float], lanes: int) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """The ``keeps`` that leave distinct channel counts, as the shares the pass really keeps,
+    and those counts."""
+    seen: dict[int, float] = {}
+    for k in keeps:
+        kept = kept_channel_count(channels, k, lanes)
+        seen.setdefault(kept, kept / channels)
+    return tuple(seen.values()), tuple(seen)
+
+
+@dataclass
+class ResidualGroup:
+    """A prunable channel group several layers produce (a ResNet stage's residual chain: its
+    stem or downsample conv and every block's last conv, joined by the adds), pruned as one."""
+
+    name: str  # its producers' names joined by "+"
+    channels: int
+    producers: tuple[str, ...]
+    consumers: dict[str, float]  # layer -> its input channels per channel of the group
+    keeps: tuple[float, ...] = (1.0,)
+    kept_channels: tuple[int, ...] = ()
+
+    def kept(self, keep: float) -> int:
+        return self.kept_channels[self.keeps.index(keep)]
+
+    def config(self, keep: float) -> LayerConfig:
+        """Every producer, float, at ``keep``: how a LayerConfig says the group is pruned."""
+        return LayerConfig({p: LayerChoice(FLOAT_CODES, keep=keep) for p in self.producers})
+
+
+def residual_groups(graph: Graph, sites: list[LayerSite], lanes: int = 8,
+                    keeps: Sequence[float] = RESIDUAL_KEEPS) -> list[ResidualGroup]:
+    """The prunable channel groups of ``graph`` that several of the ``sites`` produce, with the
+    keeps that give distinct channel counts and the sites that read them."""
+    from lastbit.passes.channel_groups import analyze_channels
+    from lastbit.passes.flops import layer_key
+    from lastbit.passes.quantize_pow2 import weighted_layers
+
+    analysis = analyze_channels(graph)
+    by_name = {s.name: s for s in sites}
+    layers = [(by_name[layer_key(graph, layer.weight)], layer) for layer in weighted_layers(graph)
+              if layer_key(graph, layer.weight) in by_name]
+    residuals = []
+    for group in _prunable_groups(analysis):
+        producers = tuple(layer_key(graph, p.weight) for p in group.producers)
+        if len(producers) < 2 or not all(p in by_name for p in producers):
+            continue
+        consumers = {}
+        for site, layer in layers:
+            reads = int(np.isin(_input_classes(analysis, layer, site), group.channels).sum())
+            if reads:
+                consumers[site.name] = reads / len(group.channels)
+        options, kept = keep_options(len(group.channels), keeps, lanes)
+        residuals.append(ResidualGroup("+".join(producers), len(group.channels), producers, consumers, options, kept))
+    return residuals
 
 
 # --- groups of dependent layers --------------------------------------------------------------
@@ -180,6 +259,38 @@ def site_groups(sites: list[LayerSite]) -> list[SiteGroup]:
     return groups
 
 
+@dataclass
+class ResidualCombo:
+    """One keep for every residual group, and the site groups at the channels it leaves."""
+
+    keeps: tuple[float, ...]  # one per residual group, in residual_groups' order
+    groups: list[SiteGroup]
+
+
+def residual_combos(sites: list[LayerSite], residuals: Sequence[ResidualGroup]) -> list[ResidualCombo]:
+    """Every combination of the residual groups' keeps (all 1.0 first: the unpruned model),
+    each with the site groups of ``sites`` at the input/output channels it leaves them."""
+    return [ResidualCombo(keeps, site_groups(_sites_under(sites, residuals, keeps)))
+            for keeps in itertools.product(*[r.keeps for r in residuals])]
+
+
+def _sites_under(sites: list[LayerSite], residuals: Sequence[ResidualGroup],
+                 keeps: tuple[float, ...]) -> list[LayerSite]:
+    """``sites`` with the channels the residual groups leave at ``keeps``: a producer's outputs,
+    a reader's inputs (a flattening dense reads several inputs per channel)."""
+    out = []
+    for site in sites:
+        cin, cout = site.in_channels, site.out_channels
+        for residual, keep in zip(residuals, keeps):
+            removed = residual.channels - residual.kept(keep)
+            if site.name in residual.producers:
+                cout -= removed
+            cin -= round(removed * residual.consumers.get(site.name, 0.0))
+        same = (cin, cout) == (site.in_channels, site.out_channels)
+        out.append(site if same else dataclasses.replace(site, in_channels=cin, out_channels=cout))
+    return out
+
+
 # --- cost ------------------------------------------------------------------------------------
 
 
@@ -194,23 +305,25 @@ class CostTable:
 
 
 def measure_costs(groups: list[SiteGroup], source: CostSource, cache: CostCache, measure_share: float = 0.3,
-                  max_measure: int | None = None, seed: int = 0, progress: bool = True) -> CostTable:
+                  max_measure: int | None = None, seed: int = 0, progress: bool = True,
+                  extra: Sequence[list[SiteGroup]] = (), max_extra: int | None = None) -> CostTable:
     """Measure a share of the points (always int8 and fp32 at full size for every layer),
-    reuse cached ones, fit the XGBoost cost model on all measurements and predict the rest."""
+    reuse cached ones, fit the XGBoost cost model on all measurements and predict the rest.
+
+    ``extra``: the site groups of the other residual-keep combinations. Their new points (the
+    layers whose channels a residual keep changed) get the same share, their int8/fp32 points
+    without rank first, but at most ``max_extra`` of them (default: half as many as the
+    first points measure), so residual groups do not multiply the measuring time."""
     from tqdm.auto import tqdm
 
-    points: list[CostPoint] = []
-    anchors: set[CostPoint] = set()
-    seen: set[CostPoint] = set()
-    for group in groups:
-        for option in group.options:
-            for site, choice, point in zip(group.sites, option, group.points(option)):
-                if point not in seen:
-                    seen.add(point)
-                    points.append(point)
-                full = choice.keep == 1.0 and choice.rank is None and point.in_channels == site.in_channels
-                if full and choice.codes in ("int8", FLOAT_CODES):
-                    anchors.add(point)
+    points, anchors = _points_and_anchors(groups)
+    seen = set(points)
+    extra_points, extra_first = [], set()
+    for more in extra:
+        new, new_anchors = _points_and_anchors(more)
+        extra_points += [p for p in new if p not in seen]
+        extra_first |= new_anchors
+        seen.update(new)
     rng = np.random.default_rng(seed)
     cached = [p for p in points if cache.get(source, p)[0]]
     want = set(anchors) | set(cached)
@@ -220,6 +333,16 @@ def measure_costs(groups: list[SiteGroup], source: CostSource, cache: CostCache,
         n_more = min(n_more, max(0, max_measure - len(want)))
     for i in rng.permutation(len(rest))[:n_more]:
         want.add(rest[i])
+    cached_extra = {p for p in extra_points if cache.get(source, p)[0]}
+    cap = len(want) // 2 if max_extra is None else max_extra
+    n_extra = min(int(round(measure_share * len(extra_points))), cap) - len(cached_extra)
+    want |= cached_extra
+    if max_measure is not None:
+        n_extra = min(n_extra, max(0, max_measure - len(want)))
+    order = rng.permutation(len(extra_points))  # shuffled, the int8/fp32 full-rank points first
+    ranked = sorted((extra_points[i] for i in order), key=lambda p: p not in extra_first)
+    want.update([p for p in ranked if p not in want][:max(0, n_extra)])
+    points += extra_points
     todo = [p for p in points if p in want and not cache.get(source, p)[0]]
     start = time.perf_counter()
     with tqdm(total=len(todo), desc=f"measuring on {source.name}", disable=not progress or not todo) as bar:
@@ -257,6 +380,24 @@ def measure_costs(groups: list[SiteGroup], source: CostSource, cache: CostCache,
         if p in values:
             values[p]["weight_bytes"] = float(p.weight_bytes)
     return table
+
+
+def _points_and_anchors(groups: list[SiteGroup]) -> tuple[list[CostPoint], set[CostPoint]]:
+    """Every distinct point of ``groups``' options, in order, and the anchors among them: each
+    layer's int8 and fp32 points at its full size, no rank."""
+    points: list[CostPoint] = []
+    anchors: set[CostPoint] = set()
+    seen: set[CostPoint] = set()
+    for group in groups:
+        for option in group.options:
+            for site, choice, point in zip(group.sites, option, group.points(option)):
+                if point not in seen:
+                    seen.add(point)
+                    points.append(point)
+                full = choice.keep == 1.0 and choice.rank is None and point.in_channels == site.in_channels
+                if full and choice.codes in ("int8", FLOAT_CODES):
+                    anchors.add(point)
+    return points, anchors
 
 
 # --- accuracy --------------------------------------------------------------------------------
@@ -309,11 +450,13 @@ def codes_only(config: LayerConfig) -> LayerConfig:
 
 
 def layer_sensitivity(module, graph: Graph, sites: list[LayerSite], x: np.ndarray, y: np.ndarray, lanes: int = 8,
-                      progress: bool = True) -> tuple[dict[str, dict[tuple[str, Any], float]], dict[str, float]]:
+                      progress: bool = True, residuals: Sequence[ResidualGroup] = ()
+                      ) -> tuple[dict[str, dict[tuple[str, Any], float]], dict[str, float]]:
     """Loss change on (x, y) when one layer alone takes one factor of a choice (a code set, a
-    keep ratio, a rank); the rest of the model stays as trained. Returns
-    ({layer: {("codes"|"keep"|"rank", value): Δloss}}, {"slope": points per unit loss, "base_*"}).
-    The drop of a whole choice is the slope times the sum of its factors' loss changes.
+    keep ratio, a rank), or one residual group alone a keep; the rest of the model stays as
+    trained. Returns ({layer or residual group name: {("codes"|"keep"|"rank", value): Δloss}},
+    {"slope": points per unit loss, "base_*"}). The drop of a whole choice is the slope times
+    the sum of its factors' loss changes.
 
     Each changed model has its BatchNorm statistics re-estimated on ``x`` before it is scored,
     as the compiled model's are (fine-tuning ends with that recalibration; BN folds into the
@@ -333,26 +476,29 @@ def layer_sensitivity(module, graph: Graph, sites: list[LayerSite], x: np.ndarra
         return score(recalibrate_bn(changed, (x, y), num_batches=max(1, len(x) // 64)), x, y)
 
     base = recalibrated_score(copy.deepcopy(module))  # the same 512-sample statistics as every change
-    jobs = []
+    jobs = []  # (layer or residual group, factor, value, the LayerConfig that prunes for a keep)
     for site in sites:
-        jobs += [(site, "codes", c) for c in site.codes if c != FLOAT_CODES]
-        jobs += [(site, "keep", k) for k in site.keeps if k < 1.0]
-        jobs += [(site, "rank", r) for r in site.ranks if r is not None]
+        jobs += [(site.name, "codes", c, None) for c in site.codes if c != FLOAT_CODES]
+        jobs += [(site.name, "keep", k, LayerConfig({site.name: LayerChoice(FLOAT_CODES, keep=k)}))
+                 for k in site.keeps if k < 1.0]
+        jobs += [(site.name, "rank", r, None) for r in site.ranks if r is not None]
+    for residual in residuals:
+        jobs += [(residual.name, "keep", k, residual.config(k)) for k in residual.keeps if k < 1.0]
     modules = dict(module.named_modules())
-    deltas: dict[str, dict[tuple[str, Any], float]] = {s.name: {} for s in sites}
+    deltas: dict[str, dict[tuple[str, Any], float]] = {n: {} for n in [*(s.name for s in sites),
+                                                                          *(r.name for r in residuals)]}
     loss_d, acc_d = [], []
-    for site, kind, value in tqdm(jobs, desc="layer sensitivity", disable=not progress):
-        if kind == "keep":
-            changed = restructure_module(module, graph, LayerConfig({site.name: LayerChoice(FLOAT_CODES, keep=value)}),
-                                         lanes)
+    for name, kind, value, pruned in tqdm(jobs, desc="layer sensitivity", disable=not progress):
+        if pruned is not None:
+            changed = restructure_module(module, graph, pruned, lanes)
         else:
-            w = modules[site.name].weight.detach().numpy()
+            w = modules[name].weight.detach().numpy()
             new = quantized_weight(w, value) if kind == "codes" else lowrank_weight(w, value)
             changed = copy.deepcopy(module)
             with torch.no_grad():
-                dict(changed.named_modules())[site.name].weight.copy_(torch.as_tensor(new))
+                dict(changed.named_modules())[name].weight.copy_(torch.as_tensor(new))
         s = recalibrated_score(changed)
-        deltas[site.name][(kind, value)] = s.loss - base.loss
+        deltas[name][(kind, value)] = s.loss - base.loss
         loss_d.append(s.loss - base.loss)
         acc_d.append(100.0 * (base.accuracy - s.accuracy))
     slope = additive_drop_model(np.array(loss_d), np.array(acc_d))
@@ -391,13 +537,24 @@ class Candidate:
 
 @dataclass
 class SearchTables:
-    """Per group: each option's config entries, cost (objective), drop, bytes, latency."""
+    """Per group: each option's config entries, cost (objective), drop, bytes, latency; and the
+    residual groups' keeps these groups' channels were priced at, with their summed drop."""
 
     groups: list[SiteGroup]
     cost: list[np.ndarray]
     drop: list[np.ndarray]
     bytes: list[np.ndarray]
     latency: list[np.ndarray]
+    residuals: Sequence[ResidualGroup] = ()
+    residual_keeps: tuple[float, ...] = ()  # one per residual group
+    residual_drop: float = 0.0
+
+    def choice(self, site: LayerSite, choice: LayerChoice) -> LayerChoice:
+        """``choice`` with the keep of the residual group ``site`` produces, if any."""
+        for residual, keep in zip(self.residuals, self.residual_keeps):
+            if site.name in residual.producers:
+                return dataclasses.replace(choice, keep=keep)
+        return choice
 
 
 def option_tables(groups: list[SiteGroup], costs: CostTable, deltas, slope: float, metric: str) -> SearchTables:
@@ -420,22 +577,52 @@ def option_tables(groups: list[SiteGroup], costs: CostTable, deltas, slope: floa
     return SearchTables(groups, cost, drop, nbytes, latency)
 
 
-def search(tables: SearchTables, max_drop: float, bins: int = 2000) -> Candidate | None:
-    """The least-cost configuration whose predicted drop is within ``max_drop`` (exact up to
-    the drop rounding of passes/knapsack.py)."""
+def combo_tables(combos: list[ResidualCombo], residuals: Sequence[ResidualGroup], costs: CostTable, deltas,
+                 slope: float, metric: str) -> list[SearchTables]:
+    """``option_tables`` for every residual-keep combination, with the combination's own drop:
+    slope × Σ the loss change of each residual group at its keep (``deltas[group.name]``)."""
+    tables = []
+    for combo in combos:
+        loss = 0.0
+        for residual, keep in zip(residuals, combo.keeps):
+            if keep < 1.0:
+                measured = deltas.get(residual.name, {})
+                if ("keep", keep) not in measured:
+                    raise LastbitError(f"codesign: no sensitivity for residual group {residual.name} at keep "
+                                       f"{keep:g} (measured for other lanes?); run layer_sensitivity with it")
+                loss += max(measured[("keep", keep)], 0.0)
+        table = option_tables(combo.groups, costs, deltas, slope, metric)
+        tables.append(dataclasses.replace(table, residuals=residuals, residual_keeps=combo.keeps,
+                                          residual_drop=slope * loss))
+    return tables
+
+
+def search(tables: Sequence[SearchTables], max_drop: float, bins: int = 2000) -> Candidate | None:
+    """The least-cost configuration whose predicted drop is within ``max_drop``, over every
+    residual-keep combination (one ``SearchTables`` each): each combination's knapsack gets the
+    budget its residual keeps leave and is exact up to the drop rounding of passes/knapsack.py;
+    the combinations are enumerated, so the answer is the exact optimum of the product space
+    under the same rounding. Ties keep the earlier combination (all residual keeps 1 first)."""
     from lastbit.passes.knapsack import solve_knapsack
 
-    table = solve_knapsack(tables.cost, tables.drop, max_drop, bins)
-    return _candidate(tables, table.pick(max_drop))
+    best = None
+    for table in tables:
+        budget = max_drop - table.residual_drop
+        if budget < 0:
+            continue
+        cand = _candidate(table, solve_knapsack(table.cost, table.drop, budget, bins).pick(budget))
+        if cand is not None and (best is None or cand.cost < best.cost):
+            best = cand
+    return best
 
 
 def _candidate(tables: SearchTables, picks: list[int] | None) -> Candidate | None:
     if picks is None:
         return None
-    layers, cost, drop, nbytes, lat = {}, 0.0, 0.0, 0.0, 0.0
+    layers, cost, drop, nbytes, lat = {}, 0.0, tables.residual_drop, 0.0, 0.0
     for g, (group, i) in enumerate(zip(tables.groups, picks)):
         for site, choice in zip(group.sites, group.options[i]):
-            layers[site.name] = choice
+            layers[site.name] = tables.choice(site, choice)
         cost += tables.cost[g][i]
         drop += tables.drop[g][i]
         nbytes += tables.bytes[g][i]
@@ -443,19 +630,25 @@ def _candidate(tables: SearchTables, picks: list[int] | None) -> Candidate | Non
     return Candidate(LayerConfig(layers), float(cost), float(drop), float(nbytes), float(lat))
 
 
-def pareto_front(tables: SearchTables, max_drop: float, steps: int = 40, bins: int = 2000) -> list[Candidate]:
-    """Non-dominated (drop, latency, bytes) configurations: the knapsack minimising the
-    objective and the one minimising bytes, each at ``steps`` budgets up to 3 × max_drop."""
+def pareto_front(tables: Sequence[SearchTables], max_drop: float, steps: int = 40,
+                 bins: int = 2000) -> list[Candidate]:
+    """Non-dominated (drop, latency, bytes) configurations over every residual-keep
+    combination: per combination the knapsack minimising the objective and the one minimising
+    bytes, each at ``steps`` budgets up to 3 × max_drop."""
     from lastbit.passes.knapsack import pareto_mask, solve_knapsack
 
     top = 3.0 * max_drop if max_drop > 0 else 1.0
     found: dict[str, Candidate] = {}
-    for objective in (tables.cost, tables.bytes):
-        table = solve_knapsack(objective, tables.drop, top, bins)
-        for budget in np.linspace(0.0, top, steps):
-            cand = _candidate(tables, table.pick(float(budget)))
-            if cand is not None:
-                found.setdefault(cand.config.to_json(), cand)
+    for tab in tables:
+        if tab.residual_drop > top:
+            continue
+        for objective in (tab.cost, tab.bytes):
+            table = solve_knapsack(objective, tab.drop, top - tab.residual_drop, bins)
+            for budget in np.linspace(0.0, top, steps):
+                if budget >= tab.residual_drop:
+                    cand = _candidate(tab, table.pick(float(budget - tab.residual_drop)))
+                    if cand is not None:
+                        found.setdefault(cand.config.to_json(), cand)
     cands = list(found.values())
     if not cands:
         return []
@@ -494,26 +687,35 @@ def plot_front(front: list[Candidate], chosen: Candidate | None, path: Path, tit
     return atomic_write_bytes(path, figure_png(fig))
 
 
-def evaluate_config(tables: SearchTables, config: LayerConfig) -> Candidate:
-    """Predicted cost/drop/bytes of a given configuration (e.g. a uniform baseline): each
-    group's option matching the config (a layer the config omits takes int8, full, no rank)."""
+def evaluate_config(tables: Sequence[SearchTables], config: LayerConfig, lanes: int = 8) -> Candidate:
+    """Predicted cost/drop/bytes of a given configuration (e.g. a uniform baseline): the
+    residual-keep combination and each group's option matching the config (a layer the config
+    omits takes int8, full, no rank). A keep becomes the channel count the pruning pass keeps
+    at ``lanes``, then the offered option nearest to that count; a residual group takes the
+    keep its producers ask for (the smallest, as the pass prunes it once)."""
+    def option(keeps: tuple[float, ...], kept: tuple[int, ...], channels: int, keep: float) -> float:
+        if len(keeps) < 2:
+            return keeps[0]
+        count = kept_channel_count(channels, keep, lanes)
+        return keeps[min(range(len(kept)), key=lambda i: abs(kept[i] - count))]
+
+    residuals = tables[0].residuals
+    combo = tuple(option(r.keeps, r.kept_channels, r.channels,
+                         min(config.layers.get(p, LayerChoice()).keep for p in r.producers)) for r in residuals)
+    chosen = next(t for t in tables if t.residual_keeps == combo)
     picks = []
-    for group in tables.groups:
+    for group in chosen.groups:
         want = tuple(config.layers.get(s.name, LayerChoice()) for s in group.sites)
-        want = tuple(LayerChoice(c.codes, _nearest(s.keeps, c.keep), c.rank if c.rank in s.ranks else None)
-                     for s, c in zip(group.sites, want))
+        want = tuple(LayerChoice(c.codes, option(s.keeps, s.kept_channels, s.out_channels, c.keep),
+                                 c.rank if c.rank in s.ranks else None) for s, c in zip(group.sites, want))
         picks.append(group.options.index(want))
-    return _candidate(tables, picks)
-
-
-def _nearest(options: tuple[float, ...], keep: float) -> float:
-    return min(options, key=lambda k: abs(k - keep))
+    return _candidate(chosen, picks)
 
 
 def uniform_configs(sites: list[LayerSite]) -> dict[str, LayerConfig]:
     """The uniform baselines of the issue: int8 everywhere; 3-bit (pow2-4) with the first and
     last layers at int8 (the project's default Squeeze(bits=3)); and that with every prunable
-    group at keep 0.7 (rounded to the keeps each layer offers)."""
+    group, residual ones included, at keep 0.7 (the pass rounds it to whole SIMD blocks)."""
     first_last = {sites[0].name, sites[-1].name}
 
     def three_bit(name: str) -> str:
@@ -522,8 +724,8 @@ def uniform_configs(sites: list[LayerSite]) -> dict[str, LayerConfig]:
     return {
         "uniform int8": LayerConfig({s.name: LayerChoice("int8") for s in sites}),
         "uniform 3-bit": LayerConfig({s.name: LayerChoice(three_bit(s.name)) for s in sites}),
-        # keep 0.7 on every layer prunes every group by 30 % like Squeeze(prune=0.3); the search
-        # tables only price the groups a layer prunes alone (evaluate_config rounds the others to 1)
+        # keep 0.7 on every layer prunes every group, residual ones too, by 30 % like
+        # Squeeze(prune=0.3), rounded to whole SIMD blocks as the pruning pass rounds it
         "uniform 3-bit + 30% prune": LayerConfig({s.name: LayerChoice(three_bit(s.name), 0.7) for s in sites}),
     }
 
@@ -563,6 +765,7 @@ class CodesignResult:
     graph: Any = None  # the imported model the search ran on (compile the chosen point from it)
     deltas: dict = field(default_factory=dict)  # layer_sensitivity's loss changes (reusable)
     lanes: int = 8  # the channel multiple the keeps were rounded to
+    residuals: list[ResidualGroup] = field(default_factory=list)  # searched over, one combination at a time
 
     def to_json(self) -> dict:
         return {
@@ -574,6 +777,9 @@ class CodesignResult:
             "sensitivity": self.sensitivity,
             "measured_points": self.measured_points,
             "predicted_points": self.predicted_points,
+            "residual_groups": {r.name: {"channels": r.channels, "kept_channels": list(r.kept_channels)}
+                                for r in self.residuals},
+            "residual_combinations": int(np.prod([len(r.keeps) for r in self.residuals])),
         }
 
 
@@ -608,23 +814,26 @@ def run_codesign(module, example, target: str, calibration: tuple[np.ndarray, np
     lanes = _channel_multiple(t)
     site_codes = [c for c in codes if not (c == FLOAT_CODES and t.runner == "sim")]  # float layers do not run there
     sites = model_sites(graph, lanes, codes=site_codes, ranks=ranks)
-    groups = site_groups(sites)
+    residuals = residual_groups(graph, sites, lanes)
+    combos = residual_combos(sites, residuals)
     cache = CostCache(cache_path or (out_dir / "cost-cache.json"))
-    costs = measure_costs(groups, source, cache, measure_share, max_measure, progress=progress)
+    costs = measure_costs(combos[0].groups, source, cache, measure_share, max_measure, progress=progress,
+                          extra=[c.groups for c in combos[1:]])
     timings["measure"] = costs.measure_s
     t0 = time.perf_counter()
-    deltas, sens = sensitivity or layer_sensitivity(module, graph, sites, *calibration, lanes=lanes, progress=progress)
+    deltas, sens = sensitivity or layer_sensitivity(module, graph, sites, *calibration, lanes=lanes,
+                                                    progress=progress, residuals=residuals)
     timings["sensitivity"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tables = option_tables(groups, costs, deltas, sens["slope"], metric)
+    tables = combo_tables(combos, residuals, costs, deltas, sens["slope"], metric)
     chosen = search(tables, max_drop)
     front = pareto_front(tables, max_drop)
-    uniform = {k: evaluate_config(tables, c) for k, c in uniform_configs(sites).items()}
+    uniform = {k: evaluate_config(tables, c, lanes) for k, c in uniform_configs(sites).items()}
     timings["search"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     result = CodesignResult(chosen, front, uniform, costs.model_scores, timings, sites, sens,
                             measured_points=len(costs.measured), predicted_points=len(costs.values) - len(costs.measured),
-                            graph=graph, deltas=deltas, lanes=lanes)
+                            graph=graph, deltas=deltas, lanes=lanes, residuals=residuals)
     if chosen is not None:
         chosen.config.to_json(out_dir / "config.json")
     else:  # nothing fits the budget: no chosen point, and no older run's beside this pareto.json

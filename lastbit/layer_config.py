@@ -19,7 +19,8 @@ from typing import Any
 
 from lastbit.errors import LastbitError
 
-__all__ = ["FLOAT_CODES", "LayerChoice", "LayerConfig", "LayerConfigError", "check_layer_names", "parse_layers"]
+__all__ = ["FLOAT_CODES", "LayerChoice", "LayerConfig", "LayerConfigError", "check_group_keeps",
+           "check_layer_names", "parse_layers"]
 
 FLOAT_CODES = "fp32"  # the code-set name of a layer left in float32
 FORMAT = "lastbit-layer-config/1"
@@ -33,7 +34,9 @@ class LayerConfigError(LastbitError):
 class LayerChoice:
     """What one layer gets: ``codes`` (a code set of ``passes/pow2_projection.py`` — "binary",
     "ternary", "pow2-2", "pow2-4", …, "int8" — or "fp32"), ``keep`` (the share of its output
-    channel group kept by pruning, in (0, 1]) and ``rank`` (a low-rank split, None for none)."""
+    channel group kept by pruning, in (0, 1]; a group several layers produce — a residual
+    chain — is pruned once, so the layers of it that prune must give the same keep) and
+    ``rank`` (a low-rank split, None for none)."""
 
     codes: str = "int8"
     keep: float = 1.0
@@ -197,13 +200,29 @@ def check_layer_names(config: LayerConfig, graph) -> None:
                                + f"; its layers: {', '.join(known)}")
 
 
+def check_group_keeps(config: LayerConfig, graph) -> None:
+    """Raise LayerConfigError when the layers producing one channel group (a residual chain:
+    the stem and every block's last conv of a ResNet stage) ask for different keep ratios."""
+    from lastbit.passes.channel_groups import analyze_channels
+    from lastbit.passes.prune_channels import group_ratio_conflict
+
+    ratios = config.prune_ratios
+    if not ratios:
+        return
+    for group in analyze_channels(graph).groups:
+        conflict = group_ratio_conflict(graph, group, ratios) if len(group.producers) > 1 else ""
+        if conflict:
+            raise LayerConfigError(f"{graph.name}: {conflict}")
+
+
 class CheckLayerConfig:
     """Graph -> Graph (unchanged): the first squeeze pass when a per-layer configuration is
-    given, so an unknown layer name fails before any pass has run."""
+    given, so an unknown layer name or conflicting keeps fail before any pass has run."""
 
     def __init__(self, config: LayerConfig):
         self.config = config
 
     def __call__(self, graph):
         check_layer_names(self.config, graph)
+        check_group_keeps(self.config, graph)
         return graph

@@ -44,8 +44,10 @@ __all__ = [
     "PruneError",
     "PruneTarget",
     "channel_scores",
+    "group_ratio_conflict",
     "l1_filter_scores",
     "parse_prune_target",
+    "producer_ratios",
     "prune_channels",
     "taylor_scores",
 ]
@@ -225,16 +227,41 @@ def _labels(data, n: int) -> np.ndarray:
 def _group_ratio(graph: Graph, group: ChannelGroup, target: PruneTarget) -> float:
     if target.ratio is not None:
         return target.ratio
-    ratios = []
+    conflict = group_ratio_conflict(graph, group, target.per_layer)
+    if conflict:
+        raise PruneError(conflict)
+    return max(producer_ratios(graph, group, target.per_layer).values(), default=0.0)
+
+
+def producer_ratios(graph: Graph, group: ChannelGroup, per_layer: Mapping[str, float]) -> dict[str, float]:
+    """{layer: ratio} of the producers of ``group`` that ``per_layer`` asks to prune (ratio > 0),
+    each found by its source name with or without ``.weight``, its weight or its Relax var."""
+    ratios = {}
     for p in group.producers:
         src = graph.source_names.get(p.weight, p.weight)
         for key in (src, src.removesuffix(".weight"), p.weight, p.layer):
-            if key in target.per_layer:
-                ratios.append(target.per_layer[key])
+            if key in per_layer:
+                if per_layer[key] > 0:
+                    ratios[_layer_name(graph, p)] = per_layer[key]
                 break
-    if len(set(ratios)) > 1:
-        log.warning("group %s: its layers ask for ratios %s; pruned together, using the largest", group.name, ratios)
-    return max(ratios, default=0.0)
+    return ratios
+
+
+def _layer_name(graph: Graph, producer) -> str:
+    return graph.source_names.get(producer.weight, producer.weight).removesuffix(".weight")
+
+
+def group_ratio_conflict(graph: Graph, group: ChannelGroup, per_layer: Mapping[str, float]) -> str:
+    """Why ``per_layer`` cannot prune ``group`` ('' when it can): a group several layers produce
+    (a residual chain) is pruned once, so every producer that prunes it must ask for the same
+    ratio (a producer left out, or at ratio 0, follows the others)."""
+    ratios = producer_ratios(graph, group, per_layer)
+    if len(set(ratios.values())) < 2:
+        return ""
+    asked = ", ".join(f"{layer} keep {1 - r:g}" for layer, r in ratios.items())
+    group_name = "+".join(_layer_name(graph, p) for p in group.producers)
+    return (f"channel group {group_name} is pruned as one (its layers share channels through residual "
+            f"adds or concats) but its layers ask for different keep ratios: {asked}; give them the same keep")
 
 
 def _channel_flops(graph: Graph, analysis: ChannelAnalysis) -> dict[int, float]:

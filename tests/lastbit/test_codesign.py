@@ -2,6 +2,7 @@
 brute-force optimum (a pruned layer and its reader chosen together), reuses cached
 measurements, and predicts the unmeasured choices with the cost model."""
 
+import dataclasses
 import itertools
 import json
 
@@ -67,7 +68,7 @@ def test_search_finds_the_brute_force_optimum(budget):
     costs = CostTable({p: {**_toy_cost(p), "weight_bytes": float(p.weight_bytes)} for p in points}, set(points))
     slope = 2.0
     tables = option_tables(groups, costs, _DELTAS, slope, "latency_ms")
-    found = search(tables, budget, bins=4000)
+    found = search([tables], budget, bins=4000)
     expected, combo = _brute_force(sites, budget, slope)
     assert found.cost == pytest.approx(expected)
     assert found.drop <= budget + 1e-9
@@ -197,7 +198,6 @@ def test_arm_cycles_refuses_a_target_it_cannot_count():
         ArmCycles("aarch64-linux-gnu", core="cortex-z9")
 
 
-
 @pytest.mark.parametrize("point", [
     CostPoint("conv2d", 16, 32, (3, 3), (2, 2), (1, 1), (14, 14), 1, "pow2-2"),
     CostPoint("conv2d", 16, 32, (3, 3), (1, 1), (1, 1), (14, 14), 1, "ternary", rank=16),
@@ -222,3 +222,166 @@ def test_kernel_prior_names_the_kernels_the_lowering_picks(point):
                      point.in_hw, point.batch, "fp32")
     assert fp32.kernel_prior(target)[1] == -1.0
     assert len(CostModel(target=target)._features([point])[0]) == len(point.features()) + 2
+
+
+# --- residual channel groups -------------------------------------------------------------------
+# stem and b2 produce one channel group (joined by a residual add) that b1 and fc read; b1
+# alone produces the group b2 reads.
+
+_RES_DELTAS = {
+    "stem": {("codes", "ternary"): 0.5, ("codes", "pow2-4"): 0.1, ("codes", "int8"): 0.0},
+    "b1": {("codes", "ternary"): 0.4, ("codes", "pow2-4"): 0.1, ("codes", "int8"): 0.0, ("keep", 0.5): 0.6},
+    "b2": {("codes", "ternary"): 0.4, ("codes", "pow2-4"): 0.1, ("codes", "int8"): 0.0},
+    "fc": {("codes", "ternary"): 0.9, ("codes", "pow2-4"): 0.2, ("codes", "int8"): 0.0},
+    "stem+b2": {("keep", 0.5): 0.1},  # the residual group: cheap to halve, and it shrinks four layers
+}
+
+
+def _residual_toy():
+    from lastbit.codesign import ResidualGroup
+
+    codes = ("ternary", "pow2-4", "int8")
+    stem = LayerSite("stem", "conv2d", 3, 16, (3, 3), (1, 1), (1, 1), (8, 8), 1, codes=codes)
+    b1 = LayerSite("b1", "conv2d", 16, 16, (3, 3), (1, 1), (1, 1), (8, 8), 1, keeps=(1.0, 0.5), kept_channels=(16, 8),
+                   codes=codes)
+    b2 = LayerSite("b2", "conv2d", 16, 16, (3, 3), (1, 1), (1, 1), (8, 8), 1, input_from="b1", codes=codes)
+    fc = LayerSite("fc", "dense", 64, 10, (1, 1), (1, 1), (0, 0), (1, 1), 1, codes=codes)  # flattens 4 per channel
+    residual = ResidualGroup("stem+b2", 16, ("stem", "b2"), {"b1": 1.0, "fc": 4.0}, keeps=(1.0, 0.5),
+                             kept_channels=(16, 8))
+    return [stem, b1, b2, fc], [residual]
+
+
+def _residual_brute_force(sites, budget, slope):
+    """Every residual keep × every layer choice, each layer's channels worked out by hand."""
+    stem, b1, b2, fc = sites
+    best, best_config = np.inf, None
+    for kr, *combo in itertools.product((1.0, 0.5), *[s.choices() for s in sites]):
+        c_stem, c_b1, c_b2, c_fc = combo
+        if c_stem.keep != 1.0 or c_b2.keep != 1.0 or c_fc.keep != 1.0:
+            continue
+        res = int(16 * kr)
+        inner = b1.kept_channels[b1.keeps.index(c_b1.keep)]
+        drop = slope * (sum(choice_drop(_RES_DELTAS[s.name], ch, slope=1.0) for s, ch in zip(sites, combo))
+                        + (_RES_DELTAS["stem+b2"][("keep", 0.5)] if kr < 1 else 0.0))
+        if drop > budget + 1e-9:
+            continue
+        points = [dataclasses.replace(stem, out_channels=res).point(c_stem),
+                  dataclasses.replace(b1, in_channels=res).point(c_b1),
+                  dataclasses.replace(b2, out_channels=res).point(c_b2, inner),
+                  dataclasses.replace(fc, in_channels=4 * res).point(c_fc)]
+        cost = sum(_toy_cost(p)["latency_ms"] for p in points)
+        if cost < best:
+            best, best_config = cost, (kr, combo)
+    return best, best_config
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.3, 1.0, 3.0])
+def test_search_over_residual_keeps_finds_the_brute_force_optimum(budget):
+    from lastbit.codesign import combo_tables, residual_combos
+
+    sites, residuals = _residual_toy()
+    combos = residual_combos(sites, residuals)
+    assert [c.keeps for c in combos] == [(1.0,), (0.5,)]
+    points = {p for c in combos for g in c.groups for o in g.options for p in g.points(o)}
+    costs = CostTable({p: {**_toy_cost(p), "weight_bytes": float(p.weight_bytes)} for p in points}, set(points))
+    slope = 2.0
+    found = search(combo_tables(combos, residuals, costs, _RES_DELTAS, slope, "latency_ms"), budget, bins=4000)
+    expected, (keep, combo) = _residual_brute_force(sites, budget, slope)
+    assert found.cost == pytest.approx(expected) and found.drop <= budget + 1e-9
+    # the residual group's keep goes to every layer producing it; the others are the brute force's
+    assert found.config["stem"].keep == found.config["b2"].keep == keep
+    assert [dataclasses.replace(found.config[s.name], keep=c.keep) for s, c in zip(sites, combo)] == list(combo)
+    if budget >= 0.3:
+        assert keep == 0.5  # the known optimum halves the residual group
+
+
+def test_a_residual_keep_without_its_sensitivity_is_an_error():
+    from lastbit.codesign import combo_tables, residual_combos
+
+    sites, residuals = _residual_toy()
+    combos = residual_combos(sites, residuals)
+    points = {p for c in combos for g in c.groups for o in g.options for p in g.points(o)}
+    costs = CostTable({p: _toy_cost(p) for p in points}, set(points))
+    deltas = {k: v for k, v in _RES_DELTAS.items() if k != "stem+b2"}
+    with pytest.raises(LastbitError, match=r"residual group stem\+b2 at keep 0.5"):
+        combo_tables(combos, residuals, costs, deltas, 1.0, "latency_ms")
+
+
+def test_residual_points_are_measured_capped_and_the_rest_predicted(tmp_path):
+    from lastbit.codesign import residual_combos
+
+    sites, residuals = _residual_toy()
+    combos = residual_combos(sites, residuals)
+    base = {p for g in combos[0].groups for o in g.options for p in g.points(o)}
+    extra = {p for g in combos[1].groups for o in g.options for p in g.points(o)} - base
+    source = _CountingSource()
+    table = measure_costs(combos[0].groups, source, CostCache(tmp_path / "costs.json"), measure_share=0.5,
+                          progress=False, extra=[combos[1].groups], max_extra=3)
+    assert len(table.values) == len(base | extra)  # every point priced, measured or predicted
+    assert len(table.measured & extra) == 3 == source.calls - len(table.measured & base)
+    again = _CountingSource()  # a rerun takes the same share from the cache
+    measure_costs(combos[0].groups, again, CostCache(tmp_path / "costs.json"), measure_share=0.5, progress=False,
+                  extra=[combos[1].groups], max_extra=3)
+    assert again.calls == 0
+
+
+class _MacLatency:
+    """A fake target: latency = MACs × a code-width factor, no compiling."""
+
+    name = "toy/macs"
+    metrics = ("latency_ms",)
+
+    def measure(self, point):
+        return _toy_cost(point)
+
+
+@pytest.fixture
+def residual_net():
+    import torch
+
+    from tests.passes.prune_models import ResidualNet, randomize
+
+    torch.manual_seed(0)
+    return randomize(ResidualNet()), torch.randn(1, 3, 8, 8)
+
+
+def test_run_codesign_prunes_residual_groups_for_real(residual_net, tmp_path):
+    """On a residual net with a budget that never binds, the cheapest point halves the
+    residual groups; the config gives each group's producers one keep, round-trips through
+    JSON, and the restructured module and the compiled model prune exactly those channels."""
+    import torch
+
+    import lastbit
+    from lastbit.codesign import restructure_module, run_codesign, uniform_configs
+    from lastbit.layer_config import LayerConfig
+    from lastbit.squeeze import Squeeze
+    from tests.conftest import assert_close
+
+    model, x = residual_net
+    rng = np.random.default_rng(0)
+    calibration = (rng.standard_normal((64, 3, 8, 8)).astype("float32"), rng.integers(0, 5, 64))
+    result = run_codesign(model, x, "x86_64-linux-gnu", calibration, tmp_path, max_drop=1e6,
+                          cache_path=tmp_path / "costs.json", codes=("pow2-4", "int8"), ranks=False,
+                          progress=False, source=_MacLatency())
+    assert {r.name: r.kept_channels for r in result.residuals} == {"stem+c2": (8, 4), "d2+short": (12, 8)}
+    assert all(("keep", k) in result.deltas[r.name] for r in result.residuals for k in r.keeps if k < 1)
+    config = result.chosen.config
+    assert config["stem"].keep == config["c2"].keep == 0.5
+    assert config["d2"].keep == config["short"].keep == pytest.approx(8 / 12)
+    assert LayerConfig.from_json(tmp_path / "config.json") == config
+    stored = json.loads((tmp_path / "pareto.json").read_text())
+    assert stored["residual_combinations"] == 4 and stored["residual_groups"]["stem+c2"]["kept_channels"] == [8, 4]
+    restructured = restructure_module(model, result.graph, config, lanes=result.lanes)
+    assert (restructured.stem.out_channels, restructured.c2.out_channels, restructured.c1.in_channels) == (4, 4, 4)
+    assert (restructured.d2.out_channels, restructured.short.out_channels, restructured.fc.in_features) == (8, 8, 8)
+    fp32 = LayerConfig({n: dataclasses.replace(c, codes="fp32") for n, c in config.layers.items()})
+    art = lastbit.compile(model, "x86_64-linux-gnu", (x,), squeeze=Squeeze(layers=fp32))
+    with torch.no_grad():
+        assert_close(art.run(x), restructure_module(model, result.graph, fp32, lanes=result.lanes)(x).numpy())
+    # uniform 30 % pruning is priced with its residual groups pruned as the pass prunes them
+    priced = result.uniform["uniform 3-bit + 30% prune"].config
+    assert priced["stem"].keep == priced["c2"].keep == 0.5 and priced["d2"].keep == pytest.approx(8 / 12)
+    pruned = restructure_module(model, result.graph, uniform_configs(result.sites)["uniform 3-bit + 30% prune"],
+                                lanes=result.lanes)
+    assert (pruned.stem.out_channels, pruned.d2.out_channels) == (4, 8)
+

@@ -88,3 +88,16 @@ def test_per_layer_keep_and_rank_reach_the_structural_passes(small_cnn):
     shapes = {layer.name: layer.weight_shape for layer in art.report().layers}
     assert shapes["conv2.svd0"][0] == 4 and shapes["conv2.svd1"][1] == 4  # split at rank 4
     assert shapes["conv1"][0] < 8  # conv1's channel group pruned (conv1 feeds a residual add with conv2)
+
+
+def test_keeps_of_one_residual_group_must_agree_before_any_pass(small_cnn):
+    """conv1 and conv2 produce one channel group (a residual add): it is pruned once, so two
+    different keeps for it are one error naming the group and both asks."""
+    model, x = small_cnn
+    layers = {"conv1": LayerChoice("int8", keep=0.5), "conv2": LayerChoice("int8", keep=0.75)}
+    with pytest.raises(LayerConfigError, match=r"channel group conv1\+conv2 .*conv1 keep 0.5, conv2 keep 0.75"):
+        lastbit.compile(model, HOST, (x,), squeeze=Squeeze(layers=layers))
+    same = {"conv1": LayerChoice("int8", keep=0.5), "conv2": LayerChoice("int8", keep=0.5)}
+    art = lastbit.compile(model, HOST, (x,), squeeze=Squeeze(layers=same, keep_first_last=False))
+    shapes = {layer.name: layer.weight_shape for layer in art.report().layers}
+    assert shapes["conv1"][0] == shapes["conv2"][0] == 4

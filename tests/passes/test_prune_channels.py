@@ -230,3 +230,16 @@ def test_zoo_resnet20_pruned_exactly_where_channels_are_zero():
     assert sum(layer_flops(pruned).values()) < 0.3 * sum(layer_flops(graph).values())
     x = example.numpy()
     np.testing.assert_allclose(run_graph(pruned, x), run_graph(zeroed, x), rtol=1e-4, atol=1e-5)
+
+
+def test_per_layer_ratios_of_a_residual_group_agree_or_fail():
+    """stem and c2 produce one group: one of them asking prunes it all (the other follows);
+    two different ratios are one PruneError naming the group."""
+    graph = from_torch(randomize(ResidualNet()), (torch.randn(1, 3, 8, 8),))
+    analysis = analyze_channels(graph)
+    group = next(g for g in analysis.groups if len(g.producers) == 2 and g.producers[0].weight == "p_stem_weight")
+    removed = choose_channels(graph, analysis, parse_prune_target({"stem": 0.5}), "l1")
+    assert len(removed & set(group.channels)) == 4
+    assert removed == choose_channels(graph, analysis, parse_prune_target({"stem": 0.5, "c2": 0.5}), "l1")
+    with pytest.raises(PruneError, match=r"channel group stem\+c2 .*stem keep 0.5, c2 keep 0.75"):
+        choose_channels(graph, analysis, parse_prune_target({"stem": 0.5, "c2": 0.25}), "l1")
