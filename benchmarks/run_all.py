@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import accel_dse  # noqa: E402
+import admm_budget  # noqa: E402
 import accel_sim  # noqa: E402
 import admm_sweep  # noqa: E402
 import arm_insn_count  # noqa: E402
@@ -29,6 +30,7 @@ BENCHMARKS = [
     zoo_latency,
     admm_sweep,
     quant_accuracy,
+    admm_budget,
     datafree_accuracy,
     accel_sim,
     accel_dse,

@@ -64,6 +64,9 @@ class EpochStats:
     residual: float  # ‖W − G‖ / ‖W‖ over all quantized layers after the epoch's last G-step
     rho: float  # ρ used during the epoch (ADMM only; 0 for STE)
     eval_accuracy: float | None = None  # accuracy on eval_data of the model with W = G
+    # share of the quantized weights whose code differs from the previous epoch's end (the first
+    # epoch: from the input weights' projection): how much the quantized network still moves
+    code_changes: float | None = None
 
 
 @dataclass
@@ -298,6 +301,16 @@ class _Quantizer:
             return g
         g, self._alpha[name] = refine_projection(v.detach(), self._mags[name].to(v.device), alpha, self.axis is not None)
         return g
+
+    def code_indices(self, values: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The exact projection's codes of each quantized weight's ``values`` (for code_changes)."""
+        return {n: self.project(v, n)[1] for n, v in values.items()}
+
+    @staticmethod
+    def changed_share(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> float:
+        """Share of weights whose code differs between two ``code_indices`` results."""
+        changed = sum(int(np.count_nonzero(before[n] != after[n])) for n in after)
+        return changed / max(sum(q.size for q in after.values()), 1)
 
     def finish(self, model: nn.Module, targets: dict[str, torch.Tensor], method: str, history: list[EpochStats]) -> AdmmResult:
         """Set every quantized weight to Π(targets[name]) exactly and package the result."""
@@ -581,6 +594,7 @@ def admm_finetune(
     with torch.no_grad():
         g = {n: quant.project(w, n)[0] for n, w in weights.items()}
         lam = {n: torch.zeros_like(w) for n, w in weights.items()}
+        last_codes = quant.code_indices(weights)
     state = {"rho": rho, "eta": lr, "frozen": False}
 
     def gradient(x: torch.Tensor, y: torch.Tensor, projected: bool = False) -> tuple[float, int]:
@@ -698,7 +712,11 @@ def admm_finetune(
                     with torch.no_grad():
                         g.update({n: quant.project(w, n)[0] for n, w in weights.items()})
                 residual = 0.0 if state["frozen"] and tail == "fixed" else distance_to_codes()
-            stats = EpochStats(epoch, loss_sum / n_batches, correct / seen, residual, rho_epoch)
+            with torch.no_grad():  # the codes the model would take now: Π(W + λ)
+                codes_now = quant.code_indices({n: w + lam[n] for n, w in weights.items()})
+            stats = EpochStats(epoch, loss_sum / n_batches, correct / seen, residual, rho_epoch,
+                               code_changes=quant.changed_share(last_codes, codes_now))
+            last_codes = codes_now
             if eval_data is not None:
                 stats.eval_accuracy = _eval_at(model, weights, g, eval_data, dev, freeze_bn)
             history.append(stats)
@@ -807,6 +825,7 @@ def ste_finetune(
 
     history: list[EpochStats] = []
     g: dict[str, torch.Tensor] = {}
+    last_codes = quant.code_indices(weights)
     with torch.random.fork_rng(devices=[]), tqdm(
         total=per_epoch * epochs if per_epoch else None, disable=not progress, desc=f"STE {cs.name}", leave=False
     ) as bar:
@@ -837,11 +856,15 @@ def ste_finetune(
             if n_batches == 0:
                 raise QuantizationError("training data is empty")
             with torch.no_grad():
-                g = {n: quant.project(w, n)[0] for n, w in weights.items()}
+                projected = {n: quant.project(w, n) for n, w in weights.items()}
+                g = {n: p[0] for n, p in projected.items()}
                 sq_res = sum(float(torch.sum((w - g[n]) ** 2)) for n, w in weights.items())
                 sq_w = sum(float(torch.sum(w * w)) for w in weights.values())
             residual = math.sqrt(sq_res / sq_w) if sq_w > 0 else 0.0
-            stats = EpochStats(epoch, loss_sum / n_batches, correct / seen, residual, 0.0)
+            codes_now = {n: p[1] for n, p in projected.items()}
+            stats = EpochStats(epoch, loss_sum / n_batches, correct / seen, residual, 0.0,
+                               code_changes=quant.changed_share(last_codes, codes_now))
+            last_codes = codes_now
             if eval_data is not None:
                 stats.eval_accuracy = _eval_at(model, weights, g, eval_data, dev, freeze_bn)
             history.append(stats)

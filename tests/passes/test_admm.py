@@ -413,3 +413,20 @@ def test_straight_through_options(digits, bn_net, option):
     with pytest.raises(QuantizationError, match=next(iter(option))):
         admm_finetune(bn_net, (x.reshape(-1, 1, 8, 8), y), "ternary", epochs=1, progress=False,
                       **{next(iter(option)): "bogus"})
+
+
+def test_code_changes_count_how_far_the_codes_move(digits, float_model):
+    """code_changes is the share of weights whose code changed over the epoch: ADMM under a
+    huge constant ρ pins W to the codes (W + λ cannot cross a rounding threshold between
+    G-steps), the default schedule moves them a little, and STE, whose latent weights
+    integrate every gradient, several times more."""
+    (x, y), _ = digits
+    common = dict(epochs=3, progress=False, batch_size=64, seed=0, lr=0.05)
+    ste = ste_finetune(float_model, (x, y), "ternary", **common)
+    pinned = admm_finetune(float_model, (x, y), "ternary", rho=1e4, rho_growth=1.0, **common)
+    default = admm_finetune(float_model, (x, y), "ternary", **common)
+    for result in (ste, pinned, default):
+        assert all(h.code_changes is not None and 0.0 <= h.code_changes <= 1.0 for h in result.history)
+    moved = {name: sum(h.code_changes for h in r.history) for name, r in
+             (("ste", ste), ("pinned", pinned), ("default", default))}
+    assert moved["pinned"] < 0.001 < moved["default"] < moved["ste"], moved  # measured 0, 0.003, 0.041
