@@ -241,6 +241,10 @@ def main(argv=None) -> dict:
             "predicted_points": result.predicted_points, "search_s": search_s, "timings_s": result.timings,
             "lanes": result.lanes, "chosen": result.chosen.config.to_dict()["layers"],
             "residual_groups": {r.name: list(r.kept_channels) for r in result.residuals},
+            # each residual keep alone, as the search prices it: slope × its loss change
+            "residual_predicted_drop": {r.name: {f"{k:g}": result.sensitivity["slope"] * max(d, 0.0)
+                                                 for (kind, k), d in result.deltas.get(r.name, {}).items()
+                                                 if kind == "keep"} for r in result.residuals},
             "pareto_points": len(result.front), "compile_s": compile_s, "equal_budget_search": equal_row,
         }
         if not args.untrained:  # after every target, so a later failure keeps what is done
