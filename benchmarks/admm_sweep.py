@@ -10,7 +10,9 @@ Every run has the same budget (training samples, epochs, lr schedule) as quant_a
 table, so what wins here is what the table uses. `--sweep` runs the grid (GPU-sized:
 `--sweep --device cuda --workers 15 --threads 1`); `--quick` is a few-minute CPU run of the same
 code on a small grid; with neither (`make bench`) the winners are re-derived from the rows of the
-last GPU sweep, bench/admm_sweep_gpu.json.
+last GPU sweep, bench/admm_sweep_gpu.json. `--bn-sweep` (GPU) and `--rho-sweep` (CPU) run the
+stages that ask why ADMM trails STE on BatchNorm networks; their saved rows
+(bench/admm_bn_sweep_gpu.json, bench/admm_rho_sweep.json) are ranked in the same summary.
 """
 
 from __future__ import annotations
@@ -80,6 +82,20 @@ BN_VARIANTS = [
 BN_LR_VARIANTS = [{"lr": 0.005}, {"lr": 0.005, "tail": "ste", "fixed_fraction": 0.25},
                   {"lr": 0.005, "tail": "ste", "fixed_fraction": 0.5}, {"lr": 0.005, "forward": "projected", "rho": 0.1}]
 BN_KEYS = ("per_channel", "forward", "tail", "fixed_fraction", "penalty_lr", "rho", "rho_growth", "lr")
+
+# Stage "rho" (`--rho-sweep`, CPU-sized: about 12 minutes on 2 cores): is the default ρ schedule
+# (ρ0 = 1, ×1.3 over 20 G-steps, the pull ηρ off the cosine decay) what holds ADMM's codes still
+# (code_changes 0 after the first epoch, benchmarks/admm_budget.py)? ResNet-8 binary and
+# ternary at the table's budget: ρ0 × growth with ∇f at W (the paper's), and with ∇f at Π(W)
+# (forward="projected", final codes Π(W), the ones trained), down to ρ0 = 0 where ADMM's W-step
+# is STE with a fixed tail; STE beside them.
+RHO_ROWS = REPO / "bench" / "admm_rho_sweep.json"
+RHO_BASE = {**BN_BASE, "penalty_lr": "constant"}
+RHO_VARIANTS = ([{"rho": r, "rho_growth": g} for r, g in itertools.product((0.1, 0.3, 1.0), (1.0, 1.1, 1.2, 1.3))]
+                + [{"forward": "projected", "rho": r, "rho_growth": g}
+                   for r, g in ((0.0, 1.0), (0.001, 1.0), (0.01, 1.0), (0.03, 1.0), (0.001, 1.3), (0.01, 1.3),
+                                (0.1, 1.3), (1.0, 1.3))])
+RHO_CODES = ("binary", "ternary")
 
 
 def bn_jobs(models: dict, codes: tuple) -> list[dict]:
@@ -284,28 +300,39 @@ def summarize(rows: list[dict]) -> dict:
     return chosen
 
 
-def bn_sweep(args) -> dict:
-    """Run the "bn" stage on the table's budgets; rows to --out (bench/admm_bn_sweep_gpu.json)."""
+def rho_jobs(models: dict, codes: tuple) -> list[dict]:
+    """The "rho" stage's runs: STE, then every (forward, ρ0, growth) on the default structure."""
+    jobs = [{"stage": "rho", "model": m, "codes": c, "method": "ste", "budget": b, **RHO_BASE, "w_step": None}
+            for m, b in models.items() for c in codes]
+    return jobs + _admm_jobs(models, codes, RHO_VARIANTS, RHO_BASE, "rho")
+
+
+def bn_sweep(args, rho: bool = False) -> dict:
+    """Run the "bn" stage (or with rho the "rho" stage, ResNet-8 only) on the table's budgets;
+    rows to --out (bench/admm_bn_sweep_gpu.json, bench/admm_rho_sweep.json)."""
     import multiprocessing as mp
     import tempfile
 
     start = time.perf_counter()
     models = QUICK_BUDGETS if args.quick else BUDGETS
     codes = QUICK_CODES if args.quick else CODE_SETS
+    if rho:
+        models = {"resnet8": models["resnet8"]}
+        codes = RHO_CODES
     scratch = tempfile.mkdtemp(prefix="admm_sweep-")
     init = (args.device, args.data_dir, args.threads, scratch, args.fp32_cache)
     _init_worker(*init)
     for name in models:
         print(f"fp32 {name}: {100 * _accuracy(_fp32(name), args.device):.2f}%", flush=True)
     deadline = time.time() + args.time_limit_s
-    jobs = [{**j, "deadline": deadline} for j in bn_jobs(models, codes)]
+    jobs = [{**j, "deadline": deadline} for j in (rho_jobs if rho else bn_jobs)(models, codes)]
     rows = []
     with mp.get_context("spawn").Pool(max(1, args.workers), _init_worker, init) as pool:
         for r in pool.imap_unordered(run_one, jobs, chunksize=1):
             if r["accuracy"] is None:
                 continue
             rows.append(r)
-            extra = {k: r[k] for k in BN_KEYS if r.get(k) != BN_BASE.get(k)}
+            extra = {k: r[k] for k in BN_KEYS if r.get(k) != (RHO_BASE if rho else BN_BASE).get(k)}
             print(f"  {r['model']:<8} {r['codes']:<7} {r['method']:<4} {100 * r['accuracy']:6.2f} "
                   f"{r['seconds']:5.1f}s {extra}{' ' + r['error'] if r.get('error') else ''}", flush=True)
             if args.out and len(rows) % 10 == 0:
@@ -333,8 +360,10 @@ def summarize_bn(rows: list[dict]) -> dict:
     ranked = sorted(((float(np.mean(list(c.values()))), k, c) for k, c in cells.items() if len(c) == top), reverse=True)
     table = [{"method": k[0], **dict(zip(BN_KEYS, k[1:])), "mean_accuracy": round(m, 4), "cells": c} for m, k, c in ranked]
     # ADMM's pick: the best setting that is still mostly ADMM. tail="ste" with fixed_fraction 0.75
-    # (83.49 vs 83.34 for the winner, within run-to-run noise) is three quarters STE, not ADMM.
-    best_admm = next(t for t in table if t["method"] == "admm" and (t["tail"] != "ste" or t["fixed_fraction"] <= 0.25))
+    # (83.49 vs 83.34 for the winner, within run-to-run noise) is three quarters STE, not ADMM;
+    # ρ0 = 0 with forward="projected" is STE with a fixed tail.
+    best_admm = next(t for t in table if t["method"] == "admm" and t["rho"] > 0
+                     and (t["tail"] != "ste" or t["fixed_fraction"] <= 0.25))
     return {"best_admm": best_admm, "best_ste": next(t for t in table if t["method"] == "ste"),
             "fp32_finetuned": fp32, "settings": table}
 
@@ -352,26 +381,32 @@ def main(argv=None) -> dict:
     parser.add_argument("--large", action="store_true", help="then the chosen settings on the whole training set")
     parser.add_argument("--sweep", action="store_true", help="run the whole grid (GPU-sized: hours on 2 CPU cores)")
     parser.add_argument("--bn-sweep", action="store_true", help="run the BatchNorm stage's grid only (GPU-sized)")
+    parser.add_argument("--rho-sweep", action="store_true",
+                        help="run the ρ-schedule stage (ResNet-8, ~12 min on 2 cores)")
     parser.add_argument("--fp32-cache", action="store_true",
                         help="fp32 models from the weight cache ($LASTBIT_CACHE) on any device, as the table uses")
     parser.add_argument("--summarize", type=Path, metavar="JSON", default=GPU_ROWS,
                         help="without --sweep/--quick: re-derive the winners from these saved rows (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.fp32_cache and not args.bn_sweep:
-        parser.error("--fp32-cache applies to --bn-sweep only")
-    if args.bn_sweep:
-        return bn_sweep(args)
+    if args.fp32_cache and not (args.bn_sweep or args.rho_sweep):
+        parser.error("--fp32-cache applies to --bn-sweep and --rho-sweep only")
+    if args.bn_sweep or args.rho_sweep:
+        return bn_sweep(args, rho=args.rho_sweep)
     if not (args.sweep or args.quick):
         # `make bench` on a CPU: the grid is GPU work, so re-derive the defaults from its recorded rows
         saved = json.loads(args.summarize.read_text())
         chosen = summarize(saved["rows"])
         if BN_ROWS.is_file():
             chosen["bn"] = summarize_bn(json.loads(BN_ROWS.read_text())["rows"])
+        if RHO_ROWS.is_file():
+            chosen["rho"] = summarize_bn(json.loads(RHO_ROWS.read_text())["rows"])
         for stage, win in chosen.items():
-            if stage == "bn":
+            if stage in ("bn", "rho"):
+                base = BN_BASE if stage == "bn" else RHO_BASE
                 for t in win["settings"]:
-                    diff = {k: t[k] for k in BN_KEYS if t[k] != BN_BASE[k]}
-                    print(f"  bn  {t['method']:<4} {100 * t['mean_accuracy']:6.2f}  {diff}")
+                    diff = {k: t[k] for k in BN_KEYS if t[k] != base[k]}
+                    cells = " ".join(f"{100 * a:.2f}" for _, a in sorted(t["cells"].items())) if stage == "rho" else ""
+                    print(f"  {stage:<3} {t['method']:<4} {100 * t['mean_accuracy']:6.2f}  {cells} {diff}")
                 continue
             print(f"  {stage:<10} {win}")
         section = {"meta": {"source": str(args.summarize.relative_to(REPO) if args.summarize.is_relative_to(REPO)

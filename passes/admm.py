@@ -457,6 +457,9 @@ def project_module(
 #   ternary 80.5 → 81.7 against the LeNet-5-tuned ρ0 = 5, ×1.3, 9 G-steps, fixed fifth (the
 #   grid's ResNet-20 cells were cut by the time limit).
 # - Distillation T = 4, β = 0.3 (grid T {1, 2, 4} × β {0.3, 0.6, 0.9}).
+# - ρ0 × growth again under the constant penalty (`admm_sweep.py --rho-sweep`, ResNet-8 binary and
+#   ternary, bench/admm_rho_sweep.json): ρ0 = 1 ×1.3 still best with ∇f at W; with ∇f at Π(W)
+#   only a negligible pull (ρ0 ≤ 0.01, constant) ties STE, being STE.
 ADMM_RHO, ADMM_RHO_GROWTH, ADMM_G_STEPS, ADMM_FIXED = 1.0, 1.3, 20, 0.1
 W_STEPS = ("extragradient", "sgd")
 ADMM_W_STEP = "sgd"
@@ -556,7 +559,8 @@ def admm_finetune(
     penalty_lr="constant" (the default) takes the prox's ηρ with the base lr rather than the
     scheduled η, so the pull onto the codes does not fade with the cosine decay (see
     ADMM_PENALTY_LR); "schedule" is the plain proximal step. forward="projected" evaluates ∇f at
-    Π(W) (straight through) instead of W; tail="ste" trains the quantized weights straight
+    Π(W) (straight through) instead of W, and the codes kept (the fixed phase's and the final
+    ones) are then Π(W), the ones trained, not Π(W + λ); tail="ste" trains the quantized weights straight
     through during the last fixed_fraction (from W + λ) instead of fixing them. Both were
     measured on ResNet-8/20 (`admm_sweep.py --bn-sweep`) and lost to the defaults.
     """
@@ -649,10 +653,15 @@ def admm_finetune(
         W = W + λ trained straight through ("ste")."""
         with torch.no_grad():
             for n, w in weights.items():
-                g[n] = quant.project(w + lam[n], n)[0]
-                w.copy_(g[n] if tail == "fixed" else w + lam[n])
+                g[n] = quant.project(trained_point(n, w), n)[0]
+                w.copy_(g[n] if tail == "fixed" else trained_point(n, w))
                 lam[n].zero_()
         state["frozen"] = True
+
+    def trained_point(n: str, w: torch.Tensor) -> torch.Tensor:
+        """Where the final codes come from: Π(W + λ), ADMM's consensus point; with a projected
+        forward the network was trained on Π(W), so those codes are the ones to keep."""
+        return w if forward == "projected" else w + lam[n]
 
     history: list[EpochStats] = []
     residual = float("nan")
@@ -713,7 +722,7 @@ def admm_finetune(
                         g.update({n: quant.project(w, n)[0] for n, w in weights.items()})
                 residual = 0.0 if state["frozen"] and tail == "fixed" else distance_to_codes()
             with torch.no_grad():  # the codes the model would take now: Π(W + λ)
-                codes_now = quant.code_indices({n: w + lam[n] for n, w in weights.items()})
+                codes_now = quant.code_indices({n: trained_point(n, w) for n, w in weights.items()})
             stats = EpochStats(epoch, loss_sum / n_batches, correct / seen, residual, rho_epoch,
                                code_changes=quant.changed_share(last_codes, codes_now))
             last_codes = codes_now
@@ -727,7 +736,7 @@ def admm_finetune(
             bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{stats.accuracy:.3f}", res=f"{residual:.3f}")
 
     with torch.no_grad():
-        targets = {n: w + lam[n] for n, w in weights.items()}
+        targets = {n: trained_point(n, w) for n, w in weights.items()}
     result = quant.finish(model, targets, "admm", history)
     if bn_batches > 0 and _batch_norms(model) and not freeze_bn:  # frozen: training already saw these statistics
         _recalibrate(model, _batch_norms(model), batches(epochs), bn_batches, dev)

@@ -430,3 +430,23 @@ def test_code_changes_count_how_far_the_codes_move(digits, float_model):
     moved = {name: sum(h.code_changes for h in r.history) for name, r in
              (("ste", ste), ("pinned", pinned), ("default", default))}
     assert moved["pinned"] < 0.001 < moved["default"] < moved["ste"], moved  # measured 0, 0.003, 0.041
+
+
+@pytest.mark.parametrize("forward", ["float", "projected"])
+def test_final_codes_are_the_ones_trained(digits, float_model, monkeypatch, forward):
+    """ADMM's final codes are Π(W + λ), its consensus point; with forward="projected" the network
+    was trained on Π(W), so those are the codes kept (Π(W + λ) threw away what it had learned)."""
+    from lastbit.passes import admm
+
+    seen = {}
+    finish = admm._Quantizer.finish
+
+    def spy(self, model, targets, method, history):
+        seen["same"] = all(torch.equal(targets[n], w) for n, w in self.weights.items())
+        return finish(self, model, targets, method, history)
+
+    monkeypatch.setattr(admm._Quantizer, "finish", spy)
+    (x, y), _ = digits
+    result = admm_finetune(float_model, (x, y), "ternary", fixed_fraction=0.0, forward=forward, **FAST)
+    assert_on_code_set(result)
+    assert seen["same"] is (forward == "projected")  # float: λ ≠ 0 moves the targets off W
