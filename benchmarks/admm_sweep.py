@@ -325,6 +325,7 @@ def bn_sweep(args, rho: bool = False) -> dict:
     for name in models:
         print(f"fp32 {name}: {100 * _accuracy(_fp32(name), args.device):.2f}%", flush=True)
     deadline = time.time() + args.time_limit_s
+    base = RHO_BASE if rho else BN_BASE
     jobs = [{**j, "deadline": deadline} for j in (rho_jobs if rho else bn_jobs)(models, codes)]
     rows = []
     with mp.get_context("spawn").Pool(max(1, args.workers), _init_worker, init) as pool:
@@ -332,7 +333,7 @@ def bn_sweep(args, rho: bool = False) -> dict:
             if r["accuracy"] is None:
                 continue
             rows.append(r)
-            extra = {k: r[k] for k in BN_KEYS if r.get(k) != (RHO_BASE if rho else BN_BASE).get(k)}
+            extra = {k: r[k] for k in BN_KEYS if r.get(k) != base.get(k)}
             print(f"  {r['model']:<8} {r['codes']:<7} {r['method']:<4} {100 * r['accuracy']:6.2f} "
                   f"{r['seconds']:5.1f}s {extra}{' ' + r['error'] if r.get('error') else ''}", flush=True)
             if args.out and len(rows) % 10 == 0:

@@ -648,20 +648,21 @@ def admm_finetune(
             sq_w = sum(float(torch.sum(w * w)) for w in weights.values())
         return math.sqrt(sq_res / sq_w) if sq_w > 0 else 0.0
 
-    def freeze() -> None:
-        """W = Π(W + λ) for good ("fixed": from here on only the other parameters train), or
-        W = W + λ trained straight through ("ste")."""
-        with torch.no_grad():
-            for n, w in weights.items():
-                g[n] = quant.project(trained_point(n, w), n)[0]
-                w.copy_(g[n] if tail == "fixed" else trained_point(n, w))
-                lam[n].zero_()
-        state["frozen"] = True
-
     def trained_point(n: str, w: torch.Tensor) -> torch.Tensor:
         """Where the final codes come from: Π(W + λ), ADMM's consensus point; with a projected
         forward the network was trained on Π(W), so those codes are the ones to keep."""
         return w if forward == "projected" else w + lam[n]
+
+    def freeze() -> None:
+        """W = Π(P) for good ("fixed": from here on only the other parameters train), or W = P
+        trained straight through ("ste"), with P = trained_point(W)."""
+        with torch.no_grad():
+            for n, w in weights.items():
+                point = trained_point(n, w)
+                g[n] = quant.project(point, n)[0]
+                w.copy_(g[n] if tail == "fixed" else point)
+                lam[n].zero_()
+        state["frozen"] = True
 
     history: list[EpochStats] = []
     residual = float("nan")
@@ -721,7 +722,7 @@ def admm_finetune(
                     with torch.no_grad():
                         g.update({n: quant.project(w, n)[0] for n, w in weights.items()})
                 residual = 0.0 if state["frozen"] and tail == "fixed" else distance_to_codes()
-            with torch.no_grad():  # the codes the model would take now: Π(W + λ)
+            with torch.no_grad():  # the codes the model would take now
                 codes_now = quant.code_indices({n: trained_point(n, w) for n, w in weights.items()})
             stats = EpochStats(epoch, loss_sum / n_batches, correct / seen, residual, rho_epoch,
                                code_changes=quant.changed_share(last_codes, codes_now))
