@@ -41,6 +41,13 @@ class DataFree:
         ZeroQ images to distil from BatchNorm statistics when ``Squeeze.data`` is None (0: none;
         then bias correction needs ``data``). ``synthetic_steps`` / ``synthetic_size``: their
         optimisation steps and side (None: the model input's).
+    synthetic_labels
+        DeepInversion on top of ZeroQ (``DistillConfig.labels``): the weight of a cross-entropy pull
+        of each synthetic image towards a seeded random class of the model's output; with it each
+        step sees the images shifted by up to 1/20 of their side and flipped at random (0: plain ZeroQ).
+    synthetic_range
+        (low, high): the range real inputs have after the model's normalization; synthetic images
+        are clamped to it (None: unclamped).
     depthwise_int8
         Relative projection error ‖W − α·q‖²/‖W‖² above which a depthwise conv is stored int8
         (None: never, 0: always).
@@ -57,6 +64,8 @@ class DataFree:
     synthetic: int = 32
     synthetic_steps: int = 200
     synthetic_size: int | None = None
+    synthetic_labels: float = 0.0
+    synthetic_range: tuple[float, float] | None = None
     depthwise_int8: float | None = 0.02
 
     requantize: bool = True
@@ -66,6 +75,17 @@ class DataFree:
             raise QuantizationError(f"DataFree.synthetic must be an int ≥ 0, got {self.synthetic!r}")
         if not isinstance(self.synthetic_steps, int) or self.synthetic_steps < 1:
             raise QuantizationError(f"DataFree.synthetic_steps must be a positive int, got {self.synthetic_steps!r}")
+        labels = self.synthetic_labels
+        if isinstance(labels, bool) or not isinstance(labels, (int, float)) or not 0 <= labels < float("inf"):
+            raise QuantizationError(f"DataFree.synthetic_labels must be a finite number ≥ 0, got {labels!r}")
+        if self.synthetic_range is not None:
+            try:
+                low, high = (float(v) for v in self.synthetic_range)
+            except (TypeError, ValueError):
+                low = high = float("nan")
+            if not low < high:  # also refuses NaN
+                raise QuantizationError(f"DataFree.synthetic_range must be None or (low, high) with low < high, "
+                                        f"got {self.synthetic_range!r}")
         if self.depthwise_int8 is not None and not 0 <= self.depthwise_int8 <= 1:
             raise QuantizationError(f"DataFree.depthwise_int8 must be in [0, 1] or None, got {self.depthwise_int8!r}")
 
@@ -106,8 +126,12 @@ class DataFreeQuantize:
         x = calibration_inputs(sq.data, sq.calibration_samples)
         calib = None if x is None else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         if calib is None and opts.synthetic and (opts.bias_correction or sq.integer_kernels):
-            config = DistillConfig(count=opts.synthetic, steps=opts.synthetic_steps, size=opts.synthetic_size)
-            log.info("distilling %d ZeroQ inputs from %s's BatchNorm statistics", config.count, graph.name)
+            side = opts.synthetic_size or (spec.shape[-1] if len(spec.shape) >= 4 else 0)
+            labelled = dict(labels=float(opts.synthetic_labels), jitter=side // 20, flip=True, betas=(0.5, 0.9))
+            config = DistillConfig(count=opts.synthetic, steps=opts.synthetic_steps, size=opts.synthetic_size,
+                                   input_range=opts.synthetic_range, **(labelled if opts.synthetic_labels else {}))
+            log.info("distilling %d %s inputs from %s's BatchNorm statistics", config.count,
+                     "DeepInversion" if config.labels else "ZeroQ", graph.name)
             calib = distill_data(self.torch_module, spec.shape[1:], config)
         reference = dfq.trace_layers(self.torch_module)
         folded = dfq.fold_batch_norms(reference)
