@@ -4,8 +4,9 @@ techniques do not hurt a small zoo net (ResNet-8 on Fashion-MNIST, test accuracy
 
 No ImageNet validation set ships offline: EfficientNet fidelity is measured on augmented
 crops of scikit-image's sample photos (``augmented_samples``), agreement with fp32, not
-accuracy. Calibration is data-free (ZeroQ images distilled from the BatchNorm statistics)
-except in the rows marked "real crops" (other crops of the same photos, labels unused).
+accuracy. Calibration is data-free (ZeroQ images distilled from the BatchNorm statistics, or
+DeepInversion's: the same plus a pull towards random classes, jittered and flipped) except in the
+rows marked "real crops" (other crops of the same photos, labels unused).
 Every row is cached as JSON under cache_dir()/datafree_accuracy/; writes the
 "datafree_accuracy" section of bench/results.json.
 """
@@ -28,31 +29,57 @@ SEED = 0
 
 # Each row adds one technique to the row above it; all rows keep the first and last layers int8
 # per output channel (the library default). "calib" names the calibration inputs of bias
-# correction: "zeroq" (synthetic, data-free) or "crops" (real unlabelled crops, for reference).
+# correction: synthetic, data-free images (SYNTHETIC, settings below) or "crops" (real unlabelled
+# crops, for reference).
+_ALL = dict(per_channel=True, cle=True, bc=True, rescale=True, dw="rule")
 ROWS = {
     "plain projection": dict(per_channel=False, cle=False, bc=False, rescale=False, dw=None, gptq=False, calib=None),
     "+ per-channel α": dict(per_channel=True, cle=False, bc=False, rescale=False, dw=None, gptq=False, calib=None),
     "+ CLE": dict(per_channel=True, cle=True, bc=False, rescale=False, dw=None, gptq=False, calib=None),
-    "+ bias correction (ZeroQ)": dict(per_channel=True, cle=True, bc=True, rescale=False, dw=None, gptq=False, calib="zeroq"),
-    "+ α rescale (ZeroQ)": dict(per_channel=True, cle=True, bc=True, rescale=True, dw=None, gptq=False, calib="zeroq"),
-    "+ depthwise int8 (all)": dict(per_channel=True, cle=True, bc=True, rescale=True, dw="rule", gptq=False, calib="zeroq"),
-    "all + GPTQ codes": dict(per_channel=True, cle=True, bc=True, rescale=True, dw="rule", gptq=True, calib="zeroq"),
-    "all, real crops": dict(per_channel=True, cle=True, bc=True, rescale=True, dw="rule", gptq=False, calib="crops"),
-    "all, real crops, no CLE": dict(per_channel=True, cle=False, bc=True, rescale=True, dw="rule", gptq=False, calib="crops"),
-    "all + GPTQ, real crops": dict(per_channel=True, cle=True, bc=True, rescale=True, dw="rule", gptq=True, calib="crops"),
+    "+ bias correction (ZeroQ)": dict(_ALL, rescale=False, dw=None, gptq=False, calib="zeroq"),
+    "+ α rescale (ZeroQ)": dict(_ALL, dw=None, gptq=False, calib="zeroq"),
+    "+ depthwise int8 (all)": dict(_ALL, gptq=False, calib="zeroq"),
+    "all + GPTQ codes": dict(_ALL, gptq=True, calib="zeroq"),
+    "all + GPTQ, ZeroQ 32 at 224²": dict(_ALL, gptq=True, calib="zeroq-224"),
+    "all + GPTQ, DeepInversion": dict(_ALL, gptq=True, calib="deepinv"),  # 32 at 224²; the zoo net's: ZOO_DEEPINV
+    "all + GPTQ, DeepInversion clamped": dict(_ALL, gptq=True, calib="deepinv-clamped"),
+    "all, real crops": dict(_ALL, gptq=False, calib="crops"),
+    "all, real crops, no CLE": dict(_ALL, cle=False, gptq=False, calib="crops"),
+    "all + GPTQ, real crops": dict(_ALL, gptq=True, calib="crops"),
 }
 # Ternary: the ends of the ladder (the CPU budget of `make bench`); the rows without ZeroQ first.
-TERNARY_ROWS = ("plain projection", "+ per-channel α", "all, real crops", "+ depthwise int8 (all)")
+TERNARY_ROWS = ("plain projection", "+ per-channel α", "all, real crops", "+ depthwise int8 (all)",
+                "all + GPTQ codes", "all + GPTQ, ZeroQ 32 at 224²", "all + GPTQ, DeepInversion",
+                "all + GPTQ, DeepInversion clamped")
+SYNTHETIC = ("zeroq", "zeroq-224", "deepinv", "deepinv-clamped")
 QUICK_ROWS = ("+ per-channel α", "+ depthwise int8 (all)")
 # Depthwise convs whose relative projection error ‖W − α·q‖²/‖W‖² exceeds this go int8.
 DEPTHWISE_INT8_ERROR = 0.02
 
-# ZeroQ: 16 images at 160² × 150 Adam steps (ZeroQ used 500 at lr 0.5): a few minutes on 2 cores
-# (see meta.zeroq.compute_s); the "real crops" rows show what better data gives.
-FULL = dict(samples=128, crops=32, zeroq=dict(count=16, size=160, steps=150, lr=0.25, batch_size=16, seed=SEED))
-QUICK = dict(samples=16, crops=8, zeroq=dict(count=4, size=96, steps=10, lr=0.2, batch_size=4, seed=SEED))
+# ZeroQ: 16 images at 160² × 150 Adam steps (ZeroQ used 500 at lr 0.5) for the ladder, a minute or
+# two on 2 cores (see meta.zeroq.compute_s); "zeroq-224": the 32 images at the input side that
+# DataFree() distils and the real crops have. DeepInversion on top of ZeroQ (Yin et al. 2020,
+# their Adam betas) as DataFree(synthetic_labels=0.1) runs it: cross-entropy to seeded random
+# classes with weight 0.1 beside the BN loss, a jitter of 1/20 of the side, random flips; the
+# "clamped" row also keeps the images in the range real inputs have after normalization
+# (DataFree(synthetic_range=...)). The "real crops" rows show what real data gives.
+DEEPINV = dict(labels=0.1, flip=True, betas=(0.5, 0.9))
+EFFNET_RANGE = (-127 / 128, 1.0)  # pixels 0..255 through TF_MEAN_RGB / TF_STD_RGB
+
+
+def _settings(samples: int, crops: int, small: dict, large: dict) -> dict:
+    deepinv = dict(large, **DEEPINV, jitter=large["size"] // 20)
+    return {"samples": samples, "crops": crops, "zeroq": small, "zeroq-224": large, "deepinv": deepinv,
+            "deepinv-clamped": dict(deepinv, input_range=EFFNET_RANGE)}
+
+
+FULL = _settings(128, 32, dict(count=16, size=160, steps=150, lr=0.25, batch_size=16, seed=SEED),
+                 dict(count=32, size=224, steps=150, lr=0.25, batch_size=16, seed=SEED))
+QUICK = _settings(16, 8, dict(count=4, size=96, steps=10, lr=0.2, batch_size=4, seed=SEED),
+                  dict(count=4, size=96, steps=10, lr=0.2, batch_size=4, seed=SEED))
 ZOO_MODEL = "resnet8"  # ResNet-20 training does not fit the shared CPU; ResNet-8 is its 1-block-per-stage sibling
 ZOO_ZEROQ = dict(count=64, size=None, steps=200, lr=0.2, batch_size=64, seed=SEED)
+ZOO_DEEPINV = dict(ZOO_ZEROQ, **DEEPINV, jitter=1)  # 28² // 20
 
 
 def cached(key: dict, compute) -> dict:
@@ -62,6 +89,13 @@ def cached(key: dict, compute) -> dict:
     return cached_result("datafree_accuracy", key, compute)
 
 
+def tensor_path(key: dict) -> Path:
+    from lastbit.frontend.training import cache_dir
+
+    blob = json.dumps(key, sort_keys=True)
+    return cache_dir() / "datafree_accuracy" / f"zeroq-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.pt"
+
+
 def cached_tensor(key: dict, compute, device: str = "cpu"):
     """A tensor computed once per key (ZeroQ images), stored with torch.save, read weights_only."""
     import io
@@ -69,10 +103,8 @@ def cached_tensor(key: dict, compute, device: str = "cpu"):
     import torch
 
     from lastbit.fileio import atomic_write_bytes
-    from lastbit.frontend.training import cache_dir
 
-    blob = json.dumps(key, sort_keys=True)
-    path = cache_dir() / "datafree_accuracy" / f"zeroq-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.pt"
+    path = tensor_path(key)
     if path.is_file():
         return torch.load(path, weights_only=True)["x"], json.loads(path.with_suffix(".json").read_text())
     start = time.perf_counter()
@@ -139,18 +171,17 @@ def effnet_rows(settings: dict, rows: dict[str, tuple[str, ...]], progress: bool
     from lastbit.passes import dfq
     from lastbit.passes.zeroq import DistillConfig, distill_data
 
-    zeroq_meta: dict = {}
+    synthetic_meta: dict[str, dict] = {}
 
     class State(dict):
-        """Built on first use, so rows read from the cache cost nothing; ZeroQ only when a row needs it."""
+        """Built on first use, so rows read from the cache cost nothing; synthetic images only when a row needs them."""
 
         def __missing__(self, key):
-            if key == "zeroq":
-                config = DistillConfig(**settings["zeroq"], device=device)
-                self["zeroq"], meta = cached_tensor({"model": "efficientnet-lite0", **settings["zeroq"]},
-                                                    lambda: distill_data(self["model"], (3, 224, 224), config,
-                                                                         progress=progress), device)
-                zeroq_meta.update(meta)
+            if key in SYNTHETIC:
+                config = DistillConfig(**settings[key], device=device)
+                self[key], synthetic_meta[key] = cached_tensor(
+                    {"model": "efficientnet-lite0", **settings[key]},
+                    lambda: distill_data(self["model"], (3, 224, 224), config, progress=progress), device)
             elif key == "model":
                 self["model"] = efficientnet_lite0(pretrained=True)
             elif key in ("x", "ref", "crops", "folded", "equalized"):
@@ -170,24 +201,23 @@ def effnet_rows(settings: dict, rows: dict[str, tuple[str, ...]], progress: bool
     base = {"model": "efficientnet-lite0", "samples": settings["samples"], "seed": SEED,
             "dw_threshold": DEPTHWISE_INT8_ERROR, "version": 1}
     out = []
-    if any(ROWS[n]["calib"] == "zeroq" for names in rows.values() for n in names):
-        state["zeroq"]  # distil (or read) the synthetic images before the rows that need them
+    needed = {ROWS[n]["calib"] for names in rows.values() for n in names}
+    for key in SYNTHETIC:
+        if key in needed:
+            state[key]  # distil (or read) the synthetic images before the rows that need them
     for codes, names in rows.items():
         for name in names:
             how = ROWS[name]
-            calib = {"zeroq": settings["zeroq"]} if how["calib"] == "zeroq" else {"crops": settings["crops"]} if how["calib"] else {}
+            calib = {how["calib"]: settings[how["calib"]]} if how["calib"] else {}
             row = cached({**base, "codes": codes, **how, **calib}, lambda codes=codes, how=how: run_row(state, codes, how))
             out.append({**row, "codes": codes, "row": name})
-            print(f"  effnet {codes:<8} {name:<28} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "
+            print(f"  effnet {codes:<8} {name:<34} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "
                   f"dw int8 {row['depthwise_int8']}/{row['depthwise']}  ({row.get('compute_s', 0):.0f} s)", flush=True)
-    if not zeroq_meta:  # every row came from the cache: read the distillation's own record
-        from lastbit.frontend.training import cache_dir
-
-        blob = json.dumps({"model": "efficientnet-lite0", **settings["zeroq"]}, sort_keys=True)
-        path = cache_dir() / "datafree_accuracy" / f"zeroq-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
-        if path.is_file():
-            zeroq_meta.update(json.loads(path.read_text()))
-    return out, zeroq_meta
+    for key in SYNTHETIC:  # rows from the cache: read the distillation's own record
+        path = tensor_path({"model": "efficientnet-lite0", **settings[key]}).with_suffix(".json")
+        if key not in synthetic_meta and path.is_file():
+            synthetic_meta[key] = json.loads(path.read_text())
+    return out, synthetic_meta
 
 
 def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
@@ -210,10 +240,11 @@ def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
     rows = [{**cached({**base, "row": "fp32"}, lambda: {"accuracy": accuracy(model)}), "codes": "fp32", "row": "fp32"}]
     print(f"  {ZOO_MODEL} fp32 acc {100 * rows[0]['accuracy']:.2f}%", flush=True)
     for codes in ("pow2-4", "ternary"):
-        for name in ("+ per-channel α", "+ depthwise int8 (all)", "all + GPTQ codes"):
+        for name in ("+ per-channel α", "+ depthwise int8 (all)", "all + GPTQ codes", "all + GPTQ, DeepInversion"):
             how = ROWS[name]
+            synthetic = ZOO_DEEPINV if how["calib"] == "deepinv" else ZOO_ZEROQ
 
-            def compute(codes=codes, how=how):
+            def compute(codes=codes, how=how, synthetic=synthetic):
                 folded = dfq.trace_layers(model)
                 dfq.fold_batch_norms(folded)
                 if how["cle"]:
@@ -222,14 +253,16 @@ def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
                 report = dfq.project_traced(q, codes, keep_first_last="int8",
                                             depthwise_int8_error=DEPTHWISE_INT8_ERROR if how["dw"] == "rule" else None)
                 if how["bc"]:
-                    calib = distill_data(model, tuple(example.shape[1:]), DistillConfig(**ZOO_ZEROQ, device=device),
+                    calib = distill_data(model, tuple(example.shape[1:]), DistillConfig(**synthetic, device=device),
                                          progress=progress)
                     dfq.bias_correct(folded, q, calib, rescale=how["rescale"], projection=report, requantize=how["gptq"])
                 return {"accuracy": accuracy(q)}
 
-            row = cached({**base, "codes": codes, **how}, compute)
+            extra = {"deepinv": ZOO_DEEPINV} if how["calib"] == "deepinv" else {}
+            row = cached({**base, "codes": codes, **how, **extra}, compute)
             rows.append({**row, "codes": codes, "row": name})
-            print(f"  {ZOO_MODEL} {codes:<8} {name:<28} acc {100 * row['accuracy']:.2f}%  ({row.get('compute_s', 0):.0f} s)", flush=True)
+            print(f"  {ZOO_MODEL} {codes:<8} {name:<34} acc {100 * row['accuracy']:.2f}%  "
+                  f"({row.get('compute_s', 0):.0f} s)", flush=True)
     return rows
 
 
@@ -237,14 +270,14 @@ def print_table(rows: list[dict], samples: int) -> None:
     print(f"\nefficientnet-lite0 data-free, top-1 agreement with fp32 (KL) on {samples} augmented crops of the sample "
           "photos (no ImageNet validation set offline: fidelity, not accuracy)")
     codes_list = list(dict.fromkeys(r["codes"] for r in rows))
-    print(f"{'':<28} " + " ".join(f"{c:>18}" for c in codes_list))
+    print(f"{'':<34} " + " ".join(f"{c:>18}" for c in codes_list))
     for name in ROWS:
         cells = []
         for codes in codes_list:
             r = next((r for r in rows if r["codes"] == codes and r["row"] == name), None)
             cells.append(f"{100 * r['top1_agreement']:>9.1f}% ({r['kl']:5.3f})" if r else f"{'-':>18}")
         if any(c.strip() != "-" for c in cells):
-            print(f"{name:<28} " + " ".join(cells))
+            print(f"{name:<34} " + " ".join(cells))
 
 
 def main(argv=None) -> dict:
@@ -255,7 +288,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu", help="where ZeroQ optimises its images (cuda when there is one)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--codes", nargs="+", metavar="SET", help="only these code sets' rows (and write no results)")
-    parser.add_argument("--skip-zeroq", action="store_true", help="only the rows that need no ZeroQ images (write no results)")
+    parser.add_argument("--skip-zeroq", action="store_true", help="only the rows that need no synthetic images (write no results)")
     args = parser.parse_args(argv)
     import platform
 
@@ -272,15 +305,17 @@ def main(argv=None) -> dict:
     if args.codes:  # fill the row cache for some code sets (e.g. two processes); a full run then writes
         rows = {c: r for c, r in rows.items() if c in args.codes}
     if args.skip_zeroq:
-        rows = {c: tuple(n for n in r if ROWS[n]["calib"] != "zeroq") for c, r in rows.items()}
-    effnet, zeroq_meta = effnet_rows(settings, rows, args.progress, args.device)
+        rows = {c: tuple(n for n in r if ROWS[n]["calib"] not in SYNTHETIC) for c, r in rows.items()}
+    effnet, synthetic_meta = effnet_rows(settings, rows, args.progress, args.device)
     zoo = [] if args.quick or args.no_zoo else zoo_rows(args.progress, args.device)
     print_table(effnet, settings["samples"])
     meta = {
         "host": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "lastbit": lastbit.__version__,
         "inputs": f"{settings['samples']} augmented_samples(seed={SEED}); 'real crops' rows calibrate on {settings['crops']} "
                   f"augmented_samples(seed={SEED + 1}); no ImageNet validation set offline",
-        "zeroq": {**settings["zeroq"], "compute_s": zeroq_meta.get("compute_s"), "device": zeroq_meta.get("device")},
+        **{key: {**settings[key], "compute_s": synthetic_meta.get(key, {}).get("compute_s"),
+                 "device": synthetic_meta.get(key, {}).get("device")} for key in SYNTHETIC},
+        "zoo_synthetic": {"zeroq": ZOO_ZEROQ, "deepinv": ZOO_DEEPINV},
         "depthwise_int8_error": DEPTHWISE_INT8_ERROR, "first_last": "int8 per output channel",
         "wall_s": round(time.perf_counter() - start, 1),
     }

@@ -44,10 +44,13 @@ class DataFree:
     synthetic_labels
         DeepInversion on top of ZeroQ (``DistillConfig.labels``): the weight of a cross-entropy pull
         of each synthetic image towards a seeded random class of the model's output; with it each
-        step sees the images shifted by up to 1/20 of their side and flipped at random (0: plain ZeroQ).
+        step sees the images shifted by up to 1/20 of their side and flipped at random (0: plain
+        ZeroQ). Measured in benchmarks/datafree_accuracy.py: ternary ResNet-8 +10 points over plain
+        ZeroQ, EfficientNet-Lite0 KL lower at {−4..4} and ternary.
     synthetic_range
-        (low, high): the range real inputs have after the model's normalization; synthetic images
-        are clamped to it (None: unclamped).
+        (low, high): the range real inputs have after the model's normalization (e.g. (−1, 1)
+        for pixels scaled by 127.5); synthetic images are clamped to it (None: unclamped). Give it
+        when you know it: with it DeepInversion's EfficientNet-Lite0 agreement rises 19 → 30 %.
     depthwise_int8
         Relative projection error ‖W − α·q‖²/‖W‖² above which a depthwise conv is stored int8
         (None: never, 0: always).
@@ -64,7 +67,7 @@ class DataFree:
     synthetic: int = 32
     synthetic_steps: int = 200
     synthetic_size: int | None = None
-    synthetic_labels: float = 0.0
+    synthetic_labels: float = 0.1
     synthetic_range: tuple[float, float] | None = None
     depthwise_int8: float | None = 0.02
 
