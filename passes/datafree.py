@@ -56,9 +56,10 @@ class DataFree:
         (None: never, 0: always).
     requantize
         With bias correction, re-pick each dense layer's codes from its calibration inputs
-        (GPTQ-style error feedback, α kept; ``dfq.gptq_codes``). Measured in
-        benchmarks/datafree_accuracy.py: +8 points on ResNet-8 and +7 on EfficientNet-Lite0 with
-        ZeroQ images, +15 there with real crops.
+        (GPTQ-style error feedback, α kept; ``dfq.gptq_codes``): True or "asymmetric" aims at the
+        fp32 network's output of the layer (so the codes also absorb upstream error), "symmetric"
+        at the layer's own weights on the inputs it now sees, False keeps the projection's codes.
+        Measured in benchmarks/datafree_accuracy.py.
     """
 
     equalize: bool = True
@@ -71,7 +72,7 @@ class DataFree:
     synthetic_range: tuple[float, float] | None = None
     depthwise_int8: float | None = 0.02
 
-    requantize: bool = True
+    requantize: bool | str = True
 
     def __post_init__(self) -> None:
         if isinstance(self.synthetic, bool) or not isinstance(self.synthetic, int) or self.synthetic < 0:
@@ -89,6 +90,9 @@ class DataFree:
             if not low < high:  # also refuses NaN
                 raise QuantizationError(f"DataFree.synthetic_range must be None or (low, high) with low < high, "
                                         f"got {self.synthetic_range!r}")
+        if self.requantize not in (False, True, "symmetric", "asymmetric"):
+            raise QuantizationError(f"DataFree.requantize must be False, True, 'symmetric' or 'asymmetric', "
+                                    f"got {self.requantize!r}")
         if self.depthwise_int8 is not None and not 0 <= self.depthwise_int8 <= 1:
             raise QuantizationError(f"DataFree.depthwise_int8 must be in [0, 1] or None, got {self.depthwise_int8!r}")
 

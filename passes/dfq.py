@@ -327,7 +327,7 @@ def bias_correct(
     batch_size: int = 32,
     rescale: bool | str = False,
     projection: DataFreeProjection | None = None,
-    requantize: bool = False,
+    requantize: bool | str = False,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> dict[str, float]:
     """Empirical DFQ bias correction, in place on ``quantized`` (the same trace as ``reference``
@@ -347,7 +347,12 @@ def bias_correct(
     (linear, conv with groups 1) from the inputs it sees, column by column with the rounding
     error of each column spread over the columns not yet rounded (GPTQ, Frantar et al. 2022,
     with the layer's α kept): the codes minimise ‖(W − α·q) x̂‖ over the calibration inputs
-    rather than ‖W − α·q‖. Returns, per layer, the mean |shift| applied."""
+    rather than ‖W − α·q‖. ``requantize="asymmetric"`` (what True means) aims at the reference
+    network instead, ‖W x − α·q x̂‖ with x the reference layer's input (GPTAQ, Li et al. 2025), so
+    each layer's codes also absorb the error upstream layers left in x̂; "symmetric" is the
+    former. Returns, per layer, the mean |shift| applied."""
+    if requantize not in (False, True, "symmetric", "asymmetric"):
+        raise QuantizationError(f"requantize must be False, True, 'symmetric' or 'asymmetric', got {requantize!r}")
     nodes = list(reference.graph.nodes)
     q_nodes = {n.name: n for n in quantized.graph.nodes}
     frees = _last_uses(reference.graph)
@@ -372,7 +377,8 @@ def bias_correct(
                 outs_q.append(chunk)
                 continue
             if c == 0 and requantize and projection is not None:
-                _requantize(quantized, qn, [env_q[node.args[0]][k] for k in range(len(chunks))], projection)
+                fp_inputs = None if requantize == "symmetric" else env_f[node.args[0]]
+                _requantize(quantized, qn, env_q[node.args[0]], projection, fp_inputs)
             f_env = {n: env_f[n][c] for n in node.all_input_nodes}
             q_env = {q_nodes[n.name]: env_q[n][c] for n in node.all_input_nodes}
             outs_f.append(_run_node(reference, node, f_env))
@@ -464,7 +470,8 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, alpha: torch.Tensor, leve
     return q
 
 
-def _requantize(gm: fx.GraphModule, node: fx.Node, inputs: list[torch.Tensor], projection: DataFreeProjection) -> None:
+def _requantize(gm: fx.GraphModule, node: fx.Node, inputs: list[torch.Tensor], projection: DataFreeProjection,
+                fp_inputs: list[torch.Tensor] | None = None, damp: float = 0.01) -> None:
     layer = _module(gm, node)
     name = node.target
     if not isinstance(layer, WEIGHTED_TYPES) or name not in projection.arrays or projection.codes[name] == "int8":
@@ -480,8 +487,17 @@ def _requantize(gm: fx.GraphModule, node: fx.Node, inputs: list[torch.Tensor], p
     target = layer.weight.detach().reshape(layer.weight.shape[0], -1)
     # the reference weights: α·q is what the layer holds now, the projection's input was W
     w = projection.reference[name] if name in projection.reference else target
+    w = w.reshape(w.shape[0], -1)
+    if fp_inputs is not None:
+        # asymmetric target: min ‖W x − α·q x̂‖ (x the reference network's input, x̂ the quantized
+        # one's) is GPTQ on W̃ = W·(Σ x x̂ᵀ)(Σ x̂ x̂ᵀ)⁻¹, the weights that best undo upstream error;
+        # the ridge pulls W̃ towards W (not 0) where the calibration inputs say little
+        cross = sum(_layer_rows(layer, xf).double().T @ r.double() for xf, r in zip(fp_inputs, rows))
+        ridge = damp * torch.diag(hessian).mean()
+        h = hessian + ridge * torch.eye(hessian.shape[0], dtype=hessian.dtype)
+        w = torch.linalg.solve(h, (w.double() @ cross + ridge * w.double()).T).T
     levels = torch.from_numpy(code_set(projection.codes[name]).levels.astype(np.float64))
-    q = gptq_codes(w.reshape(w.shape[0], -1), hessian, torch.from_numpy(alpha), levels)
+    q = gptq_codes(w, hessian, torch.from_numpy(alpha), levels, damp)
     q = q.reshape(q_old.shape).numpy().astype(np.int8)
     projection.arrays[name] = (q, alpha)
     layer.weight.copy_(torch.from_numpy(alpha) * torch.from_numpy(q.astype(np.float32)))

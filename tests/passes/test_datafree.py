@@ -47,6 +47,8 @@ def test_datafree_options_are_checked():
         DataFree(synthetic_labels=-0.5)
     with pytest.raises(QuantizationError, match="synthetic_range"):
         DataFree(synthetic_range=(1.0, 1.0))
+    with pytest.raises(QuantizationError, match="requantize"):
+        DataFree(requantize="asym")
     with pytest.raises(QuantizationError, match="DataFree"):
         lastbit.Squeeze(bits=3, datafree={"equalize": True})
     with pytest.raises(QuantizationError, match="prune"):

@@ -169,6 +169,32 @@ def test_gptq_requantization_keeps_exact_codes(inputs):
     assert errors[True] < 2 * errors[False]
 
 
+def test_asymmetric_requantization_absorbs_upstream_error():
+    """With the first layer's error in its input, re-picking the second layer's codes against the
+    fp32 network's output (asymmetric) leaves less output error than against its own weights."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 8))
+    gen = torch.Generator().manual_seed(1)
+    mix = torch.randn(16, 16, generator=gen)
+    calib, held_out = (torch.randn(n, 16, generator=gen) @ mix for n in (1024, 1024))
+    gm = dfq.trace_layers(net)
+    errors = {}
+    for mode in ("symmetric", "asymmetric"):
+        q = copy.deepcopy(gm)
+        report = dfq.project_traced(q, "ternary", keep_first_last=None)
+        dfq.bias_correct(gm, q, calib, batch_size=256, projection=report, requantize=mode)
+        with torch.no_grad():
+            errors[mode] = [float((q(x) - gm(x)).pow(2).mean()) for x in (calib, held_out)]
+        codes, alpha = report.arrays["2"]  # still exactly α·codes on the code set
+        assert set(np.unique(codes)) <= {-1, 0, 1}
+        exact = torch.from_numpy(alpha) * torch.from_numpy(codes.astype(np.float32))
+        assert torch.equal(q.get_submodule("2").weight, exact)
+    assert errors["asymmetric"][0] < 0.8 * errors["symmetric"][0], errors
+    assert errors["asymmetric"][1] < 0.8 * errors["symmetric"][1], errors
+    with pytest.raises(QuantizationError, match="requantize"):
+        dfq.bias_correct(gm, copy.deepcopy(gm), calib, requantize="both")
+
+
 def test_gptq_codes_beat_rounding_on_correlated_inputs():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(512, 16, generator=gen) @ torch.randn(16, 16, generator=gen)  # correlated inputs
