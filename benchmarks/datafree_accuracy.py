@@ -39,18 +39,21 @@ ROWS = {
     "+ bias correction (ZeroQ)": dict(_ALL, rescale=False, dw=None, gptq=False, calib="zeroq"),
     "+ α rescale (ZeroQ)": dict(_ALL, dw=None, gptq=False, calib="zeroq"),
     "+ depthwise int8 (all)": dict(_ALL, gptq=False, calib="zeroq"),
-    "all + GPTQ codes": dict(_ALL, gptq=True, calib="zeroq"),
-    "all + GPTQ, ZeroQ 32 at 224²": dict(_ALL, gptq=True, calib="zeroq-224"),
-    "all + GPTQ, DeepInversion": dict(_ALL, gptq=True, calib="deepinv"),  # 32 at 224²; the zoo net's: ZOO_DEEPINV
-    "all + GPTQ, DeepInversion clamped": dict(_ALL, gptq=True, calib="deepinv-clamped"),
-    "all, real crops": dict(_ALL, gptq=False, calib="crops"),
-    "all, real crops, no CLE": dict(_ALL, cle=False, gptq=False, calib="crops"),
-    "all + GPTQ, real crops": dict(_ALL, gptq=True, calib="crops"),
+    "all + GPTQ codes": dict(_ALL, gptq="symmetric", calib="zeroq"),
+    "all + asym. GPTQ codes": dict(_ALL, gptq="asymmetric", calib="zeroq"),
+    # the calibration sets under the whole pipeline (asymmetric GPTQ, the DataFree() default)
+    "all, ZeroQ 32 at 224²": dict(_ALL, gptq="asymmetric", calib="zeroq-224"),
+    "all, DeepInversion": dict(_ALL, gptq="asymmetric", calib="deepinv"),  # 32 at 224²; the zoo net's: ZOO_DEEPINV
+    "all, DeepInversion clamped": dict(_ALL, gptq="asymmetric", calib="deepinv-clamped"),
+    "all - GPTQ, real crops": dict(_ALL, gptq=False, calib="crops"),
+    "all - GPTQ, real crops, no CLE": dict(_ALL, cle=False, gptq=False, calib="crops"),
+    "all, symmetric GPTQ, real crops": dict(_ALL, gptq="symmetric", calib="crops"),
+    "all, real crops": dict(_ALL, gptq="asymmetric", calib="crops"),
 }
 # Ternary: the ends of the ladder (the CPU budget of `make bench`); the rows without ZeroQ first.
-TERNARY_ROWS = ("plain projection", "+ per-channel α", "all, real crops", "+ depthwise int8 (all)",
-                "all + GPTQ codes", "all + GPTQ, ZeroQ 32 at 224²", "all + GPTQ, DeepInversion",
-                "all + GPTQ, DeepInversion clamped")
+TERNARY_ROWS = ("plain projection", "+ per-channel α", "all - GPTQ, real crops", "+ depthwise int8 (all)",
+                "all + GPTQ codes", "all + asym. GPTQ codes", "all, ZeroQ 32 at 224²", "all, DeepInversion",
+                "all, DeepInversion clamped", "all, symmetric GPTQ, real crops", "all, real crops")
 SYNTHETIC = ("zeroq", "zeroq-224", "deepinv", "deepinv-clamped")
 QUICK_ROWS = ("+ per-channel α", "+ depthwise int8 (all)")
 # Depthwise convs whose relative projection error ‖W − α·q‖²/‖W‖² exceeds this go int8.
@@ -240,7 +243,8 @@ def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
     rows = [{**cached({**base, "row": "fp32"}, lambda: {"accuracy": accuracy(model)}), "codes": "fp32", "row": "fp32"}]
     print(f"  {ZOO_MODEL} fp32 acc {100 * rows[0]['accuracy']:.2f}%", flush=True)
     for codes in ("pow2-4", "ternary"):
-        for name in ("+ per-channel α", "+ depthwise int8 (all)", "all + GPTQ codes", "all + GPTQ, DeepInversion"):
+        for name in ("+ per-channel α", "+ depthwise int8 (all)", "all + GPTQ codes", "all + asym. GPTQ codes",
+                     "all, DeepInversion"):
             how = ROWS[name]
             synthetic = ZOO_DEEPINV if how["calib"] == "deepinv" else ZOO_ZEROQ
 
@@ -288,7 +292,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu", help="where ZeroQ optimises its images (cuda when there is one)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--codes", nargs="+", metavar="SET", help="only these code sets' rows (and write no results)")
-    parser.add_argument("--skip-zeroq", action="store_true", help="only the rows that need no synthetic images (write no results)")
+    parser.add_argument("--skip-zeroq", action="store_true",
+                        help="only the rows that need no synthetic images (write no results)")
     args = parser.parse_args(argv)
     import platform
 
