@@ -83,6 +83,11 @@ QUICK = _settings(16, 8, dict(count=4, size=96, steps=10, lr=0.2, batch_size=4, 
 ZOO_MODEL = "resnet8"  # ResNet-20 training does not fit the shared CPU; ResNet-8 is its 1-block-per-stage sibling
 ZOO_ZEROQ = dict(count=64, size=None, steps=200, lr=0.2, batch_size=64, seed=SEED)
 ZOO_DEEPINV = dict(ZOO_ZEROQ, **DEEPINV, jitter=1)  # 28² // 20
+# The zoo net with real data for reference: the first ZOO_TRAIN_IMAGES training images as calibration
+# inputs (post-training, labels unused), symmetric and asymmetric GPTQ.
+ZOO_TRAIN_IMAGES = 512
+ZOO_REAL_ROWS = {"all, symmetric GPTQ, 512 train images": dict(_ALL, gptq="symmetric", calib="train"),
+                 "all, 512 train images": dict(_ALL, gptq="asymmetric", calib="train")}
 
 
 def cached(key: dict, compute) -> dict:
@@ -224,7 +229,8 @@ def effnet_rows(settings: dict, rows: dict[str, tuple[str, ...]], progress: bool
 
 
 def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
-    """ZOO_MODEL on Fashion-MNIST: per-channel projection vs all the data-free techniques, test accuracy."""
+    """ZOO_MODEL on Fashion-MNIST: per-channel projection vs all the data-free techniques, test accuracy;
+    the same pipeline on real training images for reference."""
     import torch
 
     from lastbit.frontend.datasets import fashion_mnist
@@ -244,8 +250,8 @@ def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
     print(f"  {ZOO_MODEL} fp32 acc {100 * rows[0]['accuracy']:.2f}%", flush=True)
     for codes in ("pow2-4", "ternary"):
         for name in ("+ per-channel α", "+ depthwise int8 (all)", "all + GPTQ codes", "all + asym. GPTQ codes",
-                     "all, DeepInversion"):
-            how = ROWS[name]
+                     "all, DeepInversion", *ZOO_REAL_ROWS):
+            how = ZOO_REAL_ROWS.get(name) or ROWS[name]
             synthetic = ZOO_DEEPINV if how["calib"] == "deepinv" else ZOO_ZEROQ
 
             def compute(codes=codes, how=how, synthetic=synthetic):
@@ -256,13 +262,17 @@ def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
                 q = copy.deepcopy(folded)
                 report = dfq.project_traced(q, codes, keep_first_last="int8",
                                             depthwise_int8_error=DEPTHWISE_INT8_ERROR if how["dw"] == "rule" else None)
-                if how["bc"]:
+                if how["calib"] == "train":
+                    calib = torch.from_numpy(fashion_mnist("train").images[:ZOO_TRAIN_IMAGES])
+                elif how["bc"]:
                     calib = distill_data(model, tuple(example.shape[1:]), DistillConfig(**synthetic, device=device),
                                          progress=progress)
+                if how["bc"]:
                     dfq.bias_correct(folded, q, calib, rescale=how["rescale"], projection=report, requantize=how["gptq"])
                 return {"accuracy": accuracy(q)}
 
-            extra = {"deepinv": ZOO_DEEPINV} if how["calib"] == "deepinv" else {}
+            extra = ({"deepinv": ZOO_DEEPINV} if how["calib"] == "deepinv"
+                     else {"train": ZOO_TRAIN_IMAGES} if how["calib"] == "train" else {})
             row = cached({**base, "codes": codes, **how, **extra}, compute)
             rows.append({**row, "codes": codes, "row": name})
             print(f"  {ZOO_MODEL} {codes:<8} {name:<34} acc {100 * row['accuracy']:.2f}%  "
