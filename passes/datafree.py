@@ -122,7 +122,7 @@ class DataFreeQuantize:
         from lastbit.frontend import from_torch
         from lastbit.passes import dfq
         from lastbit.passes.quantize_pow2 import calibration_inputs
-        from lastbit.passes.zeroq import DistillConfig, distill_data
+        from lastbit.passes.zeroq import DistillConfig, class_count, distill_data
 
         sq, opts = self.squeeze, self.squeeze.datafree
         if graph.source != "torch" or self.torch_module is None:
@@ -135,6 +135,13 @@ class DataFreeQuantize:
         if calib is None and opts.synthetic and (opts.bias_correction or sq.integer_kernels):
             side = opts.synthetic_size or (spec.shape[-1] if len(spec.shape) >= 4 else 0)
             labelled = dict(labels=float(opts.synthetic_labels), jitter=side // 20, flip=True, betas=(0.5, 0.9))
+            shape = list(spec.shape[1:])
+            if opts.synthetic_size is not None and len(shape) >= 2:
+                shape[-2:] = [opts.synthetic_size] * 2
+            if opts.synthetic_labels and class_count(self.torch_module, shape) is None:
+                log.warning("DataFree(synthetic_labels=%g): %s does not output (N, classes) logits; distilling plain "
+                            "ZeroQ images instead", opts.synthetic_labels, graph.name)
+                labelled = {}
             config = DistillConfig(count=opts.synthetic, steps=opts.synthetic_steps, size=opts.synthetic_size,
                                    input_range=opts.synthetic_range, **(labelled if opts.synthetic_labels else {}))
             log.info("distilling %d %s inputs from %s's BatchNorm statistics", config.count,

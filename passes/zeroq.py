@@ -29,7 +29,7 @@ from lastbit.passes.pow2_projection import QuantizationError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistillConfig", "bn_statistics_loss", "distill_data", "label_targets"]
+__all__ = ["DistillConfig", "bn_statistics_loss", "class_count", "distill_data", "label_targets"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -195,15 +195,32 @@ def _optimise(model: nn.Module, shape: list[int], config: DistillConfig, progres
     return torch.cat(out)
 
 
+def class_count(model: nn.Module, input_shape: Sequence[int], device: str = "cpu") -> int | None:
+    """How many class logits ``model`` outputs for one input of ``input_shape`` (no batch axis),
+    or None when its output is not (N, classes): what ``DistillConfig.labels`` needs. Runs in
+    eval mode (no BatchNorm statistics move) and leaves the model's mode as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+    if isinstance(output, torch.Tensor) and output.dim() == 2 and output.shape[1] >= 2:
+        return int(output.shape[1])
+    return None
+
+
 def _targets(model: nn.Module, shape: list[int], config: DistillConfig) -> torch.Tensor:
     """label_targets() for the number of classes ``model`` outputs (refused unless it outputs (N, classes))."""
-    with torch.no_grad():
-        output = model(torch.zeros(1, *shape, device=config.device))
-    if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[1] < 2:
+    classes = class_count(model, shape, config.device)
+    if classes is None:
+        with torch.no_grad():
+            output = model(torch.zeros(1, *shape, device=config.device))
         got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise QuantizationError(f"DistillConfig(labels={config.labels}) needs a classifier that outputs (N, classes) "
                                 f"logits; {type(model).__name__} outputs {got}")
-    return label_targets(config, output.shape[1]).to(config.device)
+    return label_targets(config, classes).to(config.device)
 
 
 def _augmented(x: torch.Tensor, config: DistillConfig, generator: torch.Generator) -> torch.Tensor:

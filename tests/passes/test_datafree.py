@@ -77,3 +77,21 @@ def test_deepinversion_calibration_reaches_the_pass():
         predicted = net(calib).argmax(1)
     targets = label_targets(DistillConfig(count=12), 10)
     assert float((predicted == targets).float().mean()) >= 0.5 and len(set(predicted.tolist())) >= 4
+
+
+def test_deepinversion_falls_back_to_zeroq_for_a_non_classifier(caplog):
+    """The default synthetic_labels needs class logits; a feature extractor gets plain ZeroQ images
+    and a warning naming the model, not an error."""
+    from lastbit.frontend import from_torch
+    from lastbit.passes.datafree import DataFreeQuantize, DataFreeState
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 4, 1)).eval()
+    state = DataFreeState()
+    squeeze = lastbit.Squeeze(codes="ternary", datafree=DataFree(synthetic=4, synthetic_steps=3), integer_kernels=False)
+    with caplog.at_level("WARNING", logger="lastbit.passes.datafree"):
+        DataFreeQuantize(squeeze, net, state)(from_torch(net, (torch.zeros(1, 3, 8, 8),), name="features"))
+    assert state.calibration.shape == (4, 3, 8, 8)
+    assert "features does not output (N, classes)" in caplog.text
+    assert not net.training
