@@ -44,9 +44,10 @@ class DataFree:
     synthetic_labels
         DeepInversion on top of ZeroQ (``DistillConfig.labels``): the weight of a cross-entropy pull
         of each synthetic image towards a seeded random class of the model's output; with it each
-        step sees the images shifted by up to 1/20 of their side and flipped at random (0: plain
-        ZeroQ). Measured in benchmarks/datafree_accuracy.py: ternary ResNet-8 72.6 → 81.6 % over
-        plain ZeroQ, EfficientNet-Lite0 {−4..4} KL 1.66 → 1.20.
+        step sees image inputs shifted by up to 1/20 of their side and flipped at random (0: plain
+        ZeroQ; also what a model without class logits gets, with a warning). Measured in
+        benchmarks/datafree_accuracy.py: ternary ResNet-8 72.6 → 81.6 % over plain ZeroQ,
+        EfficientNet-Lite0 {−4..4} KL 1.66 → 1.20.
     synthetic_range
         (low, high): the range real inputs have after the model's normalization (e.g. (−1, 1)
         for pixels scaled by 127.5); synthetic images are clamped to it (None: unclamped). Give it
@@ -79,20 +80,18 @@ class DataFree:
             raise QuantizationError(f"DataFree.synthetic must be an int ≥ 0, got {self.synthetic!r}")
         if not isinstance(self.synthetic_steps, int) or self.synthetic_steps < 1:
             raise QuantizationError(f"DataFree.synthetic_steps must be a positive int, got {self.synthetic_steps!r}")
+        from lastbit.passes.dfq import REQUANTIZE_MODES
+        from lastbit.passes.zeroq import number_pair
+
         labels = self.synthetic_labels
         if isinstance(labels, bool) or not isinstance(labels, (int, float)) or not 0 <= labels < float("inf"):
             raise QuantizationError(f"DataFree.synthetic_labels must be a finite number ≥ 0, got {labels!r}")
-        if self.synthetic_range is not None:
-            try:
-                low, high = (float(v) for v in self.synthetic_range)
-            except (TypeError, ValueError):
-                low = high = float("nan")
-            if not low < high:  # also refuses NaN
-                raise QuantizationError(f"DataFree.synthetic_range must be None or (low, high) with low < high, "
-                                        f"got {self.synthetic_range!r}")
-        if self.requantize not in (False, True, "symmetric", "asymmetric"):
-            raise QuantizationError(f"DataFree.requantize must be False, True, 'symmetric' or 'asymmetric', "
-                                    f"got {self.requantize!r}")
+        pair = None if self.synthetic_range is None else number_pair(self.synthetic_range)
+        if self.synthetic_range is not None and (pair is None or not pair[0] < pair[1]):
+            raise QuantizationError(f"DataFree.synthetic_range must be None or (low, high) with low < high, "
+                                    f"got {self.synthetic_range!r}")
+        if self.requantize not in REQUANTIZE_MODES:
+            raise QuantizationError(f"DataFree.requantize must be one of {REQUANTIZE_MODES}, got {self.requantize!r}")
         if self.depthwise_int8 is not None and not 0 <= self.depthwise_int8 <= 1:
             raise QuantizationError(f"DataFree.depthwise_int8 must be in [0, 1] or None, got {self.depthwise_int8!r}")
 
@@ -122,7 +121,7 @@ class DataFreeQuantize:
         from lastbit.frontend import from_torch
         from lastbit.passes import dfq
         from lastbit.passes.quantize_pow2 import calibration_inputs
-        from lastbit.passes.zeroq import DistillConfig, class_count, distill_data
+        from lastbit.passes.zeroq import DistillConfig, class_count, distill_data, distill_shape
 
         sq, opts = self.squeeze, self.squeeze.datafree
         if graph.source != "torch" or self.torch_module is None:
@@ -133,17 +132,17 @@ class DataFreeQuantize:
         x = calibration_inputs(sq.data, sq.calibration_samples)
         calib = None if x is None else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         if calib is None and opts.synthetic and (opts.bias_correction or sq.integer_kernels):
-            side = opts.synthetic_size or (spec.shape[-1] if len(spec.shape) >= 4 else 0)
-            labelled = dict(labels=float(opts.synthetic_labels), jitter=side // 20, flip=True, betas=(0.5, 0.9))
-            shape = list(spec.shape[1:])
-            if opts.synthetic_size is not None and len(shape) >= 2:
-                shape[-2:] = [opts.synthetic_size] * 2
-            if opts.synthetic_labels and class_count(self.torch_module, shape) is None:
+            shape = distill_shape(spec.shape[1:], opts.synthetic_size)
+            labels = opts.synthetic_labels
+            if labels and class_count(self.torch_module, shape) is None:
                 log.warning("DataFree(synthetic_labels=%g): %s does not output (N, classes) logits; distilling plain "
-                            "ZeroQ images instead", opts.synthetic_labels, graph.name)
-                labelled = {}
+                            "ZeroQ images instead", labels, graph.name)
+                labels = 0
+            # DeepInversion: the pull to classes with its Adam betas; shifts and flips for images only
+            images = dict(jitter=shape[-1] // 20, flip=True) if len(shape) == 3 else {}
+            deepinv = dict(labels=float(labels), betas=(0.5, 0.9), **images) if labels else {}
             config = DistillConfig(count=opts.synthetic, steps=opts.synthetic_steps, size=opts.synthetic_size,
-                                   input_range=opts.synthetic_range, **(labelled if opts.synthetic_labels else {}))
+                                   input_range=opts.synthetic_range, **deepinv)
             log.info("distilling %d %s inputs from %s's BatchNorm statistics", config.count,
                      "DeepInversion" if config.labels else "ZeroQ", graph.name)
             calib = distill_data(self.torch_module, spec.shape[1:], config)

@@ -319,6 +319,10 @@ def _attr(gm: nn.Module, target: str) -> object:
     return obj
 
 
+# bias_correct(requantize=...): off, True (= "asymmetric"), or the GPTQ target by name
+REQUANTIZE_MODES = (False, True, "symmetric", "asymmetric")
+
+
 @torch.no_grad()
 def bias_correct(
     reference: fx.GraphModule,
@@ -351,8 +355,8 @@ def bias_correct(
     network instead, ‖W x − α·q x̂‖ with x the reference layer's input (GPTAQ, Li et al. 2025), so
     each layer's codes also absorb the error upstream layers left in x̂; "symmetric" is the
     former. Returns, per layer, the mean |shift| applied."""
-    if requantize not in (False, True, "symmetric", "asymmetric"):
-        raise QuantizationError(f"requantize must be False, True, 'symmetric' or 'asymmetric', got {requantize!r}")
+    if requantize not in REQUANTIZE_MODES:
+        raise QuantizationError(f"requantize must be one of {REQUANTIZE_MODES}, got {requantize!r}")
     nodes = list(reference.graph.nodes)
     q_nodes = {n.name: n for n in quantized.graph.nodes}
     frees = _last_uses(reference.graph)

@@ -29,7 +29,8 @@ from lastbit.passes.pow2_projection import QuantizationError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistillConfig", "bn_statistics_loss", "class_count", "distill_data", "label_targets"]
+__all__ = ["DistillConfig", "bn_statistics_loss", "class_count", "distill_data", "distill_shape", "label_targets",
+           "number_pair"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -70,23 +71,24 @@ class DistillConfig:
             raise bad("labels", "a finite number ≥ 0")
         if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
             raise bad("jitter", "an int ≥ 0")
-        if self.input_range is not None:
-            low, high = _pair(self.input_range, bad("input_range", "None or (low, high) with low < high"))
-            if not low < high:
-                raise bad("input_range", "None or (low, high) with low < high")
-        b1, b2 = _pair(self.betas, bad("betas", "two numbers in [0, 1)"))
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        if self.input_range is not None and not _ordered(number_pair(self.input_range)):
+            raise bad("input_range", "None or (low, high) with low < high")
+        betas = number_pair(self.betas)
+        if betas is None or not all(0 <= b < 1 for b in betas):
             raise bad("betas", "two numbers in [0, 1)")
 
 
-def _pair(value, error: Exception) -> tuple[float, float]:
+def _ordered(pair: tuple[float, float] | None) -> bool:
+    return pair is not None and pair[0] < pair[1]
+
+
+def number_pair(value: object) -> tuple[float, float] | None:
+    """``value`` as two finite floats, or None when it is not exactly that (config checks)."""
     try:
-        low, high = (float(v) for v in value)
+        a, b = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise error from None
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise error
-    return low, high
+        return None
+    return (a, b) if math.isfinite(a) and math.isfinite(b) else None
 
 
 def label_targets(config: DistillConfig, classes: int) -> torch.Tensor:
@@ -136,6 +138,14 @@ def _bn_loss_and_output(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     return loss, output
 
 
+def distill_shape(input_shape: Sequence[int], size: int | None) -> list[int]:
+    """One synthetic input's shape: ``input_shape`` (no batch axis) with its spatial side set to ``size``."""
+    shape = list(input_shape)
+    if size is not None and len(shape) >= 2:
+        shape[-2:] = [size, size]
+    return shape
+
+
 def distill_data(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -146,9 +156,10 @@ def distill_data(
     spatial side replaced by ``config.size`` when given) whose BatchNorm batch statistics match
     ``model``'s running statistics (and, with ``config.labels``, that ``model`` classifies as
     ``label_targets``). The model is used in eval mode and left unchanged."""
-    shape = list(input_shape)
-    if config.size is not None and len(shape) >= 2:
-        shape[-2:] = [config.size, config.size]
+    shape = distill_shape(input_shape, config.size)
+    if (config.jitter or config.flip) and len(shape) != 3:
+        raise QuantizationError(f"DistillConfig jitter/flip shift and mirror images (C, H, W); the model's input "
+                                f"is {tuple(shape)}")
     if torch.device(config.device) != next(model.parameters()).device:
         import copy
 
@@ -199,13 +210,20 @@ def class_count(model: nn.Module, input_shape: Sequence[int], device: str = "cpu
     """How many class logits ``model`` outputs for one input of ``input_shape`` (no batch axis),
     or None when its output is not (N, classes): what ``DistillConfig.labels`` needs. Runs in
     eval mode (no BatchNorm statistics move) and leaves the model's mode as it was."""
+    return _classes(_probe(model, input_shape, device))
+
+
+def _probe(model: nn.Module, input_shape: Sequence[int], device: str) -> object:
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            output = model(torch.zeros(1, *input_shape, device=device))
+            return model(torch.zeros(1, *input_shape, device=device))
     finally:
         model.train(was_training)
+
+
+def _classes(output: object) -> int | None:
     if isinstance(output, torch.Tensor) and output.dim() == 2 and output.shape[1] >= 2:
         return int(output.shape[1])
     return None
@@ -213,10 +231,9 @@ def class_count(model: nn.Module, input_shape: Sequence[int], device: str = "cpu
 
 def _targets(model: nn.Module, shape: list[int], config: DistillConfig) -> torch.Tensor:
     """label_targets() for the number of classes ``model`` outputs (refused unless it outputs (N, classes))."""
-    classes = class_count(model, shape, config.device)
+    output = _probe(model, shape, config.device)
+    classes = _classes(output)
     if classes is None:
-        with torch.no_grad():
-            output = model(torch.zeros(1, *shape, device=config.device))
         got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise QuantizationError(f"DistillConfig(labels={config.labels}) needs a classifier that outputs (N, classes) "
                                 f"logits; {type(model).__name__} outputs {got}")
@@ -224,8 +241,8 @@ def _targets(model: nn.Module, shape: list[int], config: DistillConfig) -> torch
 
 
 def _augmented(x: torch.Tensor, config: DistillConfig, generator: torch.Generator) -> torch.Tensor:
-    """DeepInversion's per-step view of the batch: a random circular shift and a random flip."""
-    if config.jitter and x.dim() >= 3:
+    """DeepInversion's per-step view of the image batch: a random circular shift and a random flip."""
+    if config.jitter:
         dy, dx = torch.randint(-config.jitter, config.jitter + 1, (2,), generator=generator).tolist()
         x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
     if config.flip and float(torch.rand((), generator=generator)) < 0.5:

@@ -95,3 +95,17 @@ def test_deepinversion_falls_back_to_zeroq_for_a_non_classifier(caplog):
     assert state.calibration.shape == (4, 3, 8, 8)
     assert "features does not output (N, classes)" in caplog.text
     assert not net.training
+
+
+def test_default_deepinversion_on_vector_inputs_skips_image_augmentation():
+    """An MLP classifier gets the class pull but no image shifts or flips (which would scramble features)."""
+    from lastbit.frontend import from_torch
+    from lastbit.passes.datafree import DataFreeQuantize, DataFreeState
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 4)).eval()
+    state = DataFreeState()
+    squeeze = lastbit.Squeeze(codes="ternary", datafree=DataFree(synthetic=6, synthetic_steps=3), integer_kernels=False)
+    DataFreeQuantize(squeeze, net, state)(from_torch(net, (torch.zeros(2, 8),), name="mlp"))
+    assert state.calibration.shape == (6, 8)

@@ -85,3 +85,11 @@ def test_labels_need_a_classifier():
 def test_bad_config_is_refused(field, value):
     with pytest.raises(QuantizationError, match=f"DistillConfig.{field}"):
         DistillConfig(**{field: value})
+
+
+def test_jitter_and_flip_need_image_inputs():
+    net = nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with pytest.raises(QuantizationError, match=r"images \(C, H, W\).*\(8,\)"):
+        distill_data(net, (8,), DistillConfig(count=2, steps=1, flip=True))
+    x = distill_data(net, (8,), DistillConfig(count=4, steps=2, labels=1.0))  # the class pull alone works on vectors
+    assert x.shape == (4, 8)
