@@ -245,6 +245,18 @@ def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
     def accuracy(m) -> float:
         return float((logits_of(m, x, 500).argmax(1) == y).float().mean())
 
+    calibration_sets: dict = {}
+
+    def calibration(name: str):
+        """The calibration inputs a row names, made once per run (rows share them)."""
+        if name not in calibration_sets:
+            if name == "train":
+                calibration_sets[name] = torch.from_numpy(fashion_mnist("train").images[:ZOO_TRAIN_IMAGES])
+            else:
+                config = DistillConfig(**(ZOO_DEEPINV if name == "deepinv" else ZOO_ZEROQ), device=device)
+                calibration_sets[name] = distill_data(model, tuple(example.shape[1:]), config, progress=progress)
+        return calibration_sets[name]
+
     base = {"model": ZOO_MODEL, "dataset": "fashion-mnist test 10k", "zeroq": ZOO_ZEROQ, "version": 1}
     rows = [{**cached({**base, "row": "fp32"}, lambda: {"accuracy": accuracy(model)}), "codes": "fp32", "row": "fp32"}]
     print(f"  {ZOO_MODEL} fp32 acc {100 * rows[0]['accuracy']:.2f}%", flush=True)
@@ -252,9 +264,8 @@ def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
         for name in ("+ per-channel α", "+ depthwise int8 (all)", "all + GPTQ codes", "all + asym. GPTQ codes",
                      "all, DeepInversion", *ZOO_REAL_ROWS):
             how = ZOO_REAL_ROWS.get(name) or ROWS[name]
-            synthetic = ZOO_DEEPINV if how["calib"] == "deepinv" else ZOO_ZEROQ
 
-            def compute(codes=codes, how=how, synthetic=synthetic):
+            def compute(codes=codes, how=how):
                 folded = dfq.trace_layers(model)
                 dfq.fold_batch_norms(folded)
                 if how["cle"]:
@@ -262,13 +273,9 @@ def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
                 q = copy.deepcopy(folded)
                 report = dfq.project_traced(q, codes, keep_first_last="int8",
                                             depthwise_int8_error=DEPTHWISE_INT8_ERROR if how["dw"] == "rule" else None)
-                if how["calib"] == "train":
-                    calib = torch.from_numpy(fashion_mnist("train").images[:ZOO_TRAIN_IMAGES])
-                elif how["bc"]:
-                    calib = distill_data(model, tuple(example.shape[1:]), DistillConfig(**synthetic, device=device),
-                                         progress=progress)
                 if how["bc"]:
-                    dfq.bias_correct(folded, q, calib, rescale=how["rescale"], projection=report, requantize=how["gptq"])
+                    dfq.bias_correct(folded, q, calibration(how["calib"]), rescale=how["rescale"], projection=report,
+                                     requantize=how["gptq"])
                 return {"accuracy": accuracy(q)}
 
             extra = ({"deepinv": ZOO_DEEPINV} if how["calib"] == "deepinv"
