@@ -46,6 +46,10 @@ BUDGETS = {
     "resnet20": {"train": 10000, "epochs": 1},
 }
 QUICK_BUDGETS = {"lenet5": {"train": 2000, "epochs": 1}}
+# --full-train (issue 14's larger check): the BatchNorm networks on the whole 60k train split,
+# one epoch, every method alike; its own section (quant_accuracy_full), since admm_sweep tuned
+# the defaults at BUDGETS and that table stays the one they were chosen on.
+FULL_BUDGETS = {"resnet8": {"train": 60000, "epochs": 1}, "resnet20": {"train": 60000, "epochs": 1}}
 
 
 def cached(key: dict, compute) -> dict:
@@ -180,7 +184,7 @@ def fashion_rows(name: str, budget: dict, data: dict, progress: bool) -> list[di
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, budget_note: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -200,7 +204,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("model bytes (packed codes + α, int8 first/last layers, fp32 biases/BN; log)")
     ax.set_ylabel("Fashion-MNIST test top-1, % (10k)")
-    ax.set_title("power-of-two weights: binary → ternary → {±2} → {±4} (left to right)")
+    ax.set_title(f"power-of-two weights: binary → ternary → {{±2}} → {{±4}} (left to right){budget_note}")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -227,6 +231,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="lenet5 only, small budget")
     parser.add_argument("--progress", action="store_true", help="tqdm bars while fine-tuning")
     parser.add_argument("--models", nargs="+", metavar="NAME", help="only these Fashion-MNIST models (default: all of BUDGETS)")
+    parser.add_argument("--full-train", action="store_true",
+                        help="ResNet-8/20 on the full 60k train split (section quant_accuracy_full)")
     args = parser.parse_args(argv)
     import torch
     from results import update_section
@@ -236,7 +242,9 @@ def main(argv=None) -> dict:
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
-    budgets = QUICK_BUDGETS if args.quick else BUDGETS
+    if args.quick and args.full_train:
+        parser.error("--quick and --full-train are exclusive")
+    budgets = QUICK_BUDGETS if args.quick else FULL_BUDGETS if args.full_train else BUDGETS
     if args.models:
         unknown = sorted(set(args.models) - set(budgets))
         if unknown:
@@ -271,8 +279,11 @@ def main(argv=None) -> dict:
         "wall_s": round(time.perf_counter() - start, 1),
     }
     section = {"meta": meta, "rows": rows}
-    update_section("quant_accuracy", section)
-    plot(rows, OUT_DIR / "quant_accuracy.png")
+    update_section("quant_accuracy_full" if args.full_train else "quant_accuracy", section)
+    if args.full_train:
+        plot(rows, OUT_DIR / "quant_accuracy_full.png", "\nfine-tuning on the full 60k train split, 1 epoch")
+    else:
+        plot(rows, OUT_DIR / "quant_accuracy.png")
     print(f"\nwall {meta['wall_s']} s")
     return section
 

@@ -45,6 +45,8 @@ BENCHMARKS = [
     autotune_arm,
     codesign,
 ]
+# Runs beyond the quick set: the full-train-split accuracy table (its own section).
+FULL_ONLY = [(quant_accuracy, ["--full-train"])]
 
 
 def main() -> None:
@@ -54,9 +56,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small models, fewer repeats")
     args = parser.parse_args()
-    for bench in BENCHMARKS:
-        print(f"== {bench.__name__}: {bench.__doc__.splitlines()[0]}")
-        bench.main(["--quick"] if args.quick else [])
+    runs = [(bench, ["--quick"] if args.quick else []) for bench in BENCHMARKS]
+    for bench, argv in runs + ([] if args.quick else FULL_ONLY):
+        print(f"== {bench.__name__} {' '.join(argv)}: {bench.__doc__.splitlines()[0]}")
+        bench.main(argv)
 
 
 if __name__ == "__main__":
