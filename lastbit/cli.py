@@ -49,11 +49,17 @@ def main(verbose: int) -> None:
 @click.option("--db", "db_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None, help="Tuning database from `lastbit tune`: use its best schedules.")
 @click.option("--prune", default=None, metavar="RATIO|flops:F", help="Remove this share of every channel group (0.5), or keep F of the FLOPs (flops:0.5).")
 @click.option("--prune-criterion", default="l1", show_default=True, type=click.Choice(["l1", "bn", "taylor"]), help="Channel importance: filter L1 norm, BN-γ, or Taylor |w·∂L/∂w| (needs --data and a zoo model).")
-@click.option("--data", "data_spec", default=None, metavar="NAME[:N]", help="Labelled data for squeezing: a built-in dataset (fashion-mnist, mnist5k, digits), its first N training samples (default 2048). Taylor pruning needs it; with --quant on a zoo model it fine-tunes (ADMM) and the report gives accuracy on it.")
+@click.option("--data", "data_spec", default=None, metavar="NAME[:N]",
+              help="Labelled data for squeezing: a built-in dataset (fashion-mnist, mnist5k, digits), its first N "
+                   "training samples (default 2048). Taylor pruning needs it; with --quant on a zoo model it "
+                   "fine-tunes (ADMM, or STE with --finetune ste) and the report gives accuracy on it.")
 @click.option("--lowrank", default=None, metavar="auto|ENERGY|flops:F", help="Split dense and k×k conv layers by truncated SVD.")
 @click.option("--sparsity", default=None, type=click.FloatRange(0, 1, max_open=True), help="Zero this share of each weight (stored run-length encoded).")
 @click.option("--layers", "layers_json", default=None, type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Per-layer code set / keep / rank (JSON, e.g. from `lastbit codesign`).")
 @click.option("--act-bits", default=8, show_default=True, type=int, help="Activation bits of the low-bit layers (1..8; with --quant).")
+@click.option("--finetune", "finetune", default="admm", show_default=True, type=click.Choice(["admm", "ste"]),
+              help="With --quant and --data: train onto the codes by ADMM or straight through (STE; the more "
+                   "accurate on the BatchNorm networks of benchmarks/quant_accuracy.py).")
 @click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
 @click.option("--keep-first-last/--no-keep-first-last", default=True, show_default=True,
               help="With --quant: keep the first and last weighted layers at int8.")
@@ -61,7 +67,7 @@ def main(verbose: int) -> None:
 def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, untrained: bool, quant: str | None,
                 db_dir: Path | None, prune: str | None, prune_criterion: str, lowrank: str | None,
                 sparsity: float | None, layers_json: Path | None, trust_pickle: bool, keep_first_last: bool,
-                data_spec: str | None, check_source: bool, act_bits: int) -> None:
+                data_spec: str | None, check_source: bool, act_bits: int, finetune: str) -> None:
     """Compile MODEL (zoo name, .onnx or .pt2) for a target and export a deployable bundle."""
     import lastbit
 
@@ -75,6 +81,10 @@ def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, un
         if not quant and not structural:
             raise click.UsageError("--data is used by --quant, --prune, --lowrank, --sparsity or --layers; give one of them")
         structural["data"] = _labelled_data(data_spec)
+    if finetune != "admm":
+        if not (quant and data_spec):
+            raise click.UsageError(f"--finetune {finetune} trains onto the codes: it needs --quant and --data")
+        structural["mode"] = finetune
     squeeze = lastbit.Squeeze.from_cli(quant, keep_first_last=keep_first_last, act_bits=act_bits, **structural) if quant else \
         (lastbit.Squeeze(**structural) if structural else None)
     module, example = _load_model(model, pretrained=not untrained)

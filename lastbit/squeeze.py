@@ -23,7 +23,8 @@ from lastbit.passes.pow2_projection import CodeSet, QuantizationError, code_set
 log = logging.getLogger(__name__)
 
 SCHEMES = ("pow2",)
-MODES = ("auto", "data-free", "admm")
+MODES = ("auto", "data-free", "admm", "ste")
+FINETUNE_MODES = ("admm", "ste")  # the modes that train the torch module on labelled data
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,17 @@ class Squeeze:
         activation scales, and with labels the report gives the compiled model's accuracy.
     mode
         "auto" (ADMM when data with labels and the torch module are available, else the
-        data-free projection), "data-free" or "admm".
+        data-free projection), "data-free", "admm", or "ste": straight-through-estimator
+        training (``lastbit.passes.admm.ste_finetune``) on the same data, lr schedule and code
+        sets. On the BatchNorm networks of ``benchmarks/quant_accuracy.py`` STE is the more
+        accurate of the two at every code set but ResNet-20's {−4..4}, and its lead grows with
+        the data (README, "The full training set"); ADMM stays the "auto" choice.
     epochs, lr, rho, batch_size, admm_options
-        ADMM fine-tuning settings (defaults: the recipe measured in benchmarks/quant_accuracy.py,
-        3 epochs, cosine lr from 0.01, ρ0 = 5 growing ×1.3 over 9 G-steps, a fixed last fifth);
-        ``admm_options`` holds any other keyword of
-        ``lastbit.passes.admm.admm_finetune`` (rho_growth, distill_from, …).
+        Fine-tuning settings (defaults: 3 epochs, cosine lr from 0.01; ADMM's ρ schedule from
+        benchmarks/admm_sweep.py: ρ0 = 1 growing ×1.3 over 20 G-steps, the last tenth with the
+        codes fixed; STE ignores rho); ``admm_options`` holds any other keyword of the
+        fine-tuning function, ``admm_finetune`` or ``ste_finetune`` (rho_growth, distill_from,
+        …); a keyword the chosen one does not take is refused by name.
     integer_kernels
         Run each quantized layer as int8 activations × an integer kernel the target picks
         (``codegen/quant_lowering.py``; the report says which). False keeps the float
@@ -145,8 +151,10 @@ class Squeeze:
             code_set(self.first_last_codes)  # raises, naming the value, for an unknown set
         if self.mode not in MODES:
             raise QuantizationError(f"unknown squeeze mode {self.mode!r}; known: {', '.join(MODES)}")
-        if self.mode == "admm" and self.data is None:
-            raise QuantizationError("mode='admm' needs training data: Squeeze(..., data=(X, y))")
+        if self.mode in FINETUNE_MODES and self.data is None:
+            raise QuantizationError(f"mode={self.mode!r} needs training data: Squeeze(..., data=(X, y))")
+        if self.mode in FINETUNE_MODES:
+            self._check_finetune_options()
         if not isinstance(self.epochs, int) or self.epochs < 1 or self.batch_size < 1:
             raise QuantizationError(f"epochs and batch_size must be positive ints, got {self.epochs!r}, {self.batch_size!r}")
         if not (self.lr > 0 and self.rho >= 0):
@@ -167,9 +175,9 @@ class Squeeze:
 
             if not isinstance(self.datafree, DataFree):
                 raise QuantizationError(f"datafree must be a lastbit.passes.datafree.DataFree, got {self.datafree!r}")
-            if self.mode == "admm" or self.restructures:
+            if self.mode in FINETUNE_MODES or self.restructures:
                 raise QuantizationError("datafree (DFQ/ZeroQ) works on the unpruned torch module in the data-free mode; "
-                                        "it cannot be combined with mode='admm', prune, rank or sparsity")
+                                        "it cannot be combined with mode='admm' or 'ste', prune, rank or sparsity")
 
     def _check_structural(self) -> None:
         """Validate prune / rank / sparsity (each parser raises naming the bad value)."""
@@ -200,8 +208,8 @@ class Squeeze:
             raise PruneError("give pruning either per layer (layers=..., keep) or globally (prune=...), not both")
         if self.layers is not None and self.layers.ranks and self.rank is not None:
             raise QuantizationError("give low-rank ranks either per layer (layers=..., rank) or globally (rank=...), not both")
-        if self.mode == "admm" and self.restructures:
-            raise QuantizationError("mode='admm' fine-tunes the unpruned torch module; it cannot be combined "
+        if self.mode in FINETUNE_MODES and self.restructures:
+            raise QuantizationError(f"mode={self.mode!r} fine-tunes the unpruned torch module; it cannot be combined "
                                     "with prune, rank or sparsity (use mode='data-free')")
 
     @property
@@ -247,21 +255,41 @@ class Squeeze:
         return data_has_labels(self.data)
 
     def resolved_mode(self, torch_module_available: bool) -> str:
-        """"admm" or "data-free": what "auto" means given the data and the source module."""
-        if self.mode == "admm":
+        """"admm", "ste" or "data-free": what "auto" means given the data and the source module."""
+        if self.mode in FINETUNE_MODES:
             if not self.has_labels:
-                raise QuantizationError("mode='admm' needs labelled data: Squeeze(data=(X, y))")
+                raise QuantizationError(f"mode={self.mode!r} needs labelled data: Squeeze(data=(X, y))")
             if not torch_module_available:
-                raise QuantizationError("mode='admm' fine-tunes the torch module; compile a torch.nn.Module, not a file")
-            return "admm"
+                raise QuantizationError(f"mode={self.mode!r} fine-tunes the torch module; compile a torch.nn.Module, "
+                                        "not a file")
+            return self.mode
         if (self.mode == "auto" and self.has_labels and torch_module_available and not self.restructures
                 and self.datafree is None):
             return "admm"
         return "data-free"
 
-    def admm_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``admm_finetune`` (codes, per-channel and skip are added by the pass)."""
+    def finetune_function(self, mode: str | None = None):
+        """``admm_finetune`` or ``ste_finetune``: the trainer of ``mode`` (default: this Squeeze's)."""
+        from lastbit.passes.admm import admm_finetune, ste_finetune
+
+        return ste_finetune if (mode or self.mode) == "ste" else admm_finetune
+
+    def _check_finetune_options(self) -> None:
+        import inspect
+
+        known = inspect.signature(self.finetune_function()).parameters
+        unknown = sorted(k for k in self.admm_options if k not in known)
+        if unknown:
+            raise QuantizationError(f"admm_options key {unknown[0]!r} is not an option of mode={self.mode!r} "
+                                    f"({self.finetune_function().__name__})")
+
+    def admm_kwargs(self, mode: str | None = None) -> dict[str, Any]:
+        """Keyword arguments for the fine-tuning function of ``mode`` (codes, per-channel and skip
+        are added by the pass); STE gets ADMM's cosine lr schedule, so the two differ only in
+        how they train."""
         kwargs = dict(epochs=self.epochs, lr=self.lr, rho=self.rho, batch_size=self.batch_size, progress=False)
+        if (mode or self.mode) == "ste":
+            kwargs["lr_schedule"] = "cosine"
         kwargs.update(self.admm_options)
         return kwargs
 

@@ -806,6 +806,7 @@ def ste_finetune(
     device: str | torch.device = "cpu",
     seed: int = 0,
     momentum: float = 0.9,
+    layer_codes: LayerCodes | None = None,
 ) -> AdmmResult:
     """Straight-through-estimator QAT (BinaryConnect / TWN style), the peer baseline for ADMM.
 
@@ -813,8 +814,8 @@ def ste_finetune(
     to the latent float W by SGD (with momentum; η follows lr_schedule as in admm_finetune). The
     skipped layers end on skip_codes as there. rho/rho_growth are accepted for a signature
     shared with admm_finetune and ignored; update_every is how many batches α and the codes are
-    reused before W is projected again (1: every batch, as the originals do). freeze_bn as in
-    admm_finetune.
+    reused before W is projected again (1: every batch, as the originals do). freeze_bn and
+    layer_codes (per-layer code sets) as in admm_finetune.
     """
     cs = code_set(codes)
     if epochs < 1 or lr <= 0:
@@ -827,7 +828,7 @@ def ste_finetune(
         raise QuantizationError("lr_schedule needs data of known length ((X, y) arrays or a sized loader)")
     total = per_epoch * epochs if per_epoch else 0
     model, dev = _prepare(module, device)
-    quant = _Quantizer(model, cs, per_channel, skip, skip_codes)
+    quant = _Quantizer(model, cs, per_channel, skip, skip_codes, layer_codes)
     objective = _Objective(_teacher(distill_from, module, dev), temperature, distill_weight)
     batches = _epoch_source(data, batch_size, shuffle=True, seed=seed)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)

@@ -1,7 +1,7 @@
-"""The data-dependent squeeze step: ADMM fine-tuning of the source torch module, its
+"""The data-dependent squeeze step: ADMM (or STE) fine-tuning of the source torch module, its
 weights written back into the Graph (``lastbit.pipeline.squeeze_passes`` orders it).
 
-ADMM leaves every quantized weight at exactly α·codes, so the ``QuantizePow2`` pass that
+Both trainers leave every quantized weight at exactly α·codes, so the ``QuantizePow2`` pass that
 follows recovers the codes without rounding anything (``QuantInfo.exact``).
 """
 
@@ -21,8 +21,9 @@ __all__ = ["AdmmFinetune"]
 
 class AdmmFinetune:
     """Graph -> Graph: fine-tune the torch module the graph was imported from with ADMM
-    (``lastbit.passes.admm.admm_finetune``) on ``squeeze.data`` and write the weights back
-    through ``Graph.source_names``.
+    (``lastbit.passes.admm.admm_finetune``), or with ``mode="ste"`` straight through
+    (``ste_finetune``), on ``squeeze.data`` and write the weights back through
+    ``Graph.source_names``.
 
     The layers the graph keeps off the low-bit codes (``keep_first_last``) are skipped by
     name and stored on ``first_last_codes`` (int8) as the graph stores them, so ADMM and the
@@ -32,17 +33,19 @@ class AdmmFinetune:
     the imported ones). The fine-tuned module is kept in ``self.result`` (an AdmmResult).
     """
 
-    def __init__(self, squeeze, torch_module):
+    def __init__(self, squeeze, torch_module, mode: str = "admm"):
         self.squeeze = squeeze
         self.torch_module = torch_module
+        self.mode = mode
         self.result = None
 
     def __call__(self, graph: Graph) -> Graph:
-        from lastbit.passes.admm import admm_finetune, quantizable_layers
+        from lastbit.passes.admm import quantizable_layers
         from lastbit.passes.quantize_pow2 import weighted_layers
 
         if graph.source != "torch":
-            raise QuantizationError(f"ADMM fine-tuning needs a graph imported from torch, '{graph.name}' came from {graph.source}")
+            raise QuantizationError(f"{self.mode.upper()} fine-tuning needs a graph imported from torch, "
+                                    f"'{graph.name}' came from {graph.source}")
         sq = self.squeeze
         skip: list[str] = []
         layers = weighted_layers(graph)
@@ -54,13 +57,13 @@ class AdmmFinetune:
                     skip.append(module_name)
         layer_codes = self._layer_codes(graph)
         codes = sq.code_set if sq.global_quantizes else "int8"  # without a global set every layer is named
-        log.info("ADMM fine-tuning %s onto %s (%d epochs), keeping %s off it%s", graph.name,
+        log.info("%s fine-tuning %s onto %s (%d epochs), keeping %s off it%s", self.mode.upper(), graph.name,
                  sq.code_set.name if sq.global_quantizes else "per-layer code sets", sq.epochs, skip,
                  f", {len(layer_codes)} layer(s) on their own code set" if layer_codes else "")
         before = {n: b.detach().clone() for n, b in self.torch_module.named_buffers()}
-        self.result = admm_finetune(
+        self.result = sq.finetune_function(self.mode)(
             self.torch_module, sq.data, codes, per_channel=sq.per_channel, skip=skip,
-            skip_codes=sq.first_last_codes, layer_codes=layer_codes, **sq.admm_kwargs()
+            skip_codes=sq.first_last_codes, layer_codes=layer_codes, **sq.admm_kwargs(self.mode)
         )
         return self._write_back(graph, before)
 

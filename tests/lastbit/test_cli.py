@@ -76,6 +76,19 @@ def test_taylor_pruning_from_the_cli_with_a_builtin_dataset(tmp_path):
     assert bad.exit_code == 2 and "NAME:N" in bad.output
 
 
+def test_finetune_ste_from_the_cli(tmp_path):
+    missing = CliRunner().invoke(main, ["compile", "lenet5", "--untrained", "--quant", "pow2:3", "--finetune", "ste",
+                                        "-o", str(tmp_path / "out0")])
+    assert missing.exit_code == 2 and "--finetune ste" in missing.output and "--data" in missing.output
+    assert not (tmp_path / "out0").exists()
+    result = CliRunner().invoke(main, ["compile", "lenet5", "--untrained", "--quant", "pow2:ternary", "--data",
+                                       "fashion-mnist:64", "--finetune", "ste", "-o", str(tmp_path / "out")])
+    if "dataset-fashion-mnist" in result.output + str(result.exception):
+        pytest.skip("Fashion-MNIST is not installed (make system-deps)")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert (tmp_path / "out" / "manifest.json").is_file()
+
+
 def test_accel_dse_sweeps_and_searches(small_mlp, tmp_path):
     import json
 

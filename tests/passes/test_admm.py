@@ -171,6 +171,21 @@ def test_layer_codes_mix_code_sets_and_leave_fp32_layers_float(digits, float_mod
         admm_finetune(float_model, train, "ternary", layer_codes={"fc9": "int8"}, **FAST)
 
 
+def test_ste_takes_per_layer_code_sets_too(digits, float_model):
+    train, _ = digits
+    result = ste_finetune(float_model, train, "ternary", layer_codes={"0": "int8", "2": "binary", "4": "fp32"},
+                          **FAST)
+    assert {n: cs.name for n, cs in result.layer_code_sets.items()} == {"0.weight": "int8", "2.weight": "binary"}
+    assert np.isin(result.codes["2.weight"], [-1, 1]).all() and len(np.unique(result.codes["0.weight"])) > 3
+    params = dict(result.module.named_parameters())
+    for name in ("0.weight", "2.weight"):
+        expected = torch.from_numpy(result.alphas[name]) * torch.from_numpy(result.codes[name].astype(np.float32))
+        assert torch.equal(params[name].detach(), expected)
+    assert len(np.unique(result.module[4].weight.detach().numpy())) > 100  # left float32
+    with pytest.raises(QuantizationError, match="'fc9'"):
+        ste_finetune(float_model, train, "ternary", layer_codes={"fc9": "int8"}, **FAST)
+
+
 def test_per_channel(digits, float_model):
     train, _ = digits
     result = admm_finetune(float_model, train, "pow2-4", per_channel=True, skip=(), **FAST)

@@ -314,6 +314,38 @@ def test_squeeze_passes_follow_the_mode():
     assert names(squeeze_passes(Squeeze(bits=3, data=labelled[0]), model)) == ["QuantizePow2"]  # no labels
     with pytest.raises(QuantizationError, match="torch.nn.Module"):
         squeeze_passes(Squeeze(bits=3, data=labelled, mode="admm"))
+    ste = squeeze_passes(Squeeze(bits=3, data=labelled, mode="ste"), model)
+    assert names(ste) == ["AdmmFinetune", "QuantizePow2"] and ste[0].mode == "ste"
+    assert squeeze_passes(Squeeze(bits=3, data=labelled), model)[0].mode == "admm"
+    with pytest.raises(QuantizationError, match="mode='ste'.*torch.nn.Module"):
+        squeeze_passes(Squeeze(bits=3, data=labelled, mode="ste"))
+    with pytest.raises(QuantizationError, match="mode='ste' needs labelled data"):
+        squeeze_passes(Squeeze(bits=3, data=labelled[0], mode="ste"), model)
+
+
+def test_ste_mode_trains_straight_through_and_lands_on_codes():
+    """mode="ste" runs ste_finetune (not ADMM) on the same data and settings, and the graph
+    recovers its codes exactly as it does ADMM's."""
+    from lastbit.passes.admm import ste_finetune
+
+    torch.manual_seed(0)
+    model = SmallMLP().eval()
+    rng = np.random.default_rng(2)
+    data = (rng.standard_normal((64, 32)).astype("float32"), rng.integers(0, 10, 64))
+    x = torch.from_numpy(data[0][:1])
+    common = dict(bits=3, keep_first_last=False, data=data, epochs=1, batch_size=16, integer_kernels=False)
+    art = lastbit.compile(model, HOST, (x,), squeeze=Squeeze(mode="ste", **common))
+    tuned = art.torch_module
+    assert all(i.exact for i in art.graph.quant.values())
+    check_codes(art.graph, 3)
+    with torch.no_grad():
+        assert_close(art.run(x), tuned(x).numpy())
+    direct = ste_finetune(model, data, "pow2-4", epochs=1, batch_size=16, lr_schedule="cosine", skip=(),
+                          per_channel=True, progress=False)
+    for name, weight in direct.module.state_dict().items():
+        assert torch.equal(tuned.state_dict()[name], weight), name  # the same trainer, the same settings
+    admm = lastbit.compile(model, HOST, (x,), squeeze=Squeeze(mode="admm", **common)).torch_module
+    assert not torch.equal(admm.fc1.weight, tuned.fc1.weight)
 
 
 # --- configuration and errors -----------------------------------------------------------------
@@ -335,6 +367,11 @@ def test_from_cli_parses_scheme_and_width():
         (dict(bits=3, scheme="int"), "'int'"),
         (dict(bits=3, mode="fast"), "'fast'"),
         (dict(bits=3, mode="admm"), "training data"),
+        (dict(bits=3, mode="ste"), "mode='ste' needs training data"),
+        (dict(bits=3, mode="ste", data=(np.zeros((2, 4), "float32"), np.zeros(2, "int64")),
+              admm_options={"fixed_fraction": 0.1}), "'fixed_fraction' is not an option of mode='ste'"),
+        (dict(bits=3, mode="ste", data=(np.zeros((2, 4), "float32"), np.zeros(2, "int64")), prune=0.5),
+         "mode='ste' fine-tunes the unpruned"),
         (dict(bits=3, activation_percentile=0), "activation_percentile"),
         (dict(bits=3, first_last_codes="int4"), "'int4'"),
     ],
