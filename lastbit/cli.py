@@ -145,15 +145,19 @@ def _structural_squeeze(prune: str | None, criterion: str, lowrank: str | None, 
 @click.option("--measure-share", default=0.3, show_default=True, type=click.FloatRange(0, 1), help="Share of the layer choices measured on the target (the rest predicted).")
 @click.option("--cache", "cache_path", default=None, type=click.Path(path_type=Path, dir_okay=False), help="Measurement cache (JSON; default: beside the weight cache).")
 @click.option("--finetune-epochs", default=0, show_default=True, type=click.IntRange(min=0), help="ADMM fine-tune the chosen configuration this long and measure its accuracy.")
+@click.option("--finetune", "finetune", default="admm", show_default=True, type=click.Choice(["admm", "ste"]),
+              help="With --finetune-epochs: train onto the codes by ADMM or straight through (STE).")
 @click.option("--untrained", is_flag=True, help="Zoo models: seeded random weights.")
 def codesign_cmd(model: str, target: str, objective: str, max_drop: float, dataset: str, out_dir: Path,
                  calibration_samples: int, measure_share: float, cache_path: Path | None, finetune_epochs: int,
-                 untrained: bool) -> None:
+                 finetune: str, untrained: bool) -> None:
     """Choose each layer's code set, keep ratio and rank of MODEL from TARGET's measured cost under an accuracy budget."""
     from lastbit.codesign import finetune_config, run_codesign
     from lastbit.frontend.datasets import load
     from lastbit.frontend.training import cache_dir
 
+    if finetune != "admm" and not finetune_epochs:
+        raise click.UsageError(f"--finetune {finetune} picks the trainer of --finetune-epochs; give --finetune-epochs N")
     module, example = _load_model(model, pretrained=not untrained)
     if example is None:
         raise click.UsageError("codesign needs a zoo model (a torch module): it measures sensitivities in torch")
@@ -168,8 +172,8 @@ def codesign_cmd(model: str, target: str, objective: str, max_drop: float, datas
     data = calibration[0]  # without fine-tuning: data-free codes, activation scales calibrated
     if finetune_epochs:
         data = (train.images, train.labels)
-    artifact = finetune_config(module, example[0], result.graph, result.chosen.config, data, target, epochs=max(finetune_epochs, 1),
-                               name=Path(model).stem)
+    artifact = finetune_config(module, example[0], result.graph, result.chosen.config, data, target,
+                               epochs=max(finetune_epochs, 1), name=Path(model).stem, method=finetune)
     artifact.export(out_dir / "bundle")
     click.echo(artifact.report().format_table())
     if finetune_epochs and artifact.target.is_host:

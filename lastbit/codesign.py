@@ -734,16 +734,19 @@ def uniform_configs(sites: list[LayerSite]) -> dict[str, LayerConfig]:
 
 
 def finetune_config(module, example, graph: Graph, config: LayerConfig, data, target: str = "x86_64-linux-gnu",
-                    epochs: int = 1, lanes: int = 8, name: str = "model", **admm):
-    """Compile ``config`` for real: pruning and low-rank applied to the torch module, then ADMM
-    fine-tuning onto the per-layer code sets (``data`` (X, y); X alone or None: data-free
-    projection, X calibrating the activation scales)."""
+                    epochs: int = 1, lanes: int = 8, name: str = "model", method: str = "admm", **admm):
+    """Compile ``config`` for real: pruning and low-rank applied to the torch module, then
+    fine-tuning onto the per-layer code sets by ``method`` ("admm" or "ste", as
+    ``Squeeze.mode``) (``data`` (X, y); X alone or None: data-free projection, X calibrating
+    the activation scales)."""
     import lastbit
 
-    from lastbit.squeeze import data_has_labels
+    from lastbit.squeeze import FINETUNE_MODES, data_has_labels
 
+    if method not in FINETUNE_MODES:
+        raise LastbitError(f"unknown fine-tuning method {method!r}; known: {', '.join(FINETUNE_MODES)}")
     restructured = restructure_module(module, graph, config, lanes)
-    mode = "admm" if data_has_labels(data) else "data-free"  # X alone only calibrates activations
+    mode = method if data_has_labels(data) else "data-free"  # X alone only calibrates activations
     squeeze = lastbit.Squeeze(layers=codes_only(config), data=data, mode=mode, epochs=epochs,
                               admm_options=admm)
     return lastbit.compile(restructured, target, (example,), name=name, squeeze=squeeze)

@@ -144,6 +144,42 @@ def test_restructured_torch_module_matches_the_compiled_structural_squeeze(small
         assert_close(art.run(x), restructured(x).numpy(), rtol=1e-4)
 
 
+def test_finetune_config_trains_with_the_chosen_method(small_cnn):
+    """method="ste" fine-tunes the restructured module straight through, "admm" by ADMM: both
+    land on the per-layer codes exactly, with different weights; an unknown method is refused."""
+    import torch
+
+    from lastbit.codesign import finetune_config
+    from lastbit.layer_config import LayerChoice, LayerConfig
+    from lastbit.pipeline import import_model
+
+    model, x = small_cnn
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((32, 3, 8, 8)).astype("float32"), rng.integers(0, 10, 32))
+    config = LayerConfig({"conv1": LayerChoice("int8", keep=0.5), "conv2": LayerChoice("ternary")})
+    graph = import_model(model, (x,))
+    tuned = {}
+    for method in ("admm", "ste"):
+        art = finetune_config(model, x, graph, config, data, epochs=1, lanes=16, method=method, batch_size=16)
+        assert all(info.exact for info in art.graph.quant.values())
+        assert {i.code_set for i in art.graph.quant.values()} == {"int8", "ternary"}
+        assert art.torch_module.conv1.out_channels == 4
+        tuned[method] = art.torch_module
+    assert not torch.equal(tuned["admm"].conv2.weight, tuned["ste"].conv2.weight)
+    with pytest.raises(LastbitError, match="'sgd'"):
+        finetune_config(model, x, graph, config, data, method="sgd")
+
+
+def test_codesign_cli_refuses_a_trainer_without_fine_tuning(tmp_path):
+    from click.testing import CliRunner
+
+    from lastbit.cli import main
+
+    result = CliRunner().invoke(main, ["codesign", "resnet8", "--finetune", "ste", "-o", str(tmp_path / "cd")])
+    assert result.exit_code == 2 and "--finetune-epochs" in result.output
+    assert not (tmp_path / "cd").exists()
+
+
 def _tiny_arm_groups():
     # one 3×3 conv, int8 vs fp32: both are anchors, so both get measured
     site = LayerSite("conv", "conv2d", 8, 8, (3, 3), (1, 1), (1, 1), (6, 6), 1, codes=("int8", "fp32"))
