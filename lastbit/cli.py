@@ -157,7 +157,8 @@ def codesign_cmd(model: str, target: str, objective: str, max_drop: float, datas
     from lastbit.frontend.training import cache_dir
 
     if finetune != "admm" and not finetune_epochs:
-        raise click.UsageError(f"--finetune {finetune} picks the trainer of --finetune-epochs; give --finetune-epochs N")
+        raise click.UsageError(f"--finetune {finetune} picks the trainer of --finetune-epochs; "
+                               "give --finetune-epochs N")
     module, example = _load_model(model, pretrained=not untrained)
     if example is None:
         raise click.UsageError("codesign needs a zoo model (a torch module): it measures sensitivities in torch")
