@@ -77,8 +77,8 @@ def squeeze_passes(squeeze=None, torch_module=None, target: Target | None = None
     Empty for the fp32 path (``squeeze`` None). Channel pruning removes channels for real
     (``passes/prune_channels.py``), low-rank splits layers in two (``passes/lowrank.py``),
     sparsity zeroes small weights (``passes/sparsity.py``). Quantization is ADMM (or STE)
-    fine-tuning of the torch module (when ``squeeze`` resolves to mode "admm" or "ste") followed by the
-    power-of-two rewrite, which then recovers the fine-tuned codes exactly. Pruned channel
+    fine-tuning of the torch module (when ``squeeze`` resolves to mode "admm" or "ste") followed
+    by the power-of-two rewrite, which then recovers the fine-tuned codes exactly. Pruned channel
     counts and low-rank ranks are multiples of ``target``'s SIMD width in floats (8 without one).
     """
     passes: list = []
@@ -111,9 +111,8 @@ def squeeze_passes(squeeze=None, torch_module=None, target: Target | None = None
         from lastbit.passes.squeeze import AdmmFinetune
 
         state = None
-        mode = squeeze.resolved_mode(torch_module is not None)
-        if mode != "data-free":  # ADMM or STE: train the torch module onto the codes
-            passes.append(AdmmFinetune(squeeze, torch_module, mode))
+        if squeeze.resolved_mode(torch_module is not None) != "data-free":  # ADMM or STE training
+            passes.append(AdmmFinetune(squeeze, torch_module))
         elif squeeze.datafree is not None:
             from lastbit.passes.datafree import DataFreeQuantize, DataFreeState
 

@@ -153,7 +153,7 @@ class Squeeze:
             raise QuantizationError(f"unknown squeeze mode {self.mode!r}; known: {', '.join(MODES)}")
         if self.mode in FINETUNE_MODES and self.data is None:
             raise QuantizationError(f"mode={self.mode!r} needs training data: Squeeze(..., data=(X, y))")
-        if self.mode in FINETUNE_MODES:
+        if self.admm_options:
             self._check_finetune_options()
         if not isinstance(self.epochs, int) or self.epochs < 1 or self.batch_size < 1:
             raise QuantizationError(f"epochs and batch_size must be positive ints, got {self.epochs!r}, {self.batch_size!r}")
@@ -268,11 +268,16 @@ class Squeeze:
             return "admm"
         return "data-free"
 
-    def finetune_function(self, mode: str | None = None):
-        """``admm_finetune`` or ``ste_finetune``: the trainer of ``mode`` (default: this Squeeze's)."""
+    @property
+    def trainer(self) -> str:
+        """"ste" or "admm": how the data-dependent path trains ("auto" fine-tunes with ADMM)."""
+        return "ste" if self.mode == "ste" else "admm"
+
+    def finetune_function(self):
+        """``admm_finetune`` or ``ste_finetune``, as ``trainer`` says."""
         from lastbit.passes.admm import admm_finetune, ste_finetune
 
-        return ste_finetune if (mode or self.mode) == "ste" else admm_finetune
+        return ste_finetune if self.trainer == "ste" else admm_finetune
 
     def _check_finetune_options(self) -> None:
         import inspect
@@ -283,12 +288,11 @@ class Squeeze:
             raise QuantizationError(f"admm_options key {unknown[0]!r} is not an option of mode={self.mode!r} "
                                     f"({self.finetune_function().__name__})")
 
-    def admm_kwargs(self, mode: str | None = None) -> dict[str, Any]:
-        """Keyword arguments for the fine-tuning function of ``mode`` (codes, per-channel and skip
-        are added by the pass); STE gets ADMM's cosine lr schedule, so the two differ only in
-        how they train."""
+    def admm_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``finetune_function()`` (codes, per-channel and skip are added by
+        the pass); STE gets ADMM's cosine lr schedule, so the two differ only in how they train."""
         kwargs = dict(epochs=self.epochs, lr=self.lr, rho=self.rho, batch_size=self.batch_size, progress=False)
-        if (mode or self.mode) == "ste":
+        if self.trainer == "ste":
             kwargs["lr_schedule"] = "cosine"
         kwargs.update(self.admm_options)
         return kwargs

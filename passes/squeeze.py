@@ -33,11 +33,15 @@ class AdmmFinetune:
     the imported ones). The fine-tuned module is kept in ``self.result`` (an AdmmResult).
     """
 
-    def __init__(self, squeeze, torch_module, mode: str = "admm"):
+    def __init__(self, squeeze, torch_module):
         self.squeeze = squeeze
         self.torch_module = torch_module
-        self.mode = mode
         self.result = None
+
+    @property
+    def mode(self) -> str:
+        """The trainer this pass runs, "admm" or "ste" (``Squeeze.trainer``)."""
+        return self.squeeze.trainer
 
     def __call__(self, graph: Graph) -> Graph:
         from lastbit.passes.admm import quantizable_layers
@@ -61,9 +65,9 @@ class AdmmFinetune:
                  sq.code_set.name if sq.global_quantizes else "per-layer code sets", sq.epochs, skip,
                  f", {len(layer_codes)} layer(s) on their own code set" if layer_codes else "")
         before = {n: b.detach().clone() for n, b in self.torch_module.named_buffers()}
-        self.result = sq.finetune_function(self.mode)(
+        self.result = sq.finetune_function()(
             self.torch_module, sq.data, codes, per_channel=sq.per_channel, skip=skip,
-            skip_codes=sq.first_last_codes, layer_codes=layer_codes, **sq.admm_kwargs(self.mode)
+            skip_codes=sq.first_last_codes, layer_codes=layer_codes, **sq.admm_kwargs()
         )
         return self._write_back(graph, before)
 

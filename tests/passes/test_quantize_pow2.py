@@ -260,12 +260,17 @@ def test_fake_quant_reference_rounds_half_to_even_and_clips():
 # --- the data-dependent path ------------------------------------------------------------------
 
 
-def test_admm_path_lands_on_codes_and_matches_the_tuned_module():
+def _mlp_and_labelled_data():
+    """A seeded SmallMLP, 64 random labelled vectors and one input: the data-dependent tests' problem."""
     torch.manual_seed(0)
     model = SmallMLP().eval()
     rng = np.random.default_rng(2)
     data = (rng.standard_normal((64, 32)).astype("float32"), rng.integers(0, 10, 64))
-    x = torch.from_numpy(data[0][:1])
+    return model, data, torch.from_numpy(data[0][:1])
+
+
+def test_admm_path_lands_on_codes_and_matches_the_tuned_module():
+    model, data, x = _mlp_and_labelled_data()
     squeeze = Squeeze(bits=3, keep_first_last=False, data=data, epochs=1, batch_size=16, integer_kernels=False)
     art = lastbit.compile(model, HOST, (x,), squeeze=squeeze)
     tuned = art.torch_module
@@ -328,11 +333,7 @@ def test_ste_mode_trains_straight_through_and_lands_on_codes():
     recovers its codes exactly as it does ADMM's."""
     from lastbit.passes.admm import ste_finetune
 
-    torch.manual_seed(0)
-    model = SmallMLP().eval()
-    rng = np.random.default_rng(2)
-    data = (rng.standard_normal((64, 32)).astype("float32"), rng.integers(0, 10, 64))
-    x = torch.from_numpy(data[0][:1])
+    model, data, x = _mlp_and_labelled_data()
     common = dict(bits=3, keep_first_last=False, data=data, epochs=1, batch_size=16, integer_kernels=False)
     art = lastbit.compile(model, HOST, (x,), squeeze=Squeeze(mode="ste", **common))
     tuned = art.torch_module
@@ -370,6 +371,7 @@ def test_from_cli_parses_scheme_and_width():
         (dict(bits=3, mode="ste"), "mode='ste' needs training data"),
         (dict(bits=3, mode="ste", data=(np.zeros((2, 4), "float32"), np.zeros(2, "int64")),
               admm_options={"fixed_fraction": 0.1}), "'fixed_fraction' is not an option of mode='ste'"),
+        (dict(bits=3, admm_options={"rho_grwoth": 1.2}), "'rho_grwoth' is not an option of mode='auto'"),
         (dict(bits=3, mode="ste", data=(np.zeros((2, 4), "float32"), np.zeros(2, "int64")), prune=0.5),
          "mode='ste' fine-tunes the unpruned"),
         (dict(bits=3, activation_percentile=0), "activation_percentile"),
