@@ -279,11 +279,9 @@ def main(argv=None) -> dict:
         "wall_s": round(time.perf_counter() - start, 1),
     }
     section = {"meta": meta, "rows": rows}
-    update_section("quant_accuracy_full" if args.full_train else "quant_accuracy", section)
-    if args.full_train:
-        plot(rows, OUT_DIR / "quant_accuracy_full.png", "\nfine-tuning on the full 60k train split, 1 epoch")
-    else:
-        plot(rows, OUT_DIR / "quant_accuracy.png")
+    name = "quant_accuracy_full" if args.full_train else "quant_accuracy"  # results section and PNG
+    update_section(name, section)
+    plot(rows, OUT_DIR / f"{name}.png", "\nfine-tuning on the full 60k train split, 1 epoch" if args.full_train else "")
     print(f"\nwall {meta['wall_s']} s")
     return section
 

@@ -61,13 +61,19 @@ def test_run_input_that_is_not_npy_is_one_line_error(tmp_path):
     assert isinstance(result.exception, RunError) and "an .npz archive" in str(result.exception)
 
 
-def test_taylor_pruning_from_the_cli_with_a_builtin_dataset(tmp_path):
-    result = CliRunner().invoke(main, ["compile", "lenet5", "--untrained", "--prune", "0.25", "--prune-criterion",
-                                       "taylor", "--data", "fashion-mnist:64", "-o", str(tmp_path / "out")])
+def _compiles_with_fashion_mnist(args: list[str], out) -> None:
+    """`lastbit compile ARGS -o OUT` with --data fashion-mnist:N among ARGS writes a bundle
+    (skipped where the dataset package is not installed)."""
+    result = CliRunner().invoke(main, ["compile", *args, "-o", str(out)])
     if "dataset-fashion-mnist" in result.output + str(result.exception):
         pytest.skip("Fashion-MNIST is not installed (make system-deps)")
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert (tmp_path / "out" / "manifest.json").is_file()
+    assert (out / "manifest.json").is_file()
+
+
+def test_taylor_pruning_from_the_cli_with_a_builtin_dataset(tmp_path):
+    _compiles_with_fashion_mnist(["lenet5", "--untrained", "--prune", "0.25", "--prune-criterion", "taylor",
+                                  "--data", "fashion-mnist:64"], tmp_path / "out")
     missing = CliRunner().invoke(main, ["compile", "lenet5", "--untrained", "--prune", "0.25", "--prune-criterion",
                                         "taylor", "-o", str(tmp_path / "out2")])
     assert missing.exit_code == 2 and "--data fashion-mnist" in missing.output
@@ -81,12 +87,8 @@ def test_finetune_ste_from_the_cli(tmp_path):
                                         "-o", str(tmp_path / "out0")])
     assert missing.exit_code == 2 and "--finetune ste" in missing.output and "--data" in missing.output
     assert not (tmp_path / "out0").exists()
-    result = CliRunner().invoke(main, ["compile", "lenet5", "--untrained", "--quant", "pow2:ternary", "--data",
-                                       "fashion-mnist:64", "--finetune", "ste", "-o", str(tmp_path / "out")])
-    if "dataset-fashion-mnist" in result.output + str(result.exception):
-        pytest.skip("Fashion-MNIST is not installed (make system-deps)")
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    assert (tmp_path / "out" / "manifest.json").is_file()
+    _compiles_with_fashion_mnist(["lenet5", "--untrained", "--quant", "pow2:ternary", "--data", "fashion-mnist:64",
+                                  "--finetune", "ste"], tmp_path / "out")
 
 
 def test_accel_dse_sweeps_and_searches(small_mlp, tmp_path):
