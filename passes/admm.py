@@ -537,7 +537,9 @@ def admm_finetune(
     (proximal heavy-ball SGD), half the cost of extragradient, so the same number of batches
     costs what STE does. freeze_bn keeps every BatchNorm in eval mode (running statistics fixed,
     γ and β still train): conv + BN is then the per-channel affine map the deployed model folds,
-    and the statistics are not re-estimated at the end (bn_batches is ignored).
+    and the statistics are not re-estimated at the end (bn_batches is ignored). Without batch
+    statistics a BatchNorm network loses its scale invariance and needs a lower lr: the sweep's
+    lr 0.01 diverged in every cell (see ADMM_FREEZE_BN's note).
     G-step and dual every `update_every` batches ("auto", the default: ADMM_G_STEPS of them
     spread evenly over the ADMM phase, see :func:`auto_update_every`; or "epoch"): G = Π(W + λ),
     λ += W − G, then ρ ← ρ·rho_growth with λ rescaled by ρ_old/ρ_new so ρ·λ is kept. The W-step
