@@ -125,7 +125,8 @@ def _bn_loss_and_output(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     taps = _BnTaps(model)
     if not taps.norms:
         taps.remove()
-        raise QuantizationError(f"{type(model).__name__} has no BatchNorm layer with running statistics to distil data from")
+        raise QuantizationError(f"{type(model).__name__} has no BatchNorm layer with running statistics to distil data "
+                                "from; give real calibration inputs instead (Squeeze(data=X), CLI --data)")
     try:
         output = model(x)
     finally:

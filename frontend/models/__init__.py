@@ -30,7 +30,9 @@ class ZooEntry:
     ``build()`` returns a seeded, randomly initialised model in eval mode (BatchNorm
     statistics calibrated, see ``calibrate_batchnorm``).  ``pretrained``
     says whether trained weights exist: shipped (``dataset`` None) or trained on demand on
-    ``dataset`` for ``train_epochs`` and cached.
+    ``dataset`` for ``train_epochs`` and cached. ``input_range`` (low, high): the range the
+    model's real inputs span after its preprocessing (None: unknown, e.g. random-init models),
+    which data-free calibration clamps its synthetic images to.
     """
 
     name: str
@@ -40,6 +42,7 @@ class ZooEntry:
     dataset: str | None = None
     pretrained: bool = False
     train_epochs: int = 0
+    input_range: tuple[float, float] | None = None
 
 
 def _seeded(factory: Callable[[], nn.Module], input_shape: tuple[int, ...]) -> Callable[[], nn.Module]:
@@ -137,8 +140,18 @@ def _efficientnet_lite0_random() -> nn.Module:
 
 
 def _entry(name: str, factory: Callable[[], nn.Module], input_shape: tuple[int, ...], description: str,
-           dataset: str | None = None, pretrained: bool = False, train_epochs: int = 0) -> ZooEntry:
-    return ZooEntry(name, _seeded(factory, input_shape), input_shape, description, dataset, pretrained, train_epochs)
+           dataset: str | None = None, pretrained: bool = False, train_epochs: int = 0,
+           input_range: tuple[float, float] | None = None) -> ZooEntry:
+    if dataset is not None and input_range is None:
+        input_range = (0.0, 1.0)  # the built-in datasets' pixels, scaled by 1/255
+    return ZooEntry(name, _seeded(factory, input_shape), input_shape, description, dataset, pretrained, train_epochs,
+                    input_range)
+
+
+def _efficientnet_range() -> tuple[float, float]:
+    from .efficientnet import TF_MEAN_RGB, TF_STD_RGB
+
+    return ((0.0 - TF_MEAN_RGB[0]) / TF_STD_RGB[0], (1.0 - TF_MEAN_RGB[0]) / TF_STD_RGB[0])
 
 
 # Training on first use (Fashion-MNIST, 2 shared cores): lenet5 ~1 min (5 × ~12 s),
@@ -163,7 +176,8 @@ _ENTRIES = (
     _entry("ffn", _ffn, (1, 64, 512),
            "2 pre-norm transformer FFN blocks (LayerNorm, 512→2048→512, GELU, residual), 4.2M params"),
     _entry("efficientnet-lite0", _efficientnet_lite0_random, (1, 3, 224, 224),
-           "EfficientNet-Lite0 (ReLU6, no SE), 4.65M params, ImageNet-pretrained", pretrained=True),
+           "EfficientNet-Lite0 (ReLU6, no SE), 4.65M params, ImageNet-pretrained", pretrained=True,
+           input_range=_efficientnet_range()),
 )
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
