@@ -69,6 +69,8 @@ class Graph:
     # FLOPs of each conv/dense layer (by source name) before a structural pass (pruning,
     # low-rank) changed it, so the report can show before/after; empty when none ran.
     layer_flops_before: dict[str, int] = field(default_factory=dict)
+    # Lines a squeeze pass leaves for the report (e.g. what data-free calibration ran on).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def num_params(self) -> int:

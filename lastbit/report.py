@@ -53,6 +53,7 @@ class Report:
     encoded_bytes: int | None = None
     # Squeeze(layers=...): each named layer's choice {"codes", "keep", "rank"}, by layer name.
     layer_choices: dict[str, dict] | None = None
+    notes: list[str] = field(default_factory=list)  # the squeeze passes' own lines (Graph.notes)
 
     @property
     def encoded_compression(self) -> float | None:
@@ -89,6 +90,7 @@ class Report:
             rows += accelerator_lines(self.accelerator)
         rows += squeeze_lines(self)
         rows += layer_choice_lines(self)
+        rows += self.notes
         return "\n".join(rows)
 
 
@@ -238,6 +240,7 @@ def build_report(graph: Graph, target: str, kernels: dict | None = None) -> Repo
         fp32_bytes=fp32,
         flops_before=dict(graph.layer_flops_before),
         encoded_bytes=_encoded_bytes(graph),
+        notes=list(graph.notes),
     )
 
 

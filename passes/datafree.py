@@ -131,6 +131,7 @@ class DataFreeQuantize:
         spec = graph.inputs[0]
         x = calibration_inputs(sq.data, sq.calibration_samples)
         calib = None if x is None else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        kind = None  # what synthetic images were distilled, for the report
         if calib is None and opts.synthetic and (opts.bias_correction or sq.integer_kernels):
             shape = distill_shape(spec.shape[1:], opts.synthetic_size)
             labels = opts.synthetic_labels
@@ -143,8 +144,8 @@ class DataFreeQuantize:
             deepinv = dict(labels=float(labels), betas=(0.5, 0.9), **images) if labels else {}
             config = DistillConfig(count=opts.synthetic, steps=opts.synthetic_steps, size=opts.synthetic_size,
                                    input_range=opts.synthetic_range, **deepinv)
-            log.info("distilling %d %s inputs from %s's BatchNorm statistics", config.count,
-                     "DeepInversion" if config.labels else "ZeroQ", graph.name)
+            kind = "DeepInversion" if config.labels else "ZeroQ"
+            log.info("distilling %d %s inputs from %s's BatchNorm statistics", config.count, kind, graph.name)
             calib = distill_data(self.torch_module, spec.shape[1:], config)
         reference = dfq.trace_layers(self.torch_module)
         folded = dfq.fold_batch_norms(reference)
@@ -165,4 +166,22 @@ class DataFreeQuantize:
         self.state.calibration = None if calib is None else calib.numpy()
         self.state.report = report
         examples = tuple(torch.zeros(s.shape, dtype=getattr(torch, s.dtype)) for s in graph.inputs)
-        return from_torch(quantized, examples, name=graph.name)
+        rebuilt = from_torch(quantized, examples, name=graph.name)
+        return rebuilt.replace(notes=[*graph.notes, _note(opts, calib, kind, folded, pairs, report)])
+
+
+def _note(opts: DataFree, calib, kind: str | None, folded: int, pairs: int, report) -> str:
+    """The report's line: what the data-free step did and what it calibrated on."""
+    if calib is None:
+        source = "no calibration inputs"
+    elif kind is None:
+        source = f"{len(calib)} given inputs"
+    else:
+        clamp = (f" clamped to [{opts.synthetic_range[0]:g}, {opts.synthetic_range[1]:g}]"
+                 if opts.synthetic_range is not None else " (unclamped: no input range given)")
+        source = f"{len(calib)} synthetic {kind} images{clamp}"
+    steps = [f"{folded} BN folded", f"{pairs} conv pair(s) equalized"]
+    if opts.bias_correction and calib is not None:
+        steps.append("bias correction" + (" + GPTQ codes" if opts.requantize else ""))
+    steps.append(f"{len(report.depthwise_int8)} depthwise layer(s) int8")
+    return f"data-free calibration on {source}: {', '.join(steps)}"

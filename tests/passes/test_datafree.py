@@ -29,6 +29,10 @@ def test_datafree_compiles_exactly_and_beats_plain_projection():
     assert quant["expand.weight"].code_set == "ternary" and quant["project.weight"].code_set == "ternary"
     assert all(info.exact for info in quant.values())  # the rewrite recovered the corrected codes as they were
     assert not any("bn" in name for name in squeezed.graph.source_names.values())  # BatchNorm folded
+    assert squeezed.report().notes == ["data-free calibration on 16 synthetic DeepInversion images (unclamped: no "
+                                       "input range given): 4 BN folded, 2 conv pair(s) equalized, bias correction "
+                                       "+ GPTQ codes, 1 depthwise layer(s) int8"]
+    assert plain.report().notes == []
 
     def run(artifact):
         return np.concatenate([artifact.run(held_out[i:i + 4].numpy()) for i in range(0, len(held_out), 4)])
@@ -91,8 +95,9 @@ def test_deepinversion_falls_back_to_zeroq_for_a_non_classifier(caplog):
     state = DataFreeState()
     squeeze = lastbit.Squeeze(codes="ternary", datafree=DataFree(synthetic=4, synthetic_steps=3), integer_kernels=False)
     with caplog.at_level("WARNING", logger="lastbit.passes.datafree"):
-        DataFreeQuantize(squeeze, net, state)(from_torch(net, (torch.zeros(1, 3, 8, 8),), name="features"))
+        graph = DataFreeQuantize(squeeze, net, state)(from_torch(net, (torch.zeros(1, 3, 8, 8),), name="features"))
     assert state.calibration.shape == (4, 3, 8, 8)
+    assert graph.notes[0].startswith("data-free calibration on 4 synthetic ZeroQ images")  # what it fell back to
     assert "features does not output (N, classes)" in caplog.text
     assert not net.training
 
