@@ -52,7 +52,8 @@ def main(verbose: int) -> None:
 @click.option("--data", "data_spec", default=None, metavar="NAME[:N]",
               help="Labelled data for squeezing: a built-in dataset (fashion-mnist, mnist5k, digits), its first N "
                    "training samples (default 2048). Taylor pruning needs it; with --quant on a zoo model it "
-                   "fine-tunes (ADMM, or STE with --finetune ste) and the report gives accuracy on it.")
+                   "fine-tunes (ADMM, or STE with --finetune ste) and the report gives accuracy on it; with "
+                   "--datafree its images calibrate, labels unused.")
 @click.option("--lowrank", default=None, metavar="auto|ENERGY|flops:F", help="Split dense and k×k conv layers by truncated SVD.")
 @click.option("--sparsity", default=None, type=click.FloatRange(0, 1, max_open=True), help="Zero this share of each weight (stored run-length encoded).")
 @click.option("--layers", "layers_json", default=None, type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Per-layer code set / keep / rank (JSON, e.g. from `lastbit codesign`).")
@@ -60,6 +61,13 @@ def main(verbose: int) -> None:
 @click.option("--finetune", "finetune", default="admm", show_default=True, type=click.Choice(["admm", "ste"]),
               help="With --quant and --data: train onto the codes by ADMM or straight through (STE; the more "
                    "accurate on the BatchNorm networks of benchmarks/quant_accuracy.py).")
+@click.option("--datafree", is_flag=True,
+              help="With --quant: data-free calibration (passes/datafree.py: BN folding, cross-layer equalization, "
+                   "bias correction and GPTQ codes on DeepInversion images distilled from the BatchNorm statistics, "
+                   "or on --data's images, labels unused) instead of plain projection.")
+@click.option("--input-range", "input_range", default=None, metavar="LOW:HIGH",
+              help="With --datafree: the range real inputs span after preprocessing; synthetic images are clamped to "
+                   "it [default: the zoo model's, e.g. 0:1 for the Fashion-MNIST models; none for files].")
 @click.option("--trust-pickle", is_flag=True, help=_TRUST_PICKLE_HELP)
 @click.option("--keep-first-last/--no-keep-first-last", default=True, show_default=True,
               help="With --quant: keep the first and last weighted layers at int8.")
@@ -67,7 +75,8 @@ def main(verbose: int) -> None:
 def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, untrained: bool, quant: str | None,
                 db_dir: Path | None, prune: str | None, prune_criterion: str, lowrank: str | None,
                 sparsity: float | None, layers_json: Path | None, trust_pickle: bool, keep_first_last: bool,
-                data_spec: str | None, check_source: bool, act_bits: int, finetune: str) -> None:
+                data_spec: str | None, check_source: bool, act_bits: int, finetune: str, datafree: bool,
+                input_range: str | None) -> None:
     """Compile MODEL (zoo name, .onnx or .pt2) for a target and export a deployable bundle."""
     import lastbit
 
@@ -84,7 +93,12 @@ def compile_cmd(model: str, target: str, out_dir: Path, dump_ir: Path | None, un
     if finetune != "admm":
         if not (quant and data_spec):
             raise click.UsageError(f"--finetune {finetune} trains onto the codes: it needs --quant and --data")
+        if datafree:
+            raise click.UsageError(f"--finetune {finetune} and --datafree exclude each other: one trains onto the "
+                                   "codes, the other calibrates without training")
         structural["mode"] = finetune
+    if datafree or input_range is not None:
+        structural.update(_datafree_squeeze(model, quant, datafree, input_range, structural.get("data")))
     squeeze = lastbit.Squeeze.from_cli(quant, keep_first_last=keep_first_last, act_bits=act_bits, **structural) if quant else \
         (lastbit.Squeeze(**structural) if structural else None)
     module, example = _load_model(model, pretrained=not untrained)
@@ -112,6 +126,34 @@ def _labelled_data(spec: str, default_samples: int = 2048) -> tuple[np.ndarray, 
     n = int(count) if sep else default_samples
     images, labels = load(name.strip(), "train")
     return images[:n], labels[:n]
+
+
+def _datafree_squeeze(model: str, quant: str | None, datafree: bool, input_range: str | None, data) -> dict:
+    """Squeeze keyword arguments for --datafree / --input-range: the DataFree step, with the synthetic
+    images clamped to --input-range or the zoo model's range; --data's images calibrate, unlabelled."""
+    from lastbit.frontend.models import ZOO
+    from lastbit.passes.datafree import DataFree
+
+    if not datafree:
+        raise click.UsageError("--input-range clamps --datafree's synthetic images; add --datafree")
+    if not quant:
+        raise click.UsageError("--datafree calibrates the weights --quant quantizes; add --quant, e.g. pow2:3")
+    if input_range is None:
+        entry = ZOO.get(model)
+        bounds = entry.input_range if entry is not None else None
+    else:
+        low, sep, high = input_range.partition(":")
+        try:
+            bounds = (float(low), float(high)) if sep else None
+        except ValueError:
+            bounds = None
+        if bounds is None or not (np.isfinite(bounds).all() and bounds[0] < bounds[1]):
+            raise click.BadParameter(f"{input_range!r}: expected LOW:HIGH with finite numbers, LOW < HIGH (e.g. -1:1)",
+                                     param_hint="--input-range")
+    options = {"datafree": DataFree(synthetic_range=bounds), "mode": "data-free"}
+    if data is not None:
+        options["data"] = data[0]  # the images calibrate; labels are not used without training
+    return options
 
 
 def _structural_squeeze(prune: str | None, criterion: str, lowrank: str | None, sparsity: float | None) -> dict:

@@ -111,3 +111,38 @@ def test_accel_dse_sweeps_and_searches(small_mlp, tmp_path):
     bad = CliRunner().invoke(main, ["accel-dse", str(onnx_path), "--sweep", "rows=0", "-o", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "rows: 0 is not a positive integer" in str(bad.exception)
     assert not (tmp_path / "bad").exists()
+
+
+def test_datafree_from_the_cli(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compile", "resnet8", "--untrained", "--quant", "pow2:ternary", "--datafree",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    # the zoo model's input range clamps the synthetic images, and the report says what ran
+    assert ("data-free calibration on 32 synthetic DeepInversion images clamped to [0, 1]: 9 BN folded"
+            in result.output)
+    assert "bias correction + GPTQ codes" in result.output and (out / "manifest.json").is_file()
+    for args, message in ((["--input-range", "0:1"], "add --datafree"),
+                          (["--datafree", "--input-range", "1:0"], "LOW < HIGH"),
+                          (["--datafree", "--input-range", "a:b"], "LOW:HIGH"),
+                          (["--datafree", "--data", "digits:64", "--finetune", "ste"], "exclude each other")):
+        bad = CliRunner().invoke(main, ["compile", "lenet5", "--untrained", "--quant", "pow2:3", *args,
+                                        "-o", str(tmp_path / "bad")])
+        assert bad.exit_code == 2 and message in bad.output, (args, bad.output)
+    missing = CliRunner().invoke(main, ["compile", "lenet5", "--untrained", "--datafree", "-o", str(tmp_path / "bad")])
+    assert missing.exit_code == 2 and "add --quant" in missing.output
+    assert not (tmp_path / "bad").exists()
+
+
+def test_datafree_input_range_defaults_to_the_zoo_models():
+    from lastbit.cli import _datafree_squeeze
+    from lastbit.frontend.models.efficientnet import TF_MEAN_RGB, TF_STD_RGB
+
+    pixels = ((0 - TF_MEAN_RGB[0]) / TF_STD_RGB[0], (1 - TF_MEAN_RGB[0]) / TF_STD_RGB[0])
+    assert _datafree_squeeze("efficientnet-lite0", "pow2:3", True, None, None)["datafree"].synthetic_range == pixels
+    assert _datafree_squeeze("resnet20", "pow2:3", True, None, None)["datafree"].synthetic_range == (0.0, 1.0)
+    assert _datafree_squeeze("model.onnx", "pow2:3", True, None, None)["datafree"].synthetic_range is None
+    assert _datafree_squeeze("resnet18", "pow2:3", True, None, None)["datafree"].synthetic_range is None  # random init
+    given = _datafree_squeeze("resnet20", "pow2:3", True, "-1:1", (np.zeros((4, 1, 28, 28)), np.zeros(4)))
+    assert given["datafree"].synthetic_range == (-1.0, 1.0) and given["data"].shape == (4, 1, 28, 28)
+    assert given["mode"] == "data-free"
