@@ -298,6 +298,49 @@ def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
     return rows
 
 
+# What a user of the CLI gets: EfficientNet-Lite0 compiled for the host by `lastbit compile efficientnet-lite0
+# --quant pow2:3` (plain projection) and with `--datafree` (DataFree() defaults: 32 DeepInversion images at 224²
+# × 200 steps, clamped to the zoo's input range), run by lastbit with int8 activations on the integer kernels.
+COMPILED_ROWS = {"compiled, plain projection": False, "compiled, --datafree": True}
+
+
+def compiled_rows(samples: int) -> list[dict]:
+    """COMPILED_ROWS: top-1 agreement (KL) of the compiled model with torch fp32 on the same crops as the rows above."""
+    import dataclasses
+
+    import torch
+
+    import lastbit
+    from lastbit.frontend.models.efficientnet import augmented_samples, efficientnet_lite0
+    from lastbit.passes.datafree import DataFree
+
+    state: dict = {}
+
+    def compute(datafree: bool) -> dict:
+        if not state:
+            state["model"] = efficientnet_lite0(pretrained=True)
+            state["x"] = augmented_samples(samples, seed=SEED)
+            state["ref"] = logits_of(state["model"], state["x"])
+        x = state["x"]
+        options = DataFree(synthetic_range=EFFNET_RANGE) if datafree else None
+        squeeze = lastbit.Squeeze(bits=3, mode="data-free", datafree=options)
+        art = lastbit.compile(state["model"], "x86_64-linux-gnu", (x[:1],), name="efficientnet-lite0", squeeze=squeeze)
+        out = torch.from_numpy(np.concatenate([art.run(x[i:i + 1].numpy()) for i in range(len(x))]))
+        report = art.report()
+        return {**fidelity(out, state["ref"]), "bytes": report.model_bytes, "notes": report.notes}
+
+    rows = []
+    for name, datafree in COMPILED_ROWS.items():
+        options = dataclasses.asdict(DataFree(synthetic_range=EFFNET_RANGE)) if datafree else None
+        key = {"model": "efficientnet-lite0", "samples": samples, "seed": SEED, "row": name, "bits": 3,
+               "datafree": options, "version": 1}
+        row = cached(key, lambda datafree=datafree: compute(datafree))
+        rows.append({**row, "codes": "pow2-4", "row": name})
+        print(f"  effnet {name:<34} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "
+              f"({row.get('compute_s', 0):.0f} s)", flush=True)
+    return rows
+
+
 def print_table(rows: list[dict], samples: int) -> None:
     print(f"\nefficientnet-lite0 data-free, top-1 agreement with fp32 (KL) on {samples} augmented crops of the sample "
           "photos (no ImageNet validation set offline: fidelity, not accuracy)")
@@ -317,7 +360,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="16 crops, a tiny ZeroQ set, two pow2-4 rows, no zoo check")
     parser.add_argument("--no-zoo", action="store_true", help="skip the small zoo net (ResNet-8, Fashion-MNIST) check")
     parser.add_argument("--zoo-only", action="store_true",
-                        help="only the small zoo net's rows; the stored EfficientNet rows and their meta are kept")
+                        help="only the small zoo net's rows; the rest of the stored section is kept")
+    parser.add_argument("--compiled-only", action="store_true",
+                        help="only the compiled EfficientNet rows (what the CLI gives); the rest of the stored section is kept")
     parser.add_argument("--progress", action="store_true", help="tqdm bars while distilling")
     parser.add_argument("--device", default="cpu", help="where ZeroQ optimises its images (cuda when there is one)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -335,8 +380,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
-    if args.zoo_only:
-        return _zoo_only(args)
+    if args.zoo_only or args.compiled_only:
+        return _one_part(args)
     settings = QUICK if args.quick else FULL
     rows = {"pow2-4": QUICK_ROWS} if args.quick else {"pow2-4": tuple(ROWS), "ternary": TERNARY_ROWS}
     if args.codes:  # fill the row cache for some code sets (e.g. two processes); a full run then writes
@@ -345,6 +390,7 @@ def main(argv=None) -> dict:
         rows = {c: tuple(n for n in r if ROWS[n]["calib"] not in SYNTHETIC) for c, r in rows.items()}
     effnet, synthetic_meta = effnet_rows(settings, rows, args.progress, args.device)
     zoo = [] if args.quick or args.no_zoo else zoo_rows(args.progress, args.device)
+    compiled = [] if args.quick or args.codes or args.skip_zeroq else compiled_rows(settings["samples"])
     print_table(effnet, settings["samples"])
     meta = {
         "host": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "lastbit": lastbit.__version__,
@@ -356,22 +402,26 @@ def main(argv=None) -> dict:
         "depthwise_int8_error": DEPTHWISE_INT8_ERROR, "first_last": "int8 per output channel",
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    section = {"meta": meta, "efficientnet": effnet, "zoo": zoo}
+    section = {"meta": meta, "efficientnet": effnet, "zoo": zoo, "compiled": compiled}
     if not args.codes and not args.skip_zeroq:
         update_section("datafree_accuracy", section)
     print(f"\nwall {meta['wall_s']} s")
     return section
 
 
-def _zoo_only(args) -> dict:
-    """The zoo net's rows run (or read from the cache) into the stored section, its EfficientNet part kept."""
+def _one_part(args) -> dict:
+    """--zoo-only / --compiled-only: that part run (or read from the cache) into the stored section, the rest kept."""
     from results import RESULTS, update_section
 
     stored = json.loads(RESULTS.read_text()).get("datafree_accuracy") if RESULTS.is_file() else None
     if not stored or not stored.get("efficientnet"):
-        raise SystemExit("--zoo-only keeps the stored EfficientNet rows, and bench/results.json has none: run without it")
-    section = {**stored, "zoo": zoo_rows(args.progress, args.device),
-               "meta": {**stored["meta"], "zoo_synthetic": ZOO_SYNTHETIC}}
+        raise SystemExit("--zoo-only / --compiled-only keep the stored EfficientNet rows, and bench/results.json has "
+                         "none: run without them")
+    section = dict(stored)
+    if args.zoo_only:
+        section.update(zoo=zoo_rows(args.progress, args.device), meta={**stored["meta"], "zoo_synthetic": ZOO_SYNTHETIC})
+    if args.compiled_only:
+        section["compiled"] = compiled_rows(FULL["samples"])
     update_section("datafree_accuracy", section)
     return section
 
