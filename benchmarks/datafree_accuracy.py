@@ -84,8 +84,17 @@ def _settings(samples: int, crops: int, small: dict, large: dict) -> dict:
             "deepinv-clamped": dict(deepinv, input_range=EFFNET_RANGE)}
 
 
-FULL = _settings(128, 32, dict(count=16, size=160, steps=150, lr=0.25, batch_size=16, seed=SEED),
-                 dict(count=32, size=224, steps=150, lr=0.25, batch_size=16, seed=SEED))
+
+def _datafree_defaults(size: int) -> dict:
+    """The distillation DataFree() runs (count, steps, batch, lr), at ``size``²."""
+    from lastbit.passes.datafree import DataFree
+
+    d = DataFree()
+    return dict(count=d.synthetic, size=size, steps=d.synthetic_steps, lr=d.synthetic_lr, batch_size=d.synthetic_batch,
+                seed=SEED)
+
+
+FULL = _settings(128, 32, dict(count=16, size=160, steps=150, lr=0.25, batch_size=16, seed=SEED), _datafree_defaults(224))
 QUICK = _settings(16, 8, dict(count=4, size=96, steps=10, lr=0.2, batch_size=4, seed=SEED),
                   dict(count=4, size=96, steps=10, lr=0.2, batch_size=4, seed=SEED))
 ZOO_MODEL = "resnet8"  # ResNet-20 training does not fit the shared CPU; ResNet-8 is its 1-block-per-stage sibling
@@ -302,6 +311,7 @@ def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
 # --quant pow2:3` (plain projection) and with `--datafree` (DataFree() defaults: 32 DeepInversion images at 224²
 # × 200 steps, clamped to the zoo's input range), run by lastbit with int8 activations on the integer kernels.
 COMPILED_ROWS = {"compiled, plain projection": False, "compiled, --datafree": True}
+COMPILED_VERSION = 2  # 2: DataFree's distillation at the DeepInversion rows' settings (was one batch of 32, lr 0.2, 200 steps)
 
 
 def compiled_rows(samples: int) -> list[dict]:
@@ -333,7 +343,7 @@ def compiled_rows(samples: int) -> list[dict]:
     for name, datafree in COMPILED_ROWS.items():
         options = dataclasses.asdict(DataFree(synthetic_range=EFFNET_RANGE)) if datafree else None
         key = {"model": "efficientnet-lite0", "samples": samples, "seed": SEED, "row": name, "bits": 3,
-               "datafree": options, "version": 1}
+               "datafree": options, "version": COMPILED_VERSION}
         row = cached(key, lambda datafree=datafree: compute(datafree))
         rows.append({**row, "codes": "pow2-4", "row": name})
         print(f"  effnet {name:<34} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "

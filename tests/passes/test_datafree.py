@@ -51,6 +51,10 @@ def test_datafree_options_are_checked():
         DataFree(synthetic_labels=-0.5)
     with pytest.raises(QuantizationError, match="synthetic_range"):
         DataFree(synthetic_range=(1.0, 1.0))
+    with pytest.raises(QuantizationError, match="synthetic_batch"):
+        DataFree(synthetic_batch=0)
+    with pytest.raises(QuantizationError, match="synthetic_lr"):
+        DataFree(synthetic_lr=float("nan"))
     with pytest.raises(QuantizationError, match="requantize"):
         DataFree(requantize="asym")
     with pytest.raises(QuantizationError, match="DataFree"):
