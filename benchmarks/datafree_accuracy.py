@@ -297,9 +297,9 @@ def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
                                      requantize=how["gptq"])
                 return {"accuracy": accuracy(q)}
 
-            extra = ({"deepinv": ZOO_DEEPINV} if how["calib"] == "deepinv"
-                     else {"deepinv-clamped": ZOO_SYNTHETIC["deepinv-clamped"]} if how["calib"] == "deepinv-clamped"
-                     else {"train": ZOO_TRAIN_IMAGES} if how["calib"] == "train" else {})
+            calib = how["calib"]  # ZeroQ's settings are in `base`; the other sets name theirs
+            extra = ({calib: ZOO_SYNTHETIC[calib]} if calib in ZOO_SYNTHETIC and calib != "zeroq"
+                     else {"train": ZOO_TRAIN_IMAGES} if calib == "train" else {})
             row = cached({**base, "codes": codes, **how, **extra}, compute)
             rows.append({**row, "codes": codes, "row": name})
             print(f"  {ZOO_MODEL} {codes:<8} {name:<34} acc {100 * row['accuracy']:.2f}%  "
@@ -308,10 +308,10 @@ def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
 
 
 # What a user of the CLI gets: EfficientNet-Lite0 compiled for the host by `lastbit compile efficientnet-lite0
-# --quant pow2:3` (plain projection) and with `--datafree` (DataFree() defaults: 32 DeepInversion images at 224²
-# × 200 steps, clamped to the zoo's input range), run by lastbit with int8 activations on the integer kernels.
+# --quant pow2:3` (plain projection) and with `--datafree` (DataFree() defaults, the "deepinv-clamped" settings
+# above, clamped to the zoo's input range), run by lastbit with int8 activations on the integer kernels. The
+# cache key holds every DataFree field, so a change of its defaults recomputes the row.
 COMPILED_ROWS = {"compiled, plain projection": False, "compiled, --datafree": True}
-COMPILED_VERSION = 2  # 2: DataFree's distillation at the DeepInversion rows' settings (was one batch of 32, lr 0.2, 200 steps)
 
 
 def compiled_rows(samples: int) -> list[dict]:
@@ -343,7 +343,7 @@ def compiled_rows(samples: int) -> list[dict]:
     for name, datafree in COMPILED_ROWS.items():
         options = dataclasses.asdict(DataFree(synthetic_range=EFFNET_RANGE)) if datafree else None
         key = {"model": "efficientnet-lite0", "samples": samples, "seed": SEED, "row": name, "bits": 3,
-               "datafree": options, "version": COMPILED_VERSION}
+               "datafree": options, "version": 1}
         row = cached(key, lambda datafree=datafree: compute(datafree))
         rows.append({**row, "codes": "pow2-4", "row": name})
         print(f"  effnet {name:<34} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "
