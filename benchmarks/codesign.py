@@ -27,6 +27,14 @@ that qualify by their real accuracy (the rule below): whatever --max-drop says, 
 accuracy. Sensitivities score every single-layer change after re-estimating BatchNorm
 statistics on the calibration samples, as the compiled model has them.
 
+Two more rows close the loop (``lastbit.codesign.verify_search``, CLI ``--verify``): the
+uniform settings and up to three searched points are fine-tuned as above and scored on 5,000
+held-out train images; each search after the first runs at the predicted budget the last
+pick's real drop suggests. "searched, verified" is the cheapest scored point whose real drop
+is within --max-drop of fp32; "verified, equal accuracy" the cheapest within the qualifying
+uniform settings' real drop + 0.3 pt (the goal's window, on the held-out images). Both are
+then scored on the test images and costed on the target like the other rows.
+
 Goals (issue 13): at accuracy within 0.3 pt of the best uniform setting (the cheapest uniform
 one within --max-drop of fp32; if none is, the cheapest within 0.3 pt of the most accurate
 uniform one), ≥ 1.3× lower cost; when no configuration predicts a drop within --max-drop the
@@ -59,6 +67,9 @@ HOST = "x86_64-linux-gnu"
 ARM = "aarch64-dotprod-linux-gnu"
 ACCEL = "accel-sim"
 EQUAL = "searched, equal budget"  # the search at the best uniform setting's predicted drop
+VERIFIED = "searched, verified"  # the closed loop's pick (lastbit.codesign.verify_search) within --max-drop
+VERIFIED_EQUAL = "verified, equal accuracy"  # ... within a qualifying uniform setting's real drop + 0.3 pt
+N_VAL, VERIFY_ROUNDS = 5000, 3  # held-out train images the loop scores on; its search rounds
 # target -> (search objective, the whole-model metric it is compared on, its unit)
 TARGETS = {HOST: ("latency", "latency_ms", "ms"), ARM: ("cycles", "cycles", "est. A76 cycles"),
            ACCEL: ("energy", "energy_pj", "pJ")}
@@ -187,7 +198,8 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from lastbit.codesign import CODES, OBJECTIVES, codes_only, finetune_config, run_codesign, uniform_configs
+    from lastbit.codesign import (CODES, OBJECTIVES, finetune_config, retarget, run_codesign, uniform_configs,
+                                  verify_search)
     from lastbit.codesign_cost import tvm_threads
     from lastbit.frontend.datasets import fashion_mnist
     from lastbit.frontend.models import get_model
@@ -222,6 +234,9 @@ def main(argv=None) -> dict:
     pick = rng.choice(len(train.labels), n_cal + n_tune, replace=False)
     calibration = (train.images[pick[:n_cal]], train.labels[pick[:n_cal]])
     tune = (train.images[pick[n_cal:]], train.labels[pick[n_cal:]]) if n_tune else calibration[0]
+    # the verification's own held-out train images (the loop picks on them, the test split scores the pick)
+    held_out = np.random.default_rng(1).choice(np.setdiff1d(np.arange(len(train.labels)), pick), N_VAL, replace=False)
+    val = (train.images[held_out], train.labels[held_out])
     test_data = (test.images[:n_test], test.labels[:n_test])
     codes = ("ternary", "pow2-4", "int8", "fp32") if args.quick else CODES
     search = _search_options(cache_dir().parent / "codesign-costs.json", args.quick, codes)
@@ -243,6 +258,8 @@ def main(argv=None) -> dict:
     fp32_accuracy = fp32.accuracy(test_data)
     print(f"{'fp32':<28} top-1 {fp32_accuracy:.2%}")
     tuned: dict[tuple[str, int], tuple] = {}  # (config JSON, lanes) -> (host artifact, accuracy, seconds)
+    val_scores: dict[tuple[str, int], float] = {}  # (config JSON, lanes) -> top-1 on the held-out images
+    fp32_val = fp32.accuracy(val)
     sensitivity: dict[int, tuple] = {}  # lanes -> layer_sensitivity's tables (target-independent otherwise)
     sections: dict[str, dict] = {}
 
@@ -268,6 +285,13 @@ def main(argv=None) -> dict:
         if result.chosen is None:
             raise SystemExit(f"{target}: no configuration within {budget:.2f} points of predicted drop")
 
+        def val_accuracy(config, lanes) -> float:
+            """Top-1 of run()'s fine-tuned configuration on the held-out train images."""
+            key = (config.to_json(), lanes)
+            if key not in val_scores:
+                val_scores[key] = run(config, lanes)[0].accuracy(val)
+            return val_scores[key]
+
         def run(config, lanes):
             """Fine-tuned once per (config, lanes) for every target: (host artifact, accuracy, seconds)."""
             key = (config.to_json(), lanes)
@@ -288,15 +312,28 @@ def main(argv=None) -> dict:
                              name=MODEL, sensitivity=sensitivity[result.lanes], progress=False, **search)
         if equal.chosen is not None:
             configs[EQUAL] = equal.chosen.config
+        verification = verified_equal = None
+        if n_tune:  # the closed loop: fine-tuned and scored on held-out train images, then re-searched
+            def verify(max_drop):
+                return verify_search(result.tables, result.uniform, lambda config: val_accuracy(config, result.lanes),
+                                     fp32_val, max_drop, rounds=VERIFY_ROUNDS, progress=False)
+
+            verification = verify(args.max_drop)
+            if verification.chosen is not None:
+                configs[VERIFIED] = verification.chosen.candidate.config
+            # at equal accuracy: a real drop (held-out images) no worse than a qualifying uniform setting's + 0.3
+            eligible = _eligible(uniform_accuracy, fp32_accuracy, args.max_drop)
+            equal_real = max(100.0 * (fp32_val - val_accuracy(configs[k], result.lanes)) for k in eligible) + 0.3
+            verified_equal = verify(equal_real)
+            if verified_equal.chosen is not None:
+                configs[VERIFIED_EQUAL] = verified_equal.chosen.candidate.config
         accuracy, compile_s, artifacts = {}, {}, {}
         for label, config in configs.items():
             host_art, accuracy[label], compile_s[label] = run(config, result.lanes)
             if target == HOST:
                 artifacts[label] = host_art
             else:  # the same fine-tuned weights and codes, compiled for the target
-                squeeze = lastbit.Squeeze(layers=codes_only(config), data=calibration[0], mode="data-free")
-                artifacts[label] = lastbit.compile(host_art.torch_module, target, (example,), name=MODEL,
-                                                   squeeze=squeeze)
+                artifacts[label] = retarget(host_art, config, target, example, calibration[0], name=MODEL)
             print(f"[{target}] {label:<28} top-1 {accuracy[label]:.2%} ({compile_s[label]:.0f} s to squeeze)")
         if target != ACCEL:  # float layers do not run on the accelerator
             artifacts = {"fp32": fp32 if target == HOST else lastbit.compile(module, target, (example,), name=MODEL),
@@ -320,6 +357,8 @@ def main(argv=None) -> dict:
         scores = result.cost_scores.get(OBJECTIVES[objective], {})
         rows = [{"config": k, "top1": accuracy[k], **cost[k], "weight_bytes": artifacts[k].report().model_bytes,
                  "predicted_drop": (result.chosen.drop if k == "searched" else equal.chosen.drop if k == EQUAL else
+                                    verification.chosen.candidate.drop if k == VERIFIED else
+                                    verified_equal.chosen.candidate.drop if k == VERIFIED_EQUAL else
                                     result.uniform[k].drop if k in result.uniform else 0.0)} for k in artifacts]
         for row in rows:
             print(f"[{target}] {row['config']:<28} top-1 {row['top1']:.2%}  {row[metric]:.5g} {unit}  "
@@ -330,6 +369,23 @@ def main(argv=None) -> dict:
             print(f"[{target}] searched at the qualifying uniform settings' predicted drop ({equal_budget:.2f} pt): "
                   f"{equal_row['gain']:.2f}x lower {metric} "
                   f"({'equal accuracy' if equal_row['equal_accuracy'] else 'NOT within 0.3 pt'}; goal 1.3x)")
+        verified_rows = {}
+        for label, ver in ((VERIFIED, verification), (VERIFIED_EQUAL, verified_equal)):
+            if ver is None:
+                continue
+            row = verified_rows[label] = {"fp32_val": fp32_val, "val_samples": N_VAL, "rounds": VERIFY_ROUNDS,
+                                          **ver.to_json()}
+            for v in ver.tried:
+                print(f"[{target}] {label} (real budget {ver.max_drop:.2f} pt): {v.label:<26} predicted drop "
+                      f"{v.candidate.drop:5.2f} pt, real {v.drop:5.2f} pt on {N_VAL} held-out train images, "
+                      f"{v.candidate.cost:.4g} {unit} predicted")
+            if label in configs:
+                row["gain"] = cost[best_uniform][metric] / cost[label][metric]
+                row["equal_accuracy"] = bool(accuracy[label] >= accuracy[best_uniform] - 0.003)
+                print(f"[{target}] {label} pick ({ver.chosen.label}): {row['gain']:.2f}x lower {metric} than "
+                      f"{best_uniform}, test top-1 {accuracy[label]:.2%}")
+            else:
+                print(f"[{target}] {label}: nothing scored within {ver.max_drop:.2f} pt of fp32 on the held-out images")
         print(f"[{target}] cost model held-out Spearman {scores.get('spearman', float('nan')):.3f} (goal 0.9), "
               f"R² {scores.get('r2', float('nan')):.3f} ({scores.get('folds', 0)}-fold over "
               f"{scores.get('points', 0)} measured choices); search {search_s:.0f} s (measuring "
@@ -346,6 +402,7 @@ def main(argv=None) -> dict:
                                                  for (kind, k), d in result.deltas.get(r.name, {}).items()
                                                  if kind == "keep"} for r in result.residuals},
             "pareto_points": len(result.front), "compile_s": compile_s, "equal_budget_search": equal_row,
+            "verified_search": verified_rows,
         }
         if not args.untrained:  # after every target, so a later failure keeps what is done
             update_section("codesign", _record(args, n_tune, n_test, fp32_accuracy, sections, timing, recovery))

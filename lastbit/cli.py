@@ -189,46 +189,107 @@ def _structural_squeeze(prune: str | None, criterion: str, lowrank: str | None, 
 @click.option("--finetune-epochs", default=0, show_default=True, type=click.IntRange(min=0), help="ADMM fine-tune the chosen configuration this long and measure its accuracy.")
 @click.option("--finetune", "finetune", default="admm", show_default=True, type=click.Choice(["admm", "ste"]),
               help="With --finetune-epochs: train onto the codes by ADMM or straight through (STE).")
+@click.option("--verify", "verify_rounds", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Close the loop: fine-tune the uniform baselines and up to N searched points (--finetune-epochs, "
+                   "at least 1), score them on held-out train images and keep the cheapest whose real drop is "
+                   "within --max-drop.")
+@click.option("--validation-samples", default=5000, show_default=True, type=click.IntRange(min=100),
+              help="With --verify: train-split samples held out to score on (not trained on).")
 @click.option("--untrained", is_flag=True, help="Zoo models: seeded random weights.")
 def codesign_cmd(model: str, target: str, objective: str, max_drop: float, dataset: str, out_dir: Path,
                  calibration_samples: int, measure_share: float, cache_path: Path | None, finetune_epochs: int,
-                 finetune: str, untrained: bool) -> None:
+                 finetune: str, verify_rounds: int, validation_samples: int, untrained: bool) -> None:
     """Choose each layer's code set, keep ratio and rank of MODEL from TARGET's measured cost under an accuracy budget."""
     from lastbit.codesign import finetune_config, run_codesign
     from lastbit.frontend.datasets import load
     from lastbit.frontend.training import cache_dir
 
-    if finetune != "admm" and not finetune_epochs:
+    if finetune != "admm" and not (finetune_epochs or verify_rounds):
         raise click.UsageError(f"--finetune {finetune} picks the trainer of --finetune-epochs; "
                                "give --finetune-epochs N")
+    train, test = load(dataset, "train"), load(dataset, "test")
+    if verify_rounds and validation_samples + calibration_samples >= len(train.labels):
+        raise click.UsageError(f"--validation-samples {validation_samples} with --calibration-samples "
+                               f"{calibration_samples}: the {dataset} train split has only {len(train.labels)}")
     module, example = _load_model(model, pretrained=not untrained)
     if example is None:
         raise click.UsageError("codesign needs a zoo model (a torch module): it measures sensitivities in torch")
-    train, test = load(dataset, "train"), load(dataset, "test")
     pick = np.random.default_rng(0).choice(len(train.labels), min(calibration_samples, len(train.labels)), replace=False)
     calibration = (train.images[pick], train.labels[pick])
+    name = Path(model).stem
     result = run_codesign(module, example[0], target, calibration, out_dir, objective=objective, max_drop=max_drop,
                           cache_path=cache_path or cache_dir().parent / "codesign-costs.json",
-                          measure_share=measure_share, name=Path(model).stem)
+                          measure_share=measure_share, name=name)
     if result.chosen is None:
         raise click.ClickException(f"no configuration predicts a drop within {max_drop} points")
-    data = calibration[0]  # without fine-tuning: data-free codes, activation scales calibrated
-    if finetune_epochs:
-        data = (train.images, train.labels)
-    artifact = finetune_config(module, example[0], result.graph, result.chosen.config, data, target,
-                               epochs=max(finetune_epochs, 1), name=Path(model).stem, method=finetune)
+    chosen = result.chosen
+    if verify_rounds:
+        chosen, artifact = _verified_point(module, example[0], result, target, train, calibration, pick, out_dir,
+                                           max_drop, verify_rounds, validation_samples, max(finetune_epochs, 1),
+                                           finetune, name)
+    else:
+        data = calibration[0]  # without fine-tuning: data-free codes, activation scales calibrated
+        if finetune_epochs:
+            data = (train.images, train.labels)
+        artifact = finetune_config(module, example[0], result.graph, chosen.config, data, target,
+                                   epochs=max(finetune_epochs, 1), lanes=result.lanes, name=name, method=finetune)
     artifact.export(out_dir / "bundle")
     click.echo(artifact.report().format_table())
-    if finetune_epochs and artifact.target.is_host:
+    if (finetune_epochs or verify_rounds) and artifact.target.is_host:
         click.echo(f"accuracy after fine-tuning: {artifact.accuracy((test.images, test.labels)):.2%} on the test split")
     scores = ", ".join(f"{m}: Spearman {s['spearman']:.3f}, R² {s['r2']:.3f}" for m, s in result.cost_scores.items())
-    click.echo(f"chosen: predicted {objective} {result.chosen.cost:.4g}, drop {result.chosen.drop:.2f} pt, "
-               f"{result.chosen.bytes / 1e3:.1f} KB weights; {len(result.front)} Pareto points")
+    click.echo(f"chosen: predicted {objective} {chosen.cost:.4g}, drop {chosen.drop:.2f} pt, "
+               f"{chosen.bytes / 1e3:.1f} KB weights; {len(result.front)} Pareto points")
     for name, cand in result.uniform.items():
         click.echo(f"  {name:<28} predicted {objective} {cand.cost:.4g}, drop {cand.drop:.2f} pt")
     click.echo(f"cost model (held out): {scores or 'too few measurements'}; {result.measured_points} measured, "
                f"{result.predicted_points} predicted; search {result.timings['total']:.0f} s")
-    click.echo(f"written to {out_dir}: config.json, pareto.json, pareto.png, bundle/")
+    click.echo(f"written to {out_dir}: config.json, pareto.json, pareto.png, "
+               f"{'verification.json, ' if verify_rounds else ''}bundle/")
+
+
+def _verified_point(module, example, result, target: str, train, calibration, calibration_pick: np.ndarray,
+                    out_dir: Path, max_drop: float, rounds: int, validation_samples: int, epochs: int, method: str,
+                    name: str):
+    """``codesign --verify``: score the uniform baselines and the searched points on held-out
+    train images after fine-tuning on the rest (lastbit.codesign.verify_search), write
+    verification.json and the pick's config.json; the pick compiled for ``target``."""
+    import lastbit
+    from lastbit.codesign import finetune_config, retarget, verify_search
+    from lastbit.fileio import atomic_write_json
+
+    host = "x86_64-linux-gnu"  # where the scoring runs
+    outside = np.setdiff1d(np.arange(len(train.labels)), calibration_pick)  # the sensitivities' samples
+    held = np.random.default_rng(1).choice(outside, validation_samples, replace=False)
+    rest = np.setdiff1d(np.arange(len(train.labels)), held)
+    val, data = (train.images[held], train.labels[held]), (train.images[rest], train.labels[rest])
+    fp32_accuracy = lastbit.compile(module, host, (example,), name=name).accuracy(val)
+    artifacts = {}
+
+    def score(config) -> float:
+        art = finetune_config(module, example, result.graph, config, data, host, epochs=epochs, lanes=result.lanes,
+                              name=name, method=method)
+        artifacts[config.to_json()] = art
+        return art.accuracy(val)
+
+    verification = verify_search(result.tables, result.uniform, score, fp32_accuracy, max_drop, rounds=rounds)
+    atomic_write_json(out_dir / "verification.json", {"validation_samples": len(held), "epochs": epochs,
+                                                       "method": method, **verification.to_json()})
+    for v in verification.tried:
+        click.echo(f"  verify {v.label:<26} predicted drop {v.candidate.drop:5.2f} pt, real {v.drop:5.2f} pt "
+                   f"(fp32 {verification.fp32_accuracy:.2%} on {len(held)} held-out train samples)")
+    if verification.chosen is None:
+        (out_dir / "config.json").unlink(missing_ok=True)
+        best = max(verification.tried, key=lambda v: v.accuracy)
+        raise click.ClickException(f"no configuration stays within {max_drop} points of fp32 after fine-tuning; "
+                                   f"the closest, {best.label}, lost {best.drop:.2f} (see verification.json)")
+    picked = verification.chosen
+    picked.candidate.config.to_json(out_dir / "config.json")
+    art = artifacts[picked.candidate.config.to_json()]
+    if target != host:
+        art = retarget(art, picked.candidate.config, target, example, calibration[0], name=name)
+    click.echo(f"verified pick: {picked.label}, real drop {picked.drop:.2f} pt")
+    return picked.candidate, art
 
 
 @main.command("tune")

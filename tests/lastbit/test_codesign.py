@@ -170,13 +170,17 @@ def test_finetune_config_trains_with_the_chosen_method(small_cnn):
         finetune_config(model, x, graph, config, data, method="sgd")
 
 
-def test_codesign_cli_refuses_a_trainer_without_fine_tuning(tmp_path):
+def test_codesign_cli_refuses_bad_fine_tuning_options(tmp_path):
     from click.testing import CliRunner
 
     from lastbit.cli import main
 
     result = CliRunner().invoke(main, ["codesign", "resnet8", "--finetune", "ste", "-o", str(tmp_path / "cd")])
     assert result.exit_code == 2 and "--finetune-epochs" in result.output
+    assert not (tmp_path / "cd").exists()
+    result = CliRunner().invoke(main, ["codesign", "resnet8", "--verify", "2", "--validation-samples", "59600",
+                                       "-o", str(tmp_path / "cd")])
+    assert result.exit_code == 2 and "train split has only 60000" in result.output
     assert not (tmp_path / "cd").exists()
 
 
@@ -421,3 +425,120 @@ def test_run_codesign_prunes_residual_groups_for_real(residual_net, tmp_path):
                                 lanes=result.lanes)
     assert (pruned.stem.out_channels, pruned.d2.out_channels) == (4, 8)
 
+
+
+def _toy_tables(slope: float = 2.0):
+    from lastbit.codesign import evaluate_config, uniform_configs
+
+    sites = _toy_sites()
+    groups = site_groups(sites)
+    points = {p for g in groups for o in g.options for p in g.points(o)}
+    costs = CostTable({p: {**_toy_cost(p), "weight_bytes": float(p.weight_bytes)} for p in points}, set(points))
+    tables = [option_tables(groups, costs, _DELTAS, slope, "latency_ms")]
+    uniform = {k: evaluate_config(tables, c) for k, c in uniform_configs(sites).items()}
+    return sites, tables, uniform
+
+
+def _predicted(sites, config, slope: float = 2.0) -> float:
+    return sum(choice_drop(_DELTAS[s.name], config[s.name], slope) for s in sites)
+
+
+def test_verification_tightens_the_budget_until_the_real_drop_fits():
+    """Real drop twice the predicted one: the 1-point search's pick loses more than 1 point, the
+    loop searches again at half the budget and returns the brute-force optimum of real drop ≤ 1
+    (predicted ≤ 0.5), after scoring the uniform baselines and the two searched points once."""
+    from lastbit.codesign import verify_search
+
+    sites, tables, uniform = _toy_tables()
+    scored = []
+
+    def score(config):
+        scored.append(config.to_json())
+        return 0.9 - 2 * _predicted(sites, config) / 100
+
+    found = verify_search(tables, uniform, score, 0.9, max_drop=1.0, rounds=3, progress=False)
+    first = next(v for v in found.tried if v.label == "search 1")
+    assert first.budget == 1.0 and first.drop > 1.0  # the open-loop answer misses the real budget
+    expected, combo = _brute_force(sites, 0.5, 2.0)
+    assert found.chosen.drop <= 1.0 and found.chosen.candidate.cost == pytest.approx(expected)
+    assert [found.chosen.candidate.config[s.name] for s in sites] == list(combo)
+    assert len(scored) == len(set(scored)) == len(found.tried)  # nothing fine-tuned twice
+    assert [v.label for v in found.tried[:len(uniform)]] == list(uniform)
+    assert json.loads(json.dumps(found.to_json()))["chosen"] == found.chosen.label
+
+
+def test_verification_loosens_the_budget_when_fine_tuning_recovers():
+    """Real drop an eighth of the predicted one: the second search runs at 4× the budget (the
+    cap; the ratio asks 8×) and finds a cheaper point that still fits."""
+    from lastbit.codesign import verify_search
+
+    sites, tables, uniform = _toy_tables()
+    found = verify_search(tables, uniform, lambda c: 0.9 - _predicted(sites, c) / 800, 0.9, max_drop=0.5,
+                          rounds=2, progress=False)
+    searched = [v for v in found.tried if v.budget is not None]
+    assert [v.budget for v in searched] == [0.5, 2.0]
+    assert searched[1].candidate.cost < searched[0].candidate.cost
+    assert found.chosen is searched[1] and found.chosen.drop <= 0.5
+
+
+def test_verification_keeps_a_uniform_baseline_that_is_cheapest_within_budget():
+    """When every searched point loses more than the budget in reality, the answer is the
+    cheapest uniform baseline that meets it; when nothing does, there is no answer."""
+    from lastbit.codesign import verify_search
+
+    sites, tables, uniform = _toy_tables()
+    keys = {c.config.to_json(): name for name, c in uniform.items()}
+
+    def score(config):
+        return 0.9 if keys.get(config.to_json()) in ("uniform int8", "uniform 3-bit") else 0.5
+
+    found = verify_search(tables, uniform, score, 0.9, max_drop=1.0, progress=False)
+    cheaper = min(("uniform int8", "uniform 3-bit"), key=lambda k: uniform[k].cost)
+    assert found.chosen.label == cheaper and found.chosen.drop == 0.0
+    assert any(v.budget is not None and v.drop > 1.0 for v in found.tried)
+    nothing = verify_search(tables, uniform, lambda c: 0.5, 0.9, max_drop=1.0, progress=False)
+    assert nothing.chosen is None and len(nothing.tried) >= len(uniform) + 1
+    with pytest.raises(LastbitError, match="at least one search round"):
+        verify_search(tables, uniform, score, 0.9, max_drop=1.0, rounds=0)
+
+
+def test_codesign_verify_writes_the_verified_pick(residual_net, tmp_path, monkeypatch):
+    """`codesign --verify`: the uniform baselines and the searched points are fine-tuned on the
+    train split minus held-out samples and scored on those; verification.json lists them, and
+    config.json and the compiled bundle are the pick's. When nothing fits, config.json goes and
+    the error names the closest point."""
+    from types import SimpleNamespace
+
+    import click
+
+    from lastbit.cli import _verified_point
+    from lastbit.codesign import Verification, Verified, run_codesign
+    from lastbit.layer_config import LayerConfig
+
+    model, x = residual_net
+    rng = np.random.default_rng(0)
+    train = SimpleNamespace(images=rng.standard_normal((160, 3, 8, 8)).astype("float32"),
+                            labels=rng.integers(0, 5, 160))
+    pick = np.arange(32)
+    calibration = (train.images[pick], train.labels[pick])
+    result = run_codesign(model, x, "x86_64-linux-gnu", calibration, tmp_path, max_drop=1.0,
+                          cache_path=tmp_path / "costs.json", codes=("pow2-4", "int8"), ranks=False, progress=False,
+                          source=_MacLatency())
+    chosen, art = _verified_point(model, x, result, "x86_64-linux-gnu", train, calibration, pick, tmp_path, 100.0,
+                                  2, 64, 1, "admm", "toy")
+    stored = json.loads((tmp_path / "verification.json").read_text())
+    assert stored["validation_samples"] == 64 and stored["max_drop"] == 100.0
+    assert [t["label"] for t in stored["tried"]][:3] == list(result.uniform)
+    assert any(t["search_budget"] == 100.0 for t in stored["tried"])
+    # a 100-point budget admits everything: the pick is the cheapest point scored
+    assert chosen.cost == min(t["cost"] for t in stored["tried"])
+    assert LayerConfig.from_json(tmp_path / "config.json") == chosen.config
+    assert {info.code_set for info in art.graph.quant.values()} == {c.codes for c in chosen.config.layers.values()}
+
+    closest = Verified("uniform int8", result.uniform["uniform int8"], 0.5, 40.0)
+    monkeypatch.setattr("lastbit.codesign.verify_search",
+                        lambda *a, **k: Verification(0.9, 1.0, [closest], None))
+    with pytest.raises(click.ClickException, match="closest, uniform int8, lost 40.00"):
+        _verified_point(model, x, result, "x86_64-linux-gnu", train, calibration, pick, tmp_path, 1.0, 1, 64, 1,
+                        "admm", "toy")
+    assert not (tmp_path / "config.json").exists()
