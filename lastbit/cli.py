@@ -222,9 +222,9 @@ def codesign_cmd(model: str, target: str, objective: str, max_drop: float, datas
                           measure_share=measure_share, name=name)
     if result.chosen is None:
         raise click.ClickException(f"no configuration predicts a drop within {max_drop} points")
-    chosen = result.chosen
+    chosen, real_drop = result.chosen, ""
     if verify_rounds:
-        chosen, artifact = _verified_point(module, example[0], result, target, train, calibration, pick, out_dir,
+        chosen, real_drop, artifact = _verified_point(module, example[0], result, target, train, calibration, pick, out_dir,
                                            max_drop, verify_rounds, validation_samples, max(finetune_epochs, 1),
                                            finetune, name)
     else:
@@ -238,7 +238,7 @@ def codesign_cmd(model: str, target: str, objective: str, max_drop: float, datas
     if (finetune_epochs or verify_rounds) and artifact.target.is_host:
         click.echo(f"accuracy after fine-tuning: {artifact.accuracy((test.images, test.labels)):.2%} on the test split")
     scores = ", ".join(f"{m}: Spearman {s['spearman']:.3f}, R² {s['r2']:.3f}" for m, s in result.cost_scores.items())
-    click.echo(f"chosen: predicted {objective} {chosen.cost:.4g}, drop {chosen.drop:.2f} pt, "
+    click.echo(f"chosen: predicted {objective} {chosen.cost:.4g}, drop {chosen.drop:.2f} pt{real_drop}, "
                f"{chosen.bytes / 1e3:.1f} KB weights; {len(result.front)} Pareto points")
     for name, cand in result.uniform.items():
         click.echo(f"  {name:<28} predicted {objective} {cand.cost:.4g}, drop {cand.drop:.2f} pt")
@@ -289,7 +289,7 @@ def _verified_point(module, example, result, target: str, train, calibration, ca
     if target != host:
         art = retarget(art, picked.candidate.config, target, example, calibration[0], name=name)
     click.echo(f"verified pick: {picked.label}, real drop {picked.drop:.2f} pt")
-    return picked.candidate, art
+    return picked.candidate, f" (real {picked.drop:.2f} pt after fine-tuning)", art
 
 
 @main.command("tune")

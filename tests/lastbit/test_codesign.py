@@ -524,7 +524,7 @@ def test_codesign_verify_writes_the_verified_pick(residual_net, tmp_path, monkey
     result = run_codesign(model, x, "x86_64-linux-gnu", calibration, tmp_path, max_drop=1.0,
                           cache_path=tmp_path / "costs.json", codes=("pow2-4", "int8"), ranks=False, progress=False,
                           source=_MacLatency())
-    chosen, art = _verified_point(model, x, result, "x86_64-linux-gnu", train, calibration, pick, tmp_path, 100.0,
+    chosen, real, art = _verified_point(model, x, result, "x86_64-linux-gnu", train, calibration, pick, tmp_path, 100.0,
                                   2, 64, 1, "admm", "toy")
     stored = json.loads((tmp_path / "verification.json").read_text())
     assert stored["validation_samples"] == 64 and stored["max_drop"] == 100.0
@@ -533,6 +533,8 @@ def test_codesign_verify_writes_the_verified_pick(residual_net, tmp_path, monkey
     # a 100-point budget admits everything: the pick is the cheapest point scored
     assert chosen.cost == min(t["cost"] for t in stored["tried"])
     assert LayerConfig.from_json(tmp_path / "config.json") == chosen.config
+    picked = next(t for t in stored["tried"] if t["label"] == stored["chosen"])
+    assert real == f" (real {picked['drop']:.2f} pt after fine-tuning)"
     assert {info.code_set for info in art.graph.quant.values()} == {c.codes for c in chosen.config.layers.values()}
 
     closest = Verified("uniform int8", result.uniform["uniform int8"], 0.5, 40.0)
