@@ -767,10 +767,9 @@ def verify_search(tables: Sequence[SearchTables], uniform: dict[str, Candidate],
                   max_drop: float, rounds: int = 3, progress: bool = True) -> Verification:
     """Close the loop on the search's accuracy model. The predicted drop sums single-layer loss
     changes before any fine-tuning; the real drop is what fine-tuning leaves, and the two differ
-    either way (ResNet-8, ADMM 1 epoch on 2,000 images: uniform 3-bit predicted 1.76 points and
-    lost 1.33; the 1-point search's pick lost 1.56 on accel-sim). ``score(config)`` fine-tunes a
-    configuration and returns its top-1 on validation data (not the test data the result is
-    reported on); ``fp32_accuracy`` is the fp32 model's on the same data.
+    either way, by more than a point on ResNet-8 (README, co-design search). ``score(config)``
+    fine-tunes a configuration and returns its top-1 on validation data (not the test data the
+    result is reported on); ``fp32_accuracy`` is the fp32 model's on the same data.
 
     The uniform baselines are scored first, then up to ``rounds`` searches: each at the budget
     that would have made the last pick's real drop ``max_drop`` if real drop is proportional to
