@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -98,21 +97,6 @@ def _eligible(accuracy: dict[str, float], fp32_accuracy: float, max_drop: float)
     top = max(accuracy.values())
     return ([k for k, a in accuracy.items() if fp32_accuracy - a <= max_drop / 100] or
             [k for k, a in accuracy.items() if a >= top - 0.003])
-
-
-def _whole_cost(target: str, artifact, x: np.ndarray) -> dict[str, float]:
-    """The whole model's cost on a non-host target: ARM counted under qemu, accel-sim simulated."""
-    if target == ACCEL:
-        total = artifact.report().accelerator["total"]
-        return {"energy_pj": float(total["energy_pj"]), "cycles": float(total["cycles"])}
-    from lastbit.codegen.qemu_count import count_bundle
-    from lastbit.codesign_cost import cost_source
-
-    core = cost_source(target).core  # the core the per-layer costs were estimated for
-    with tempfile.TemporaryDirectory(prefix="lastbit-codesign-bench-") as workdir:
-        counts = count_bundle(artifact.export(Path(workdir) / "bundle"), [x])
-    return {"cycles": float(counts.cycles(core)), "cycles_cortex-a53": float(counts.cycles("cortex-a53")),
-            "insns": float(counts.total)}
 
 
 def search_timing(calibration: tuple[np.ndarray, np.ndarray], out: Path, search: dict) -> dict:
@@ -201,7 +185,7 @@ def main(argv=None) -> dict:
 
     from lastbit.codesign import (CODES, OBJECTIVES, finetune_config, retarget, run_codesign, uniform_configs,
                                   verify_search)
-    from lastbit.codesign_cost import tvm_threads
+    from lastbit.codesign_cost import tvm_threads, whole_model_cost
     from lastbit.frontend.datasets import fashion_mnist
     from lastbit.frontend.models import get_model
     from lastbit.frontend.training import cache_dir
@@ -315,11 +299,25 @@ def main(argv=None) -> dict:
                              name=MODEL, sensitivity=sensitivity[result.lanes], progress=False, **search)
         if equal.chosen is not None:
             configs[EQUAL] = equal.chosen.config
+        def on_target(config):
+            """run()'s fine-tuned configuration compiled for this target (host: the same artifact)."""
+            key = config.to_json()
+            if key not in target_arts:
+                host_art = run(config, result.lanes)[0]
+                target_arts[key] = host_art if target == HOST else retarget(host_art, config, target, example,
+                                                                            calibration[0], name=MODEL)
+            return target_arts[key]
+
+        def measured(config) -> float:
+            """The loop's whole-model cost of a configuration (x86: timed on THREADS threads)."""
+            return whole_model_cost(on_target(config), x, threads=THREADS)[metric]
+
+        target_arts: dict[str, object] = {}
         verification = verified_equal = None
         if n_tune:  # the closed loop: fine-tuned and scored on held-out train images, then re-searched
             def verify(max_drop):
                 return verify_search(result.tables, result.uniform, lambda config: val_accuracy(config, result.lanes),
-                                     fp32_val, max_drop, rounds=VERIFY_ROUNDS, progress=False)
+                                     fp32_val, max_drop, rounds=VERIFY_ROUNDS, progress=False, measure=measured)
 
             verification = verify(args.max_drop)
             if verification.chosen is not None:
@@ -332,11 +330,8 @@ def main(argv=None) -> dict:
                 configs[VERIFIED_EQUAL] = verified_equal.chosen.candidate.config
         accuracy, compile_s, artifacts = {}, {}, {}
         for label, config in configs.items():
-            host_art, accuracy[label], compile_s[label] = run(config, result.lanes)
-            if target == HOST:
-                artifacts[label] = host_art
-            else:  # the same fine-tuned weights and codes, compiled for the target
-                artifacts[label] = retarget(host_art, config, target, example, calibration[0], name=MODEL)
+            _, accuracy[label], compile_s[label] = run(config, result.lanes)
+            artifacts[label] = on_target(config)  # the same fine-tuned weights and codes
             print(f"[{target}] {label:<28} top-1 {accuracy[label]:.2%} ({compile_s[label]:.0f} s to squeeze)")
         if target != ACCEL:  # float layers do not run on the accelerator
             artifacts = {"fp32": fp32 if target == HOST else lastbit.compile(module, target, (example,), name=MODEL),
@@ -347,7 +342,7 @@ def main(argv=None) -> dict:
                 lat = _latencies(artifacts, x, rounds=5 if args.quick else 9, repeat=20)
             cost = {k: {"latency_ms": v} for k, v in lat.items()}
         else:
-            cost = {k: _whole_cost(target, art, x) for k, art in artifacts.items()}
+            cost = {k: whole_model_cost(art, x) for k, art in artifacts.items()}
 
         best_uniform = min(_eligible(uniform_accuracy, fp32_accuracy, args.max_drop), key=lambda k: cost[k][metric])
         equal_accuracy = accuracy["searched"] >= accuracy[best_uniform] - 0.003
@@ -381,7 +376,7 @@ def main(argv=None) -> dict:
             for v in ver.tried:
                 print(f"[{target}] {label} (real budget {ver.max_drop:.2f} pt): {v.label:<26} predicted drop "
                       f"{v.candidate.drop:5.2f} pt, real {v.drop:5.2f} pt on {N_VAL} held-out train images, "
-                      f"{v.candidate.cost:.4g} {unit} predicted")
+                      f"{v.candidate.cost:.4g} {unit} predicted, {v.measured_cost:.4g} whole")
             if label in configs:
                 row["gain"] = cost[best_uniform][metric] / cost[label][metric]
                 row["equal_accuracy"] = bool(accuracy[label] >= accuracy[best_uniform] - 0.003)

@@ -224,9 +224,9 @@ def codesign_cmd(model: str, target: str, objective: str, max_drop: float, datas
         raise click.ClickException(f"no configuration predicts a drop within {max_drop} points")
     chosen, real_drop = result.chosen, ""
     if verify_rounds:
-        chosen, real_drop, artifact = _verified_point(module, example[0], result, target, train, calibration, pick, out_dir,
-                                           max_drop, verify_rounds, validation_samples, max(finetune_epochs, 1),
-                                           finetune, name)
+        chosen, real_drop, artifact = _verified_point(module, example[0], result, target, objective, train,
+                                                      calibration, pick, out_dir, max_drop, verify_rounds,
+                                                      validation_samples, max(finetune_epochs, 1), finetune, name)
     else:
         data = calibration[0]  # without fine-tuning: data-free codes, activation scales calibrated
         if finetune_epochs:
@@ -248,23 +248,28 @@ def codesign_cmd(model: str, target: str, objective: str, max_drop: float, datas
                f"{'verification.json, ' if verify_rounds else ''}bundle/")
 
 
-def _verified_point(module, example, result, target: str, train, calibration, calibration_pick: np.ndarray,
-                    out_dir: Path, max_drop: float, rounds: int, validation_samples: int, epochs: int, method: str,
-                    name: str):
+def _verified_point(module, example, result, target: str, objective: str, train, calibration,
+                    calibration_pick: np.ndarray, out_dir: Path, max_drop: float, rounds: int,
+                    validation_samples: int, epochs: int, method: str, name: str):
     """``codesign --verify``: score the uniform baselines and the searched points on held-out
-    train images after fine-tuning on the rest (lastbit.codesign.verify_search), write
-    verification.json and the pick's config.json; the pick compiled for ``target``."""
+    train images after fine-tuning on the rest, cost each compiled whole on ``target``
+    (lastbit.codesign.verify_search), write verification.json and the pick's config.json; the
+    pick compiled for ``target``."""
     import lastbit
-    from lastbit.codesign import finetune_config, retarget, verify_search
+    from lastbit.codesign import OBJECTIVES, finetune_config, retarget, verify_search
+    from lastbit.codesign_cost import whole_model_cost
     from lastbit.fileio import atomic_write_json
 
     host = "x86_64-linux-gnu"  # where the scoring runs
     outside = np.setdiff1d(np.arange(len(train.labels)), calibration_pick)  # the sensitivities' samples
     held = np.random.default_rng(1).choice(outside, validation_samples, replace=False)
+    metric = OBJECTIVES[objective]
     rest = np.setdiff1d(np.arange(len(train.labels)), held)
     val, data = (train.images[held], train.labels[held]), (train.images[rest], train.labels[rest])
     fp32_accuracy = lastbit.compile(module, host, (example,), name=name).accuracy(val)
     artifacts = {}
+
+    on_target = {}
 
     def score(config) -> float:
         art = finetune_config(module, example, result.graph, config, data, host, epochs=epochs, lanes=result.lanes,
@@ -272,12 +277,22 @@ def _verified_point(module, example, result, target: str, train, calibration, ca
         artifacts[config.to_json()] = art
         return art.accuracy(val)
 
-    verification = verify_search(result.tables, result.uniform, score, fp32_accuracy, max_drop, rounds=rounds)
+    def measure(config) -> float:
+        """The fine-tuned configuration compiled for the target and costed whole."""
+        art = artifacts[config.to_json()]
+        if target != host:
+            art = retarget(art, config, target, example, calibration[0], name=name)
+        on_target[config.to_json()] = art
+        return whole_model_cost(art, np.asarray(example))[metric]
+
+    verification = verify_search(result.tables, result.uniform, score, fp32_accuracy, max_drop, rounds=rounds,
+                                 measure=measure)
     atomic_write_json(out_dir / "verification.json", {"validation_samples": len(held), "epochs": epochs,
                                                        "method": method, **verification.to_json()})
     for v in verification.tried:
         click.echo(f"  verify {v.label:<26} predicted drop {v.candidate.drop:5.2f} pt, real {v.drop:5.2f} pt "
-                   f"(fp32 {verification.fp32_accuracy:.2%} on {len(held)} held-out train samples)")
+                   f"(fp32 {verification.fp32_accuracy:.2%} on {len(held)} held-out train samples); {objective} "
+                   f"{v.candidate.cost:.4g} predicted" + (f", {v.measured_cost:.4g} whole" if v.measured_cost else ""))
     if verification.chosen is None:
         (out_dir / "config.json").unlink(missing_ok=True)
         best = max(verification.tried, key=lambda v: v.accuracy)
@@ -285,9 +300,7 @@ def _verified_point(module, example, result, target: str, train, calibration, ca
                                    f"the closest, {best.label}, lost {best.drop:.2f} (see verification.json)")
     picked = verification.chosen
     picked.candidate.config.to_json(out_dir / "config.json")
-    art = artifacts[picked.candidate.config.to_json()]
-    if target != host:
-        art = retarget(art, picked.candidate.config, target, example, calibration[0], name=name)
+    art = on_target[picked.candidate.config.to_json()]
     click.echo(f"verified pick: {picked.label}, real drop {picked.drop:.2f} pt")
     return picked.candidate, f" (real {picked.drop:.2f} pt after fine-tuning)", art
 

@@ -31,7 +31,7 @@ from lastbit.errors import LastbitError
 log = logging.getLogger(__name__)
 
 __all__ = ["AccelSimCost", "ArmCycles", "CostCache", "CostModel", "CostPoint", "CostSource", "HostLatency", "code_fingerprint",
-           "cost_source", "tvm_threads"]
+           "cost_source", "tvm_threads", "whole_model_cost"]
 
 
 @dataclass(frozen=True)
@@ -336,6 +336,38 @@ def cost_source(target: str) -> CostSource:
         return ArmCycles(t.triple, core=cycle_core(t))
     raise LastbitError(f"no cost source for target '{t.triple}' (runner '{t.runner}'); host latency, "
                        "ARM under qemu and accel-sim are supported")
+
+
+def whole_model_cost(artifact, x: np.ndarray, threads: int | None = 1, rounds: int = 9,
+                     repeat: int = 20) -> dict[str, float]:
+    """What a whole compiled model costs on its target, in the cost sources' metrics: the host
+    times it (the least of ``rounds`` medians of ``repeat`` calls on ``threads`` TVM threads),
+    an ARM target counts it under qemu-user into the cycle model's estimate for the core its
+    cost source uses (not board timings), accel-sim simulates it; ``weight_bytes`` beside."""
+    import tempfile
+
+    out = {"weight_bytes": float(artifact.report().model_bytes)}
+    t = artifact.target
+    if t.runner == "sim":
+        total = artifact.report().accelerator["total"]
+        return {**out, "energy_pj": float(total["energy_pj"]), "cycles": float(total["cycles"]),
+                "latency_ms": float(total["latency_ms"])}
+    if t.is_host:
+        with tvm_threads(threads):
+            ms = min(artifact.latency_ms(x, repeat=repeat, warmup=2) for _ in range(rounds))
+        return {**out, "latency_ms": ms}
+    source = cost_source(t.triple)
+    if not isinstance(source, ArmCycles):
+        raise LastbitError(f"no whole-model cost for target '{t.triple}' (runner '{t.runner}')")
+    from lastbit.codegen.qemu_count import count_bundle
+    from lastbit.targets.arm_cycle_model import CORES
+
+    source.check_tools()
+    with tempfile.TemporaryDirectory(prefix="lastbit-wholecost-") as tmp:
+        counts = count_bundle(artifact.export(Path(tmp) / "bundle"), [x])
+    out.update({"cycles": float(counts.cycles(source.core)), "insns": float(counts.total)})
+    out.update({f"cycles_{core}": float(counts.cycles(core)) for core in CORES if core != source.core})
+    return out
 
 
 @functools.lru_cache(maxsize=1)

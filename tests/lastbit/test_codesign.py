@@ -524,16 +524,20 @@ def test_codesign_verify_writes_the_verified_pick(residual_net, tmp_path, monkey
     result = run_codesign(model, x, "x86_64-linux-gnu", calibration, tmp_path, max_drop=1.0,
                           cache_path=tmp_path / "costs.json", codes=("pow2-4", "int8"), ranks=False, progress=False,
                           source=_MacLatency())
-    chosen, real, art = _verified_point(model, x, result, "x86_64-linux-gnu", train, calibration, pick, tmp_path, 100.0,
-                                  2, 64, 1, "admm", "toy")
+    chosen, real, art = _verified_point(model, x, result, "x86_64-linux-gnu", "latency", train, calibration, pick,
+                                        tmp_path, 100.0, 2, 64, 1, "admm", "toy")
     stored = json.loads((tmp_path / "verification.json").read_text())
     assert stored["validation_samples"] == 64 and stored["max_drop"] == 100.0
     assert [t["label"] for t in stored["tried"]][:3] == list(result.uniform)
     assert any(t["search_budget"] == 100.0 for t in stored["tried"])
-    # a 100-point budget admits everything: the pick is the cheapest point scored
-    assert chosen.cost == min(t["cost"] for t in stored["tried"])
-    assert LayerConfig.from_json(tmp_path / "config.json") == chosen.config
+    # a 100-point budget admits everything: the pick is the most accurate of the points whose
+    # whole-model latency, timed on this host, is within 2 % of the cheapest
+    assert all(t["measured_cost"] > 0 for t in stored["tried"])
     picked = next(t for t in stored["tried"] if t["label"] == stored["chosen"])
+    cheapest = min(t["measured_cost"] for t in stored["tried"])
+    assert picked["measured_cost"] <= 1.02 * cheapest
+    assert picked["accuracy"] == max(t["accuracy"] for t in stored["tried"] if t["measured_cost"] <= 1.02 * cheapest)
+    assert LayerConfig.from_json(tmp_path / "config.json") == chosen.config and chosen is not None
     assert real == f" (real {picked['drop']:.2f} pt after fine-tuning)"
     assert {info.code_set for info in art.graph.quant.values()} == {c.codes for c in chosen.config.layers.values()}
 
@@ -541,6 +545,36 @@ def test_codesign_verify_writes_the_verified_pick(residual_net, tmp_path, monkey
     monkeypatch.setattr("lastbit.codesign.verify_search",
                         lambda *a, **k: Verification(0.9, 1.0, [closest], None))
     with pytest.raises(click.ClickException, match="closest, uniform int8, lost 40.00"):
-        _verified_point(model, x, result, "x86_64-linux-gnu", train, calibration, pick, tmp_path, 1.0, 1, 64, 1,
-                        "admm", "toy")
+        _verified_point(model, x, result, "x86_64-linux-gnu", "latency", train, calibration, pick, tmp_path, 1.0, 1,
+                        64, 1, "admm", "toy")
     assert not (tmp_path / "config.json").exists()
+
+
+def test_verification_chooses_by_the_measured_whole_model_cost():
+    """With ``measure`` the loop compares whole-model costs: when every scored point measures the
+    same, they tie and the most accurate one wins (here uniform int8), where the summed
+    per-layer predictions alone would pick the cheapest-predicted point."""
+    from lastbit.codesign import verify_search
+
+    sites, tables, uniform = _toy_tables()
+
+    def score(config):
+        return 0.9 - _predicted(sites, config) / 1000  # every point within budget
+
+    predicted = verify_search(tables, uniform, score, 0.9, max_drop=1.0, progress=False)
+    assert predicted.chosen.label != "uniform int8"
+    assert predicted.chosen.cost == min(v.candidate.cost for v in predicted.tried)
+    flat = verify_search(tables, uniform, score, 0.9, max_drop=1.0, progress=False, measure=lambda c: 1.0)
+    assert flat.chosen.label == "uniform int8" and flat.chosen.measured_cost == 1.0
+    assert all(t["measured_cost"] == 1.0 for t in flat.to_json()["tried"])
+    # 1 % dearer than the cheapest still ties, 3 % does not: uniform int8, the most accurate,
+    # drops out at 1.03 and the most accurate of the rest wins
+    keys = {uniform[k].config.to_json(): k for k in uniform}
+    cost = {"uniform int8": 1.03, "uniform 3-bit": 1.0}
+
+    def measure(config):
+        return cost.get(keys.get(config.to_json()), 1.01)
+
+    close = verify_search(tables, uniform, score, 0.9, max_drop=1.0, progress=False, measure=measure)
+    rest = [v for v in close.tried if v.label != "uniform int8"]
+    assert close.chosen.label != "uniform int8" and close.chosen.accuracy == max(v.accuracy for v in rest)
