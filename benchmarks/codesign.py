@@ -32,13 +32,13 @@ Two more rows close the loop (``lastbit.codesign.verify_search``, CLI ``--verify
 uniform settings and up to three searched points are fine-tuned as above and scored on 10,000
 held-out train images; each search after the first runs at the predicted budget the last
 pick's real drop suggests. "searched, verified" is the cheapest scored point whose real drop
-is within --max-drop of fp32; "verified, equal accuracy" the cheapest within the qualifying
-uniform settings' real drop + 0.3 pt (the goal's window, on the held-out images). Both are
+is within --max-drop of fp32; "verified, equal accuracy" the cheapest within the best uniform
+setting's real drop + 0.3 pt (the goal's window, on the held-out images). Both are
 then scored on the test images and costed on the target like the other rows.
 
 Goals (issue 13): at accuracy within 0.3 pt of the best uniform setting (the cheapest uniform
 one within --max-drop of fp32; if none is, the cheapest within 0.3 pt of the most accurate
-uniform one), ≥ 1.3× lower cost; when no configuration predicts a drop within --max-drop the
+uniform one; of those within COST_TIE, 2 %, of the cheapest, the most accurate), ≥ 1.3× lower cost; when no configuration predicts a drop within --max-drop the
 search runs at the predicted drop of the most accurate uniform setting; cost-model Spearman ≥ 0.9 on held-out
 measured choices; a search on ResNet-20 for the host ≤ 15 min with cached measurements (run
 first, before the ResNet-8 targets, twice: the second run's wall time, ``search_timing``;
@@ -68,7 +68,7 @@ ARM = "aarch64-dotprod-linux-gnu"
 ACCEL = "accel-sim"
 EQUAL = "searched, equal budget"  # the search at the best uniform setting's predicted drop
 VERIFIED = "searched, verified"  # the closed loop's pick (lastbit.codesign.verify_search) within --max-drop
-VERIFIED_EQUAL = "verified, equal accuracy"  # ... within a qualifying uniform setting's real drop + 0.3 pt
+VERIFIED_EQUAL = "verified, equal accuracy"  # ... within the best uniform setting's real drop + 0.3 pt
 N_VAL, VERIFY_ROUNDS = 10000, 3  # held-out train images the loop scores on; its search rounds
 # target -> (search objective, the whole-model metric it is compared on, its unit)
 TARGETS = {HOST: ("latency", "latency_ms", "ms"), ARM: ("cycles", "cycles", "est. A76 cycles"),
@@ -97,6 +97,16 @@ def _eligible(accuracy: dict[str, float], fp32_accuracy: float, max_drop: float)
     top = max(accuracy.values())
     return ([k for k, a in accuracy.items() if fp32_accuracy - a <= max_drop / 100] or
             [k for k, a in accuracy.items() if a >= top - 0.003])
+
+
+def _best_uniform(accuracy: dict[str, float], cost: dict[str, float], fp32_accuracy: float, max_drop: float,
+                  tie: float) -> str:
+    """The uniform setting to beat: the cheapest that qualifies (:func:`_eligible`); of those
+    within ``tie`` of it (x86: int8 and 3-bit time the same, and noise swapped them between
+    runs), the most accurate, the harder baseline."""
+    eligible = _eligible(accuracy, fp32_accuracy, max_drop)
+    cheapest = min(cost[k] for k in eligible)
+    return max((k for k in eligible if cost[k] <= cheapest * (1 + tie)), key=lambda k: accuracy[k])
 
 
 def search_timing(calibration: tuple[np.ndarray, np.ndarray], out: Path, search: dict) -> dict:
@@ -183,8 +193,8 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from lastbit.codesign import (CODES, OBJECTIVES, finetune_config, retarget, run_codesign, uniform_configs,
-                                  verify_search)
+    from lastbit.codesign import (CODES, COST_TIE, OBJECTIVES, finetune_config, retarget, run_codesign,
+                                  uniform_configs, verify_search)
     from lastbit.codesign_cost import tvm_threads, whole_model_cost
     from lastbit.frontend.datasets import fashion_mnist
     from lastbit.frontend.models import get_model
@@ -309,10 +319,14 @@ def main(argv=None) -> dict:
             return target_arts[key]
 
         def measured(config) -> float:
-            """The loop's whole-model cost of a configuration (x86: timed on THREADS threads)."""
-            return whole_model_cost(on_target(config), x, threads=THREADS)[metric]
+            """The loop's whole-model cost of a configuration (x86: timed on THREADS threads), once."""
+            key = config.to_json()
+            if key not in whole_costs:
+                whole_costs[key] = whole_model_cost(on_target(config), x, threads=THREADS)[metric]
+            return whole_costs[key]
 
         target_arts: dict[str, object] = {}
+        whole_costs: dict[str, float] = {}
         verification = verified_equal = None
         if n_tune:  # the closed loop: fine-tuned and scored on held-out train images, then re-searched
             def verify(max_drop):
@@ -322,9 +336,11 @@ def main(argv=None) -> dict:
             verification = verify(args.max_drop)
             if verification.chosen is not None:
                 configs[VERIFIED] = verification.chosen.candidate.config
-            # at equal accuracy: a real drop (held-out images) no worse than a qualifying uniform setting's + 0.3
-            eligible = _eligible(uniform_accuracy, fp32_accuracy, args.max_drop)
-            equal_real = max(100.0 * (fp32_val - val_accuracy(configs[k], result.lanes)) for k in eligible) + 0.3
+            # at equal accuracy: a real drop (held-out images) no worse than the best uniform setting's + 0.3,
+            # that setting picked by the rule below on the loop's own whole-model costs
+            uniform_cost = {k: measured(configs[k]) for k in uniform_accuracy}
+            loop_best = _best_uniform(uniform_accuracy, uniform_cost, fp32_accuracy, args.max_drop, COST_TIE)
+            equal_real = 100.0 * (fp32_val - val_accuracy(configs[loop_best], result.lanes)) + 0.3
             verified_equal = verify(equal_real)
             if verified_equal.chosen is not None:
                 configs[VERIFIED_EQUAL] = verified_equal.chosen.candidate.config
@@ -344,7 +360,8 @@ def main(argv=None) -> dict:
         else:
             cost = {k: whole_model_cost(art, x) for k, art in artifacts.items()}
 
-        best_uniform = min(_eligible(uniform_accuracy, fp32_accuracy, args.max_drop), key=lambda k: cost[k][metric])
+        best_uniform = _best_uniform(uniform_accuracy, {k: cost[k][metric] for k in uniform_accuracy},
+                                     fp32_accuracy, args.max_drop, COST_TIE)
         equal_accuracy = accuracy["searched"] >= accuracy[best_uniform] - 0.003
         gain = cost[best_uniform][metric] / cost["searched"][metric]
         equal_row = {}

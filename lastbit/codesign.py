@@ -39,8 +39,8 @@ from lastbit.layer_config import FLOAT_CODES, LayerChoice, LayerConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CODES", "KEEPS", "RESIDUAL_KEEPS", "CodesignResult", "LayerSite", "OBJECTIVES", "ResidualGroup",
-           "Verification", "Verified", "combo_tables", "finetune_config", "layer_sensitivity", "measure_costs",
+__all__ = ["CODES", "COST_TIE", "KEEPS", "RESIDUAL_KEEPS", "CodesignResult", "LayerSite", "OBJECTIVES",
+           "ResidualGroup", "Verification", "Verified", "combo_tables", "finetune_config", "layer_sensitivity", "measure_costs",
            "model_sites", "residual_combos", "residual_groups", "restructure_module", "retarget", "run_codesign",
            "search", "verify_search"]
 
@@ -49,6 +49,8 @@ KEEPS = (1.0, 0.75, 0.5, 0.25)
 # a residual group feeds every block of its stage: a quarter of it costs too much accuracy to
 # be worth the combinations (each keep multiplies them)
 RESIDUAL_KEEPS = (1.0, 0.75, 0.5)
+# costs within this share of the cheapest are equally cheap (timing noise on the host is ~1 %)
+COST_TIE = 0.02
 OBJECTIVES = {"latency": "latency_ms", "cycles": "cycles", "energy": "energy_pj", "bytes": "weight_bytes"}
 
 
@@ -771,7 +773,7 @@ class Verification:
 
 def verify_search(tables: Sequence[SearchTables], uniform: dict[str, Candidate], score, fp32_accuracy: float,
                   max_drop: float, rounds: int = 3, progress: bool = True, measure=None,
-                  tie: float = 0.02) -> Verification:
+                  tie: float = COST_TIE) -> Verification:
     """Close the loop on the search's accuracy model. The predicted drop sums single-layer loss
     changes before any fine-tuning; the real drop is what fine-tuning leaves, and the two differ
     either way, by more than a point on ResNet-8 (README, co-design search). ``score(config)``
@@ -784,7 +786,7 @@ def verify_search(tables: Sequence[SearchTables], uniform: dict[str, Candidate],
     a search returns a configuration already scored. The answer is the cheapest scored
     configuration whose real drop is within ``max_drop`` (never a costlier one than a uniform
     baseline that meets the budget; None when nothing scored does); points within ``tie``
-    (2 %) of the cheapest count as equally cheap, and the most accurate of them wins.
+    (COST_TIE, 2 %) of the cheapest count as equally cheap, and the most accurate of them wins.
     ``measure(config)``, when given, costs each scored configuration as a whole compiled
     model, and the answer is chosen by that cost: the per-layer costs add up to a prediction
     that can miss the whole model (x86: a point predicted 7 % cheaper than uniform 3-bit
