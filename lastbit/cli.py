@@ -240,8 +240,8 @@ def codesign_cmd(model: str, target: str, objective: str, max_drop: float, datas
     scores = ", ".join(f"{m}: Spearman {s['spearman']:.3f}, R² {s['r2']:.3f}" for m, s in result.cost_scores.items())
     click.echo(f"chosen: predicted {objective} {chosen.cost:.4g}, drop {chosen.drop:.2f} pt{real_drop}, "
                f"{chosen.bytes / 1e3:.1f} KB weights; {len(result.front)} Pareto points")
-    for name, cand in result.uniform.items():
-        click.echo(f"  {name:<28} predicted {objective} {cand.cost:.4g}, drop {cand.drop:.2f} pt")
+    for label, cand in result.uniform.items():
+        click.echo(f"  {label:<28} predicted {objective} {cand.cost:.4g}, drop {cand.drop:.2f} pt")
     click.echo(f"cost model (held out): {scores or 'too few measurements'}; {result.measured_points} measured, "
                f"{result.predicted_points} predicted; search {result.timings['total']:.0f} s")
     click.echo(f"written to {out_dir}: config.json, pareto.json, pareto.png, "
@@ -263,13 +263,11 @@ def _verified_point(module, example, result, target: str, objective: str, train,
     host = "x86_64-linux-gnu"  # where the scoring runs
     outside = np.setdiff1d(np.arange(len(train.labels)), calibration_pick)  # the sensitivities' samples
     held = np.random.default_rng(1).choice(outside, validation_samples, replace=False)
-    metric = OBJECTIVES[objective]
     rest = np.setdiff1d(np.arange(len(train.labels)), held)
     val, data = (train.images[held], train.labels[held]), (train.images[rest], train.labels[rest])
     fp32_accuracy = lastbit.compile(module, host, (example,), name=name).accuracy(val)
-    artifacts = {}
-
-    on_target = {}
+    metric = OBJECTIVES[objective]
+    artifacts, on_target = {}, {}  # config JSON -> the host-trained artifact / it compiled for the target
 
     def score(config) -> float:
         art = finetune_config(module, example, result.graph, config, data, host, epochs=epochs, lanes=result.lanes,
