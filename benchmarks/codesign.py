@@ -38,8 +38,9 @@ then scored on the test images and costed on the target like the other rows.
 
 Goals (issue 13): at accuracy within 0.3 pt of the best uniform setting (the cheapest uniform
 one within --max-drop of fp32; if none is, the cheapest within 0.3 pt of the most accurate
-uniform one; of those within COST_TIE, 2 %, of the cheapest, the most accurate), ≥ 1.3× lower cost; when no configuration predicts a drop within --max-drop the
-search runs at the predicted drop of the most accurate uniform setting; cost-model Spearman ≥ 0.9 on held-out
+uniform one; of those within COST_TIE, 2 %, of the cheapest, the most accurate), ≥ 1.3× lower
+cost; when no configuration predicts a drop within --max-drop the search runs at the
+predicted drop of the most accurate uniform setting; cost-model Spearman ≥ 0.9 on held-out
 measured choices; a search on ResNet-20 for the host ≤ 15 min with cached measurements (run
 first, before the ResNet-8 targets, twice: the second run's wall time, ``search_timing``;
 ``--search-time-only`` runs just that). Beside them, ``prune_recovery`` asks whether pruning

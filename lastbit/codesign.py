@@ -40,9 +40,9 @@ from lastbit.layer_config import FLOAT_CODES, LayerChoice, LayerConfig
 log = logging.getLogger(__name__)
 
 __all__ = ["CODES", "COST_TIE", "KEEPS", "RESIDUAL_KEEPS", "CodesignResult", "LayerSite", "OBJECTIVES",
-           "ResidualGroup", "Verification", "Verified", "combo_tables", "finetune_config", "layer_sensitivity", "measure_costs",
-           "model_sites", "residual_combos", "residual_groups", "restructure_module", "retarget", "run_codesign",
-           "search", "verify_search"]
+           "ResidualGroup", "Verification", "Verified", "combo_tables", "finetune_config", "layer_sensitivity",
+           "measure_costs", "model_sites", "residual_combos", "residual_groups", "restructure_module", "retarget",
+           "run_codesign", "search", "verify_search"]
 
 CODES = ("binary", "ternary", "pow2-2", "pow2-4", "int8", FLOAT_CODES)
 KEEPS = (1.0, 0.75, 0.5, 0.25)
