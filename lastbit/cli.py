@@ -133,6 +133,7 @@ def _datafree_squeeze(model: str, quant: str | None, datafree: bool, input_range
     images clamped to --input-range or the zoo model's range; --data's images calibrate, unlabelled."""
     from lastbit.frontend.models import ZOO
     from lastbit.passes.datafree import DataFree
+    from lastbit.passes.zeroq import number_pair
 
     if not datafree:
         raise click.UsageError("--input-range clamps --datafree's synthetic images; add --datafree")
@@ -142,12 +143,8 @@ def _datafree_squeeze(model: str, quant: str | None, datafree: bool, input_range
         entry = ZOO.get(model)
         bounds = entry.input_range if entry is not None else None
     else:
-        low, sep, high = input_range.partition(":")
-        try:
-            bounds = (float(low), float(high)) if sep else None
-        except ValueError:
-            bounds = None
-        if bounds is None or not (np.isfinite(bounds).all() and bounds[0] < bounds[1]):
+        bounds = number_pair(input_range.split(":"))
+        if bounds is None or not bounds[0] < bounds[1]:
             raise click.BadParameter(f"{input_range!r}: expected LOW:HIGH with finite numbers, LOW < HIGH (e.g. -1:1)",
                                      param_hint="--input-range")
     options = {"datafree": DataFree(synthetic_range=bounds), "mode": "data-free"}
