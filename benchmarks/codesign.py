@@ -319,15 +319,19 @@ def main(argv=None) -> dict:
                                                                             calibration[0], name=MODEL)
             return target_arts[key]
 
-        def measured(config) -> float:
-            """The loop's whole-model cost of a configuration (x86: timed on THREADS threads), once."""
+        def whole(config) -> dict[str, float]:
+            """The configuration's whole-model cost on this target, once (x86: timed on THREADS threads;
+            the table re-times the host rows interleaved, ARM counts and simulations are reused)."""
             key = config.to_json()
             if key not in whole_costs:
-                whole_costs[key] = whole_model_cost(on_target(config), x, threads=THREADS)[metric]
+                whole_costs[key] = whole_model_cost(on_target(config), x, threads=THREADS)
             return whole_costs[key]
 
+        def measured(config) -> float:
+            return whole(config)[metric]
+
         target_arts: dict[str, object] = {}
-        whole_costs: dict[str, float] = {}
+        whole_costs: dict[str, dict[str, float]] = {}
         verification = verified_equal = None
         if n_tune:  # the closed loop: fine-tuned and scored on held-out train images, then re-searched
             def verify(max_drop):
@@ -359,7 +363,7 @@ def main(argv=None) -> dict:
                 lat = _latencies(artifacts, x, rounds=5 if args.quick else 9, repeat=20)
             cost = {k: {"latency_ms": v} for k, v in lat.items()}
         else:
-            cost = {k: whole_model_cost(art, x) for k, art in artifacts.items()}
+            cost = {k: whole(configs[k]) if k in configs else whole_model_cost(art, x) for k, art in artifacts.items()}
 
         best_uniform = _best_uniform(uniform_accuracy, {k: cost[k][metric] for k in uniform_accuracy},
                                      fp32_accuracy, args.max_drop, COST_TIE)
@@ -394,7 +398,8 @@ def main(argv=None) -> dict:
             for v in ver.tried:
                 print(f"[{target}] {label} (real budget {ver.max_drop:.2f} pt): {v.label:<26} predicted drop "
                       f"{v.candidate.drop:5.2f} pt, real {v.drop:5.2f} pt on {N_VAL} held-out train images, "
-                      f"{v.candidate.cost:.4g} {unit} predicted, {v.measured_cost:.4g} whole")
+                      f"{v.candidate.cost:.4g} {unit} predicted" +
+                      (f", {v.measured_cost:.4g} whole" if v.measured_cost is not None else ""))
             if label in configs:
                 row["gain"] = cost[best_uniform][metric] / cost[label][metric]
                 row["equal_accuracy"] = bool(accuracy[label] >= accuracy[best_uniform] - 0.003)

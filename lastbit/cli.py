@@ -287,7 +287,7 @@ def _verified_point(module, example, result, target: str, objective: str, train,
     for v in verification.tried:
         click.echo(f"  verify {v.label:<26} predicted drop {v.candidate.drop:5.2f} pt, real {v.drop:5.2f} pt "
                    f"(fp32 {verification.fp32_accuracy:.2%} on {len(held)} held-out train samples); {objective} "
-                   f"{v.candidate.cost:.4g} predicted" + (f", {v.measured_cost:.4g} whole" if v.measured_cost else ""))
+                   f"{v.candidate.cost:.4g} predicted" + (f", {v.measured_cost:.4g} whole" if v.measured_cost is not None else ""))
     if verification.chosen is None:
         (out_dir / "config.json").unlink(missing_ok=True)
         best = max(verification.tried, key=lambda v: v.accuracy)

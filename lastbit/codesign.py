@@ -745,7 +745,7 @@ class Verified:
     accuracy: float  # top-1 (0..1) on the validation data after fine-tuning
     drop: float  # points below the fp32 model on the same data
     budget: float | None = None  # the predicted-drop budget the search ran at (None: a uniform baseline)
-    measured_cost: float | None = None  # the whole compiled model's cost, when the loop measured it
+    measured_cost: float | None = None  # the whole compiled model's cost (measured for points within budget)
 
     @property
     def cost(self) -> float:
@@ -787,8 +787,8 @@ def verify_search(tables: Sequence[SearchTables], uniform: dict[str, Candidate],
     configuration whose real drop is within ``max_drop`` (never a costlier one than a uniform
     baseline that meets the budget; None when nothing scored does); points within ``tie``
     (COST_TIE, 2 %) of the cheapest count as equally cheap, and the most accurate of them wins.
-    ``measure(config)``, when given, costs each scored configuration as a whole compiled
-    model, and the answer is chosen by that cost: the per-layer costs add up to a prediction
+    ``measure(config)``, when given, costs each scored configuration that fits the budget as
+    a whole compiled model, and the answer is chosen by that cost: the per-layer costs add up to a prediction
     that can miss the whole model (x86: a point predicted 7 % cheaper than uniform 3-bit
     timed the same)."""
     from tqdm.auto import tqdm
@@ -802,8 +802,7 @@ def verify_search(tables: Sequence[SearchTables], uniform: dict[str, Candidate],
         key = cand.config.to_json()
         if key not in tried:
             accuracy = float(score(cand.config))
-            cost = float(measure(cand.config)) if measure is not None else None
-            tried[key] = Verified(label, cand, accuracy, 100.0 * (fp32_accuracy - accuracy), budget, cost)
+            tried[key] = Verified(label, cand, accuracy, 100.0 * (fp32_accuracy - accuracy), budget)
             log.info("verify: %s predicted %.2f pt, real %.2f pt", label, cand.drop, tried[key].drop)
         bar.update(1)
         return tried[key]
@@ -826,6 +825,9 @@ def verify_search(tables: Sequence[SearchTables], uniform: dict[str, Candidate],
     finally:
         bar.close()
     within = [v for v in tried.values() if v.drop <= max_drop + 1e-9]
+    if measure is not None:  # only the points that fit can be chosen: the others are not compiled for the target
+        for v in within:
+            v.measured_cost = float(measure(v.candidate.config))
     chosen = None
     if within:
         cheapest = min(v.cost for v in within)

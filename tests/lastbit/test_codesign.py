@@ -578,3 +578,22 @@ def test_verification_chooses_by_the_measured_whole_model_cost():
     close = verify_search(tables, uniform, score, 0.9, max_drop=1.0, progress=False, measure=measure)
     rest = [v for v in close.tried if v.label != "uniform int8"]
     assert close.chosen.label != "uniform int8" and close.chosen.accuracy == max(v.accuracy for v in rest)
+
+
+def test_verification_costs_only_the_points_that_fit():
+    """Whole-model costing compiles for the target; points over the real budget cannot be
+    chosen, so they are not costed."""
+    from lastbit.codesign import verify_search
+
+    sites, tables, uniform = _toy_tables()
+    keys = {c.config.to_json(): name for name, c in uniform.items()}
+    costed = []
+
+    def measure(config):
+        costed.append(keys.get(config.to_json(), "searched"))
+        return 1.0
+
+    found = verify_search(tables, uniform, lambda c: 0.9 if keys.get(c.to_json()) == "uniform int8" else 0.5, 0.9,
+                          max_drop=1.0, progress=False, measure=measure)
+    assert costed == ["uniform int8"] and found.chosen.label == "uniform int8"
+    assert [v.measured_cost for v in found.tried if v.label != "uniform int8"] == [None] * (len(found.tried) - 1)
