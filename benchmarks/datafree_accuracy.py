@@ -326,13 +326,12 @@ def compiled_rows(samples: int) -> list[dict]:
 
     state: dict = {}
 
-    def compute(datafree: bool) -> dict:
+    def compute(options: DataFree | None) -> dict:
         if not state:
             state["model"] = efficientnet_lite0(pretrained=True)
             state["x"] = augmented_samples(samples, seed=SEED)
             state["ref"] = logits_of(state["model"], state["x"])
         x = state["x"]
-        options = DataFree(synthetic_range=EFFNET_RANGE) if datafree else None
         squeeze = lastbit.Squeeze(bits=3, mode="data-free", datafree=options)
         art = lastbit.compile(state["model"], "x86_64-linux-gnu", (x[:1],), name="efficientnet-lite0", squeeze=squeeze)
         out = torch.from_numpy(np.concatenate([art.run(x[i:i + 1].numpy()) for i in range(len(x))]))
@@ -341,10 +340,10 @@ def compiled_rows(samples: int) -> list[dict]:
 
     rows = []
     for name, datafree in COMPILED_ROWS.items():
-        options = dataclasses.asdict(DataFree(synthetic_range=EFFNET_RANGE)) if datafree else None
+        options = DataFree(synthetic_range=EFFNET_RANGE) if datafree else None
         key = {"model": "efficientnet-lite0", "samples": samples, "seed": SEED, "row": name, "bits": 3,
-               "datafree": options, "version": 1}
-        row = cached(key, lambda datafree=datafree: compute(datafree))
+               "datafree": options and dataclasses.asdict(options), "version": 1}
+        row = cached(key, lambda options=options: compute(options))
         rows.append({**row, "codes": "pow2-4", "row": name})
         print(f"  effnet {name:<34} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "
               f"({row.get('compute_s', 0):.0f} s)", flush=True)
