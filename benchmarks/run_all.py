@@ -45,8 +45,9 @@ BENCHMARKS = [
     autotune_arm,
     codesign,
 ]
-# Runs beyond the quick set: the full-train-split accuracy table (its own section).
-FULL_ONLY = [(quant_accuracy, ["--full-train"])]
+# Runs beyond the quick set: the full-train-split accuracy table and the one from a longer-trained
+# fp32 model (their own sections).
+FULL_ONLY = [(quant_accuracy, ["--full-train"]), (quant_accuracy, ["--trained-fp32"])]
 
 
 def main() -> None:
