@@ -110,11 +110,16 @@ def admm_schedule(batches: int) -> dict:
     (ADMM_PENALTY_LR, from admm_sweep.py --bn-sweep). Those defaults come from
     benchmarks/admm_sweep.py (structure, then ρ schedule, then distillation, on ResNet-8/20 at
     this table's budgets); its docstring and bench/results.json["admm_sweep"] hold the evidence.
+    The G-step's projection picks codes by each layer's output error (ADMM_G_METRIC); the rows of
+    the paper's nearest-code projection are bench/results.json at fa82a0d (main and --full-train
+    tables) and a9b0540 (--trained-fp32).
     """
     from lastbit.passes.admm import (
         ADMM_FIXED,
         ADMM_FORWARD,
         ADMM_FREEZE_BN,
+        ADMM_G_METRIC,
+        ADMM_METRIC_SAMPLES,
         ADMM_PENALTY_LR,
         ADMM_RHO,
         ADMM_RHO_GROWTH,
@@ -126,7 +131,8 @@ def admm_schedule(batches: int) -> dict:
     # The library's defaults, spelled out so they are part of every cache key.
     return {"update_every": auto_update_every(batches), "rho": ADMM_RHO, "rho_growth": ADMM_RHO_GROWTH,
             "fixed_fraction": ADMM_FIXED, "w_step": ADMM_W_STEP, "freeze_bn": ADMM_FREEZE_BN,
-            "penalty_lr": ADMM_PENALTY_LR, "forward": ADMM_FORWARD, "tail": ADMM_TAIL}
+            "penalty_lr": ADMM_PENALTY_LR, "forward": ADMM_FORWARD, "tail": ADMM_TAIL,
+            "g_metric": ADMM_G_METRIC, "metric_samples": ADMM_METRIC_SAMPLES}
 
 
 def method_settings(method: str, batches: int) -> dict:

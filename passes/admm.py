@@ -1,6 +1,7 @@
 """Fine-tune a torch model so its conv/linear weights land exactly on α·{power-of-two codes}.
 
-`admm_finetune` is the scaled ADMM of Leng et al. (AAAI 2018); `ste_finetune` is the
+`admm_finetune` is the scaled ADMM of Leng et al. (AAAI 2018), its G-step projecting in each
+layer's output metric by default (ADMM_G_METRIC); `ste_finetune` is the
 straight-through (BinaryConnect/TWN-style) baseline and `project_module` the data-free
 projection. All three return an AdmmResult the graph pass turns into packed codes.
 """
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lastbit.passes.dfq import gptq_codes, layer_rows
 from lastbit.passes.pow2_projection import (
     CodeSet,
     QuantizationError,
@@ -257,6 +259,9 @@ class _Quantizer:
     def __init__(self, model: nn.Module, codes: CodeSet, per_channel: bool, skip: SkipSpec,
                  skip_codes: str | CodeSet | None = None, layer_codes: LayerCodes | None = None):
         self.codes = codes
+        # {weight name: Σ x xᵀ of its layer's input}: where set, `project` picks the codes in that
+        # metric (the layer's output error) instead of the weights' (see ADMM_G_METRIC)
+        self.metric: dict[str, torch.Tensor] = {}
         names, self.skipped = quantizable_layers(model, skip)
         # Per-layer code sets (mixed precision) override the global set and the skip list;
         # a layer given None / "fp32" stays float32 and is stored as such (not on skip_codes).
@@ -281,9 +286,22 @@ class _Quantizer:
         self._alpha: dict[str, torch.Tensor] = {}
 
     def project(self, v: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """Π(v) onto the code set of weight ``name`` (the global set when None)."""
+        """Π(v) onto the code set of weight ``name`` (the global set when None): α and the codes by
+        the paper's alternation; with a metric for ``name``, the codes for that α then re-chosen by
+        GPTQ's error feedback, min ‖(v − α·q) x‖ over the layer's inputs x. A point already on the
+        codes maps to itself either way (zero error)."""
         cs = self.code_sets.get(name, self.codes) if name is not None else self.codes
         q, alpha = project_pow2(v.detach().cpu().numpy(), cs, axis=self.axis)
+        hessian = self.metric.get(name) if name is not None else None
+        if hessian is not None:
+            rows = v.detach().cpu().reshape(v.shape[0], -1)
+            picked = gptq_codes(rows, hessian, torch.from_numpy(np.asarray(alpha, dtype=np.float64)).reshape(-1),
+                                torch.from_numpy(cs.levels.astype(np.float64))).numpy().astype(q.dtype)
+            # an input that was always 0 leaves its weights free: keep their nearest codes there
+            # (gptq_codes zeroes them), so the output error is the same and Π stays idempotent
+            dead = (torch.diag(hessian) == 0).numpy()
+            picked[:, dead] = q.reshape(q.shape[0], -1)[:, dead]
+            q = picked.reshape(q.shape)
         # float32 α times float32 codes: bit-identical to the numpy product the graph pass will see.
         g = torch.from_numpy(alpha).to(v.device) * torch.from_numpy(q.astype(np.float32)).to(v.device)
         return g, q, alpha
@@ -425,6 +443,48 @@ def _recalibrate(module: nn.Module, norms: list[nn.Module], batches: Iterable, n
     return module
 
 
+@torch.no_grad()
+def _input_moments(model: nn.Module, names: Iterable[str], batches: Iterable, samples: int,
+                   dev: torch.device) -> dict[str, torch.Tensor]:
+    """{weight name: Σ x xᵀ} of each named layer's input rows (im2col for a k×k conv) over the first
+    ``samples`` examples of ``batches``, the model in eval mode. Layers `layer_rows` cannot unroll
+    (grouped convs, 1-d/3-d convs) or wider than METRIC_MAX_INPUTS get none and keep the plain
+    projection."""
+    modules = dict(model.named_modules())
+    moments: dict[str, torch.Tensor] = {}
+    wide = [n for n in names if modules[n.removesuffix(".weight")].weight[0].numel() > METRIC_MAX_INPUTS]
+    if wide:
+        logger.info("ADMM: %d layer(s) wider than %d inputs keep the nearest-code projection: %s",
+                    len(wide), METRIC_MAX_INPUTS, ", ".join(wide))
+
+    def hook(name: str):
+        def accumulate(layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            x = inputs[0].detach().cpu()
+            for start in range(0, len(x), 8):  # im2col of a few examples at a time
+                rows = layer_rows(layer, x[start:start + 8])
+                if rows is None:
+                    return
+                rows = rows.double()
+                moments[name] = moments.get(name, 0) + rows.T @ rows
+        return accumulate
+
+    handles = [modules[n.removesuffix(".weight")].register_forward_hook(hook(n)) for n in names if n not in wide]
+    was_training, seen = model.training, 0
+    model.eval()
+    try:
+        for batch in batches:
+            if seen >= samples:
+                break
+            x = _to_device(batch, dev)[0][:samples - seen]
+            model(x)
+            seen += len(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return moments
+
+
 def project_module(
     module: nn.Module,
     codes: str | int | CodeSet = "pow2-4",
@@ -481,6 +541,18 @@ PENALTY_LRS = ("schedule", "constant")
 ADMM_PENALTY_LR = "constant"
 ADMM_PER_CHANNEL = False
 ADMM_FREEZE_BN = False
+# The metric of the G-step's projection Π: "weights" is the paper's, the nearest codes to W + λ
+# (‖·‖ on the weights); "outputs" keeps the paper's α but picks the codes that keep the layer's
+# *output* closest, min ‖(W + λ − α·q) x‖ over the inputs x the starting model sees on
+# ADMM_METRIC_SAMPLES training examples (GPTQ's column-by-column error feedback,
+# dfq.gptq_codes). ADMM's pull keeps W near the codes its first projection picks, so which codes
+# that projection picks is most of the final accuracy; see quant_accuracy.py's table.
+G_METRICS = ("weights", "outputs")
+ADMM_G_METRIC = "outputs"
+ADMM_METRIC_SAMPLES = 512
+# A layer with more inputs per output than this (ResNet-18's 3×3×512 convs are at the limit) keeps the
+# nearest-code projection: its Σ x xᵀ alone would take 8·n² bytes (VGG-11's first fc: 5 GB).
+METRIC_MAX_INPUTS = 4608
 ADMM_KD_TEMPERATURE, ADMM_KD_WEIGHT = 4.0, 0.3
 
 
@@ -521,6 +593,8 @@ def admm_finetune(
     forward: str = ADMM_FORWARD,
     tail: str = ADMM_TAIL,
     penalty_lr: str = ADMM_PENALTY_LR,
+    g_metric: str = ADMM_G_METRIC,
+    metric_samples: int = ADMM_METRIC_SAMPLES,
 ) -> AdmmResult:
     """Scaled ADMM fine-tuning onto W ∈ α·codes; returns a copy whose quantized weights are exactly α·codes.
 
@@ -565,6 +639,11 @@ def admm_finetune(
     ones) are then Π(W), the ones trained, not Π(W + λ); tail="ste" trains the quantized weights straight
     through during the last fixed_fraction (from W + λ) instead of fixing them. Both were
     measured on ResNet-8/20 (`admm_sweep.py --bn-sweep`) and lost to the defaults.
+
+    g_metric="outputs" (the default) makes every projection Π (G-steps, the fixed phase's and the
+    final codes) choose the codes for the paper's α by the layer's output error on the inputs the
+    starting model sees on the first metric_samples training examples (see ADMM_G_METRIC);
+    "weights" is the paper's nearest-code projection.
     """
     cs = code_set(codes)
     if epochs < 1 or lr <= 0 or rho < 0 or rho_growth <= 0:
@@ -575,8 +654,11 @@ def admm_finetune(
         raise QuantizationError(f"fixed_fraction must be in [0, 1), got {fixed_fraction!r}")
     for option, value, known in (("lr_schedule", lr_schedule, LR_SCHEDULES), ("w_step", w_step, W_STEPS),
                                  ("forward", forward, FORWARDS), ("tail", tail, TAILS),
-                                 ("penalty_lr", penalty_lr, PENALTY_LRS)):
+                                 ("penalty_lr", penalty_lr, PENALTY_LRS), ("g_metric", g_metric, G_METRICS)):
         _check_choice(option, value, known)
+    if g_metric == "outputs" and (isinstance(metric_samples, bool) or not isinstance(metric_samples, int)
+                                  or metric_samples < 1):
+        raise QuantizationError(f"metric_samples must be a positive number of examples, got {metric_samples!r}")
     per_epoch = _num_batches(data, batch_size)
     total = per_epoch * epochs if per_epoch else None
     if total is None and (fixed_fraction > 0 or lr_schedule != "constant"):
@@ -592,6 +674,8 @@ def admm_finetune(
     quant = _Quantizer(model, cs, per_channel, skip, skip_codes, layer_codes)
     objective = _Objective(_teacher(distill_from, module, dev), temperature, distill_weight)
     batches = _epoch_source(data, batch_size, shuffle=True, seed=seed)
+    if g_metric == "outputs":
+        quant.metric = _input_moments(model, quant.weights, batches(0), metric_samples, dev)
     params = [p for p in model.parameters() if p.requires_grad]
     velocity = [torch.zeros_like(p) for p in params]
     weights = quant.weights

@@ -432,7 +432,7 @@ def bias_correct(
     return shifts
 
 
-def _layer_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def layer_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The layer's input as rows matching weight.reshape(out, -1) (im2col for a k×k conv)."""
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1])
@@ -484,7 +484,7 @@ def _requantize(gm: fx.GraphModule, node: fx.Node, inputs: list[torch.Tensor], p
     alpha = np.asarray(alpha, dtype=np.float32)
     if alpha.ndim == 0 or alpha.size != layer.weight.shape[0]:
         return  # one α for the tensor: keep the plain projection
-    rows = [_layer_rows(layer, x) for x in inputs]
+    rows = [layer_rows(layer, x) for x in inputs]
     if any(r is None for r in rows):
         return
     hessian = sum(r.double().T @ r.double() for r in rows)
@@ -496,7 +496,7 @@ def _requantize(gm: fx.GraphModule, node: fx.Node, inputs: list[torch.Tensor], p
         # asymmetric target: min ‖W x − α·q x̂‖ (x the reference network's input, x̂ the quantized
         # one's) is GPTQ on W̃ = W·(Σ x x̂ᵀ)(Σ x̂ x̂ᵀ)⁻¹, the weights that best undo upstream error;
         # the ridge pulls W̃ towards W (not 0) where the calibration inputs say little
-        cross = sum(_layer_rows(layer, xf).double().T @ r.double() for xf, r in zip(fp_inputs, rows))
+        cross = sum(layer_rows(layer, xf).double().T @ r.double() for xf, r in zip(fp_inputs, rows))
         ridge = damp * torch.diag(hessian).mean()
         h = hessian + ridge * torch.eye(hessian.shape[0], dtype=hessian.dtype)
         w = torch.linalg.solve(h, (w.double() @ cross + ridge * w.double()).T).T
