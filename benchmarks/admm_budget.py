@@ -33,14 +33,15 @@ EPOCHS = (1, 3)
 def run(method: str, codes: str, epochs: int, fp32, train, test) -> dict:
     import quant_accuracy as qa
 
-    from lastbit.passes.admm import admm_finetune, ste_finetune
+    from lastbit.passes.admm import admm_finetune, g_metric_for, ste_finetune
 
     budget = {**qa.BUDGETS[MODEL], "epochs": epochs}
     batches = math.ceil(budget["train"] / qa.BATCH) * epochs
     subset = qa.train_subset(train, budget["train"])
     fn = ste_finetune if method == "ste" else admm_finetune
     start = time.perf_counter()
-    result = fn(fp32, (subset.images, subset.labels), codes, epochs=epochs, **qa.method_settings(method, batches),
+    settings = qa.method_settings(method, batches, g_metric_for(fp32))
+    result = fn(fp32, (subset.images, subset.labels), codes, epochs=epochs, **settings,
                 bn_batches=qa.BN_BATCHES, progress=False, seed=qa.SEED, skip=qa.SKIP, skip_codes=qa.SKIP_CODES)
     return {"method": method, "codes": codes, "epochs": epochs, "train": budget["train"],
             "accuracy": qa.accuracy(result.module, test), "seconds": round(time.perf_counter() - start, 1),

@@ -101,7 +101,7 @@ def train_subset(train, count: int):
     return ImageArrays(train.images[idx], train.labels[idx])
 
 
-def admm_schedule(batches: int) -> dict:
+def admm_schedule(batches: int, g_metric: str) -> dict:
     """The ADMM recipe of passes/admm.py's defaults for a run of `batches` batches: ADMM_G_STEPS
     G-steps (and dual updates) spread over the ADMM phase, ρ growing ×ADMM_RHO_GROWTH at each from
     ADMM_RHO, then the last ADMM_FIXED of the batches with the quantized weights fixed at Π(W + λ)
@@ -110,15 +110,15 @@ def admm_schedule(batches: int) -> dict:
     (ADMM_PENALTY_LR, from admm_sweep.py --bn-sweep). Those defaults come from
     benchmarks/admm_sweep.py (structure, then ρ schedule, then distillation, on ResNet-8/20 at
     this table's budgets); its docstring and bench/results.json["admm_sweep"] hold the evidence.
-    The G-step's projection picks codes by each layer's output error (ADMM_G_METRIC); the rows of
-    the paper's nearest-code projection are bench/results.json at fa82a0d (main and --full-train
-    tables) and a9b0540 (--trained-fp32).
+    `g_metric` is what the library's "auto" resolves to for the model (`g_metric_for`: each
+    layer's output error on BatchNorm networks, the nearest codes elsewhere); the ResNet rows of
+    the nearest-code projection are bench/results.json at fa82a0d (main and --full-train tables)
+    and a9b0540 (--trained-fp32).
     """
     from lastbit.passes.admm import (
         ADMM_FIXED,
         ADMM_FORWARD,
         ADMM_FREEZE_BN,
-        ADMM_G_METRIC,
         ADMM_METRIC_SAMPLES,
         ADMM_PENALTY_LR,
         ADMM_RHO,
@@ -132,20 +132,21 @@ def admm_schedule(batches: int) -> dict:
     return {"update_every": auto_update_every(batches), "rho": ADMM_RHO, "rho_growth": ADMM_RHO_GROWTH,
             "fixed_fraction": ADMM_FIXED, "w_step": ADMM_W_STEP, "freeze_bn": ADMM_FREEZE_BN,
             "penalty_lr": ADMM_PENALTY_LR, "forward": ADMM_FORWARD, "tail": ADMM_TAIL,
-            "g_metric": ADMM_G_METRIC, "metric_samples": ADMM_METRIC_SAMPLES}
+            "g_metric": g_metric, "metric_samples": ADMM_METRIC_SAMPLES}
 
 
-def method_settings(method: str, batches: int) -> dict:
+def method_settings(method: str, batches: int, g_metric: str) -> dict:
     """Every keyword a fine-tuning method gets besides data, codes and budget (part of the cache
     key): lr, its schedule and the batch are shared; α granularity too (same model bytes); STE
     keeps BatchNorm on batch statistics (its best in admm_sweep), ADMM takes the library's
-    defaults, ADMM + KD adds the fp32 model as teacher with the library's T and β."""
+    defaults (g_metric: the G-step metric "auto" means for the model), ADMM + KD adds the fp32
+    model as teacher with the library's T and β."""
     from lastbit.passes.admm import ADMM_KD_TEMPERATURE, ADMM_KD_WEIGHT, ADMM_PER_CHANNEL
 
     common = {"lr": LR, "lr_schedule": LR_SCHEDULE, "batch_size": BATCH, "per_channel": ADMM_PER_CHANNEL}
     if method == "ste":
         return {**common, "freeze_bn": STE_FREEZE_BN}
-    settings = {**common, **admm_schedule(batches)}
+    settings = {**common, **admm_schedule(batches, g_metric)}
     if method == "admm+kd":
         settings.update(temperature=ADMM_KD_TEMPERATURE, distill_weight=ADMM_KD_WEIGHT)
     return settings
@@ -157,6 +158,7 @@ def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epoch
     from lastbit.passes.admm import (
         ADMM_PER_CHANNEL,
         admm_finetune,
+        g_metric_for,
         project_module,
         recalibrate_bn,
         ste_finetune,
@@ -176,11 +178,12 @@ def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epoch
                       lambda: {"accuracy": accuracy(fp32, data["test"]), "bytes": model_bytes(fp32)}),
              "model": name, "codes": "fp32", "method": "fp32", "bits": 32}]
     batches = math.ceil(budget["train"] / BATCH) * budget["epochs"]
+    g_metric = g_metric_for(fp32)
     for codes in CODE_SETS:
         for method in METHODS:
             key = {**base, "codes": codes, "method": method, "per_channel": ADMM_PER_CHANNEL, "skip_codes": SKIP_CODES}
             if method != "projection":
-                key.update(budget, **method_settings(method, batches))
+                key.update(budget, **method_settings(method, batches, g_metric))
 
             def compute(codes=codes, method=method):
                 common = {"skip": SKIP, "skip_codes": SKIP_CODES}
@@ -192,8 +195,8 @@ def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epoch
                     fn = ste_finetune if method == "ste" else admm_finetune
                     teacher = {"distill_from": fp32} if method == "admm+kd" else {}
                     result = fn(fp32, (train.images, train.labels), codes, epochs=budget["epochs"],
-                                **method_settings(method, batches), **teacher, bn_batches=BN_BATCHES, progress=progress,
-                                seed=SEED, **common)
+                                **method_settings(method, batches, g_metric), **teacher, bn_batches=BN_BATCHES,
+                                progress=progress, seed=SEED, **common)
                 return {"accuracy": accuracy(result.module, data["test"]), "bytes": model_bytes(result.module, result)}
 
             row = cached(key, compute)
@@ -292,13 +295,15 @@ def main(argv=None) -> dict:
     import platform
 
     import lastbit
-    from lastbit.passes.admm import ADMM_PER_CHANNEL
+    from lastbit.frontend.models import get_model
+    from lastbit.passes.admm import ADMM_PER_CHANNEL, g_metric_for
 
     meta = {
         "host": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "lastbit": lastbit.__version__,
         "per_channel": {"fashion-mnist": ADMM_PER_CHANNEL}, "skip": list(SKIP),
         "skip_codes": SKIP_CODES, "budgets": budgets,
-        "settings": {m: {method: method_settings(method, math.ceil(b["train"] / BATCH) * b["epochs"])
+        "settings": {m: {method: method_settings(method, math.ceil(b["train"] / BATCH) * b["epochs"],
+                                                 g_metric_for(get_model(m, pretrained=False)[0]))
                          for method in METHODS if method != "projection"} for m, b in budgets.items()},
         "test_set": "fashion-mnist test, 10000 images",
         "wall_s": round(time.perf_counter() - start, 1),

@@ -1,7 +1,7 @@
 """Fine-tune a torch model so its conv/linear weights land exactly on α·{power-of-two codes}.
 
 `admm_finetune` is the scaled ADMM of Leng et al. (AAAI 2018), its G-step projecting in each
-layer's output metric by default (ADMM_G_METRIC); `ste_finetune` is the
+layer's output metric on BatchNorm networks (ADMM_G_METRIC); `ste_finetune` is the
 straight-through (BinaryConnect/TWN-style) baseline and `project_module` the data-free
 projection. All three return an AdmmResult the graph pass turns into packed codes.
 """
@@ -546,14 +546,27 @@ ADMM_FREEZE_BN = False
 # *output* closest, min ‖(W + λ − α·q) x‖ over the inputs x the starting model sees on
 # ADMM_METRIC_SAMPLES training examples (GPTQ's column-by-column error feedback,
 # dfq.gptq_codes). ADMM's pull keeps W near the codes its first projection picks, so which codes
-# that projection picks is most of the final accuracy; see quant_accuracy.py's table.
-G_METRICS = ("weights", "outputs")
-ADMM_G_METRIC = "outputs"
+# that projection picks is most of the final accuracy. "auto" (the default, `g_metric_for`):
+# "outputs" on a network with BatchNorm, "weights" without. quant_accuracy.py's table, same
+# budgets, against its nearest-code rows (bench/results.json at fa82a0d): "outputs" lifts ADMM on
+# ResNet-20 by 0.1–4.8 points (binary 79.5 → 84.2) and on ResNet-8 by 0.1–1.7, and costs LeNet-5
+# (no BatchNorm) 0.2–1.5 in every cell.
+G_METRICS = ("auto", "weights", "outputs")
+ADMM_G_METRIC = "auto"
 ADMM_METRIC_SAMPLES = 512
 # A layer with more inputs per output than this (ResNet-18's 3×3×512 convs are at the limit) keeps the
 # nearest-code projection: its Σ x xᵀ alone would take 8·n² bytes (VGG-11's first fc: 5 GB).
 METRIC_MAX_INPUTS = 4608
 ADMM_KD_TEMPERATURE, ADMM_KD_WEIGHT = 4.0, 0.3
+
+
+def g_metric_for(module: nn.Module, g_metric: str = ADMM_G_METRIC) -> str:
+    """The G-step metric ``g_metric`` means for ``module``: "auto" is "outputs" when it has a
+    BatchNorm layer, "weights" otherwise (see ADMM_G_METRIC); the others mean themselves."""
+    _check_choice("g_metric", g_metric, G_METRICS)
+    if g_metric != "auto":
+        return g_metric
+    return "outputs" if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()) else "weights"
 
 
 def auto_update_every(total_batches: int, fixed_fraction: float = ADMM_FIXED, g_steps: int = ADMM_G_STEPS) -> int:
@@ -640,10 +653,11 @@ def admm_finetune(
     through during the last fixed_fraction (from W + λ) instead of fixing them. Both were
     measured on ResNet-8/20 (`admm_sweep.py --bn-sweep`) and lost to the defaults.
 
-    g_metric="outputs" (the default) makes every projection Π (G-steps, the fixed phase's and the
-    final codes) choose the codes for the paper's α by the layer's output error on the inputs the
-    starting model sees on the first metric_samples training examples (see ADMM_G_METRIC);
-    "weights" is the paper's nearest-code projection.
+    g_metric="outputs" makes every projection Π (G-steps, the fixed phase's and the final codes)
+    choose the codes for the paper's α by the layer's output error on the inputs the starting
+    model sees on the first metric_samples training examples; "weights" is the paper's
+    nearest-code projection; "auto" (the default) the first on BatchNorm networks, the second
+    elsewhere (see ADMM_G_METRIC).
     """
     cs = code_set(codes)
     if epochs < 1 or lr <= 0 or rho < 0 or rho_growth <= 0:
@@ -654,10 +668,10 @@ def admm_finetune(
         raise QuantizationError(f"fixed_fraction must be in [0, 1), got {fixed_fraction!r}")
     for option, value, known in (("lr_schedule", lr_schedule, LR_SCHEDULES), ("w_step", w_step, W_STEPS),
                                  ("forward", forward, FORWARDS), ("tail", tail, TAILS),
-                                 ("penalty_lr", penalty_lr, PENALTY_LRS), ("g_metric", g_metric, G_METRICS)):
+                                 ("penalty_lr", penalty_lr, PENALTY_LRS)):
         _check_choice(option, value, known)
-    if g_metric == "outputs" and (isinstance(metric_samples, bool) or not isinstance(metric_samples, int)
-                                  or metric_samples < 1):
+    g_metric = g_metric_for(module, g_metric)
+    if isinstance(metric_samples, bool) or not isinstance(metric_samples, int) or metric_samples < 1:
         raise QuantizationError(f"metric_samples must be a positive number of examples, got {metric_samples!r}")
     per_epoch = _num_batches(data, batch_size)
     total = per_epoch * epochs if per_epoch else None

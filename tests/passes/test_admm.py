@@ -520,3 +520,22 @@ def test_output_metric_admm_starts_from_output_closest_codes(digits, float_model
         gap = {m: float(torch.mean((r.module(xt) - ref) ** 2)) for m, r in pinned.items()}
     assert_on_code_set(pinned["outputs"])
     assert gap["outputs"] < 0.7 * gap["weights"], gap  # measured 0.25 (189 vs 746)
+
+
+def test_auto_metric_is_outputs_on_batchnorm_networks(digits, float_model, bn_net, monkeypatch):
+    """g_metric="auto" (the default) resolves to the output metric where the network has BatchNorm
+    and to the paper's nearest codes where it has none; the run then calibrates the metric or not."""
+    from lastbit.passes import admm
+
+    assert admm.g_metric_for(bn_net) == "outputs" and admm.g_metric_for(float_model) == "weights"
+    assert admm.g_metric_for(float_model, "outputs") == "outputs"
+    with pytest.raises(QuantizationError, match="g_metric 'hessian'"):
+        admm.g_metric_for(float_model, "hessian")
+    calibrated = []
+    moments = admm._input_moments
+    monkeypatch.setattr(admm, "_input_moments", lambda *a, **k: calibrated.append(1) or moments(*a, **k))
+    (x, y), _ = digits
+    admm_finetune(float_model, (x, y), "ternary", epochs=1, progress=False)
+    assert not calibrated
+    admm_finetune(bn_net, (x.reshape(-1, 1, 8, 8), y), "ternary", epochs=1, progress=False)
+    assert calibrated == [1]
