@@ -111,9 +111,8 @@ def admm_schedule(batches: int, g_metric: str) -> dict:
     benchmarks/admm_sweep.py (structure, then ρ schedule, then distillation, on ResNet-8/20 at
     this table's budgets); its docstring and bench/results.json["admm_sweep"] hold the evidence.
     `g_metric` is what the library's "auto" resolves to for the model (`g_metric_for`: each
-    layer's output error on BatchNorm networks, the nearest codes elsewhere); the ResNet rows of
-    the nearest-code projection are bench/results.json at fa82a0d (main and --full-train tables)
-    and a9b0540 (--trained-fp32).
+    layer's output error on BatchNorm networks, the nearest codes elsewhere); fashion_rows runs
+    the ADMM columns on the other metric too (rows marked "alternate"), the evidence for that choice.
     """
     from lastbit.passes.admm import (
         ADMM_FIXED,
@@ -157,6 +156,7 @@ def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epoch
     from lastbit.frontend.training import cached_trained
     from lastbit.passes.admm import (
         ADMM_PER_CHANNEL,
+        G_METRICS,
         admm_finetune,
         g_metric_for,
         project_module,
@@ -179,30 +179,35 @@ def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epoch
              "model": name, "codes": "fp32", "method": "fp32", "bits": 32}]
     batches = math.ceil(budget["train"] / BATCH) * budget["epochs"]
     g_metric = g_metric_for(fp32)
-    for codes in CODE_SETS:
-        for method in METHODS:
-            key = {**base, "codes": codes, "method": method, "per_channel": ADMM_PER_CHANNEL, "skip_codes": SKIP_CODES}
-            if method != "projection":
-                key.update(budget, **method_settings(method, batches, g_metric))
+    # the ADMM columns again on the G-step metric "auto" did not pick: the evidence for its choice
+    other = next(m for m in G_METRICS if m not in ("auto", g_metric))
+    runs = [(codes, method, g_metric) for codes in CODE_SETS for method in METHODS]
+    runs += [(codes, method, other) for codes in CODE_SETS for method in METHODS if method.startswith("admm")]
+    for codes, method, metric in runs:
+        key = {**base, "codes": codes, "method": method, "per_channel": ADMM_PER_CHANNEL, "skip_codes": SKIP_CODES}
+        if method != "projection":
+            key.update(budget, **method_settings(method, batches, metric))
 
-            def compute(codes=codes, method=method):
-                common = {"skip": SKIP, "skip_codes": SKIP_CODES}
-                if method == "projection":
-                    result = project_module(fp32, codes, per_channel=ADMM_PER_CHANNEL, **common)
-                    recalibrate_bn(result.module, data["bn"], num_batches=BN_BATCHES, batch_size=BATCH)
-                else:
-                    train = train_subset(data["train"], budget["train"])
-                    fn = ste_finetune if method == "ste" else admm_finetune
-                    teacher = {"distill_from": fp32} if method == "admm+kd" else {}
-                    result = fn(fp32, (train.images, train.labels), codes, epochs=budget["epochs"],
-                                **method_settings(method, batches, g_metric), **teacher, bn_batches=BN_BATCHES,
-                                progress=progress, seed=SEED, **common)
-                return {"accuracy": accuracy(result.module, data["test"]), "bytes": model_bytes(result.module, result)}
+        def compute(codes=codes, method=method, metric=metric):
+            common = {"skip": SKIP, "skip_codes": SKIP_CODES}
+            if method == "projection":
+                result = project_module(fp32, codes, per_channel=ADMM_PER_CHANNEL, **common)
+                recalibrate_bn(result.module, data["bn"], num_batches=BN_BATCHES, batch_size=BATCH)
+            else:
+                train = train_subset(data["train"], budget["train"])
+                fn = ste_finetune if method == "ste" else admm_finetune
+                teacher = {"distill_from": fp32} if method == "admm+kd" else {}
+                result = fn(fp32, (train.images, train.labels), codes, epochs=budget["epochs"],
+                            **method_settings(method, batches, metric), **teacher, bn_batches=BN_BATCHES,
+                            progress=progress, seed=SEED, **common)
+            return {"accuracy": accuracy(result.module, data["test"]), "bytes": model_bytes(result.module, result)}
 
-            row = cached(key, compute)
-            rows.append({**row, "model": name, "codes": codes, "method": method, "bits": code_set(codes).bits,
-                         "budget": None if method == "projection" else dict(budget)})
-            print(f"  {name:<9} {codes:<8} {method:<10} acc {row['accuracy']:.4f}  ({row.get('compute_s', 0):.0f} s)", flush=True)
+        row = cached(key, compute)
+        extra = {"g_metric": metric, "alternate": metric != g_metric} if method.startswith("admm") else {}
+        rows.append({**row, "model": name, "codes": codes, "method": method, "bits": code_set(codes).bits,
+                     "budget": None if method == "projection" else dict(budget), **extra})
+        print(f"  {name:<9} {codes:<8} {method:<10} {extra.get('g_metric', ''):<8} acc {row['accuracy']:.4f}  "
+              f"({row.get('compute_s', 0):.0f} s)", flush=True)
     return rows
 
 
@@ -214,7 +219,7 @@ def plot(rows: list[dict], path: Path, budget_note: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model, marker in (("lenet5", "o"), ("resnet8", "s"), ("resnet20", "^")):
-        mine = [r for r in rows if r["model"] == model]
+        mine = [r for r in rows if r["model"] == model and not r.get("alternate")]
         if not mine:
             continue
         for method in METHODS:
@@ -239,13 +244,19 @@ def plot(rows: list[dict], path: Path, budget_note: str = "") -> None:
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'model':<9} {'codes':<8} {'bits':>4} {'bytes':>9} | {'projection':>10} {'STE':>7} {'ADMM':>7} {'ADMM+KD':>7}")
     for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
+        mine = [r for r in rows if r["model"] == model and not r.get("alternate")]
         fp = next(r for r in mine if r["method"] == "fp32")
         print(f"{model:<9} {'fp32':<8} {32:>4} {fp['bytes']:>9} | {100 * fp['accuracy']:>9.2f}%")
         for codes in CODE_SETS:
             by = {r["method"]: r for r in mine if r["codes"] == codes}
             accs = " ".join(f"{100 * by[m]['accuracy']:>{10 if m == 'projection' else 7}.2f}" for m in METHODS)
             print(f"{model:<9} {codes:<8} {by['admm']['bits']:>4} {by['admm']['bytes']:>9} | {accs}")
+    print(f"\n{'model':<9} {'codes':<8} | ADMM, ADMM+KD by G-step metric (* = the one g_metric=\"auto\" picks)")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for codes in CODE_SETS:
+            cells = [f"{r['g_metric']}{'' if r['alternate'] else '*'} {r['method']} {100 * r['accuracy']:.2f}"
+                     for r in rows if r["model"] == model and r["codes"] == codes and "g_metric" in r]
+            print(f"{model:<9} {codes:<8} | {'  '.join(sorted(cells))}")
 
 
 def main(argv=None) -> dict:
