@@ -152,8 +152,7 @@ def method_settings(method: str, batches: int, g_metric: str) -> dict:
 
 
 def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epochs: int | None = None) -> list[dict]:
-    from lastbit.frontend.models import ZOO, ZOO_SEED, get_model
-    from lastbit.frontend.training import cached_trained
+    from lastbit.frontend.models import get_model
     from lastbit.passes.admm import (
         ADMM_PER_CHANNEL,
         G_METRICS,
@@ -165,12 +164,7 @@ def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epoch
     )
     from lastbit.passes.pow2_projection import code_set
 
-    if fp32_epochs is None:
-        fp32, _ = get_model(name, pretrained=True)
-    else:  # the zoo's recipe (Adam, lr 1e-3, batch 128, seed), trained for fp32_epochs
-        fp32 = cached_trained(name, ZOO[name].build, ZOO[name].dataset, epochs=fp32_epochs, seed=ZOO_SEED,
-                              progress=progress)
-    fp32.eval()
+    fp32, _ = get_model(name, pretrained=True, train_epochs=fp32_epochs)  # None: the zoo's epochs
     base = {"model": name, "dataset": "fashion-mnist", "test": 10000, "seed": SEED}
     if fp32_epochs is not None:
         base["fp32_epochs"] = fp32_epochs
@@ -301,20 +295,20 @@ def main(argv=None) -> dict:
     rows = []
     for name, budget in budgets.items():
         rows += fashion_rows(name, budget, Data(), args.progress, fp32_epochs.get(name))
+    # the G-step metric "auto" picked per model, as its ADMM rows record it
+    chosen = {r["model"]: r["g_metric"] for r in rows if "g_metric" in r and not r["alternate"]}
     print_table(rows)
 
     import platform
 
     import lastbit
-    from lastbit.frontend.models import get_model
-    from lastbit.passes.admm import ADMM_PER_CHANNEL, g_metric_for
+    from lastbit.passes.admm import ADMM_PER_CHANNEL
 
     meta = {
         "host": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "lastbit": lastbit.__version__,
         "per_channel": {"fashion-mnist": ADMM_PER_CHANNEL}, "skip": list(SKIP),
         "skip_codes": SKIP_CODES, "budgets": budgets,
-        "settings": {m: {method: method_settings(method, math.ceil(b["train"] / BATCH) * b["epochs"],
-                                                 g_metric_for(get_model(m, pretrained=False)[0]))
+        "settings": {m: {method: method_settings(method, math.ceil(b["train"] / BATCH) * b["epochs"], chosen[m])
                          for method in METHODS if method != "projection"} for m, b in budgets.items()},
         "test_set": "fashion-mnist test, 10000 images",
         "wall_s": round(time.perf_counter() - start, 1),

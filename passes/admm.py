@@ -450,7 +450,7 @@ def _input_moments(model: nn.Module, names: Iterable[str], batches: Iterable, sa
     ``samples`` examples of ``batches``, the model in eval mode. Layers `layer_rows` cannot unroll
     (grouped convs, 1-d/3-d convs) or wider than METRIC_MAX_INPUTS get none and keep the plain
     projection."""
-    modules = dict(model.named_modules())
+    names, modules = list(names), dict(model.named_modules())
     moments: dict[str, torch.Tensor] = {}
     wide = [n for n in names if modules[n.removesuffix(".weight")].weight[0].numel() > METRIC_MAX_INPUTS]
     if wide:
@@ -566,7 +566,7 @@ def g_metric_for(module: nn.Module, g_metric: str = ADMM_G_METRIC) -> str:
     _check_choice("g_metric", g_metric, G_METRICS)
     if g_metric != "auto":
         return g_metric
-    return "outputs" if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()) else "weights"
+    return "outputs" if _batch_norms(module) else "weights"
 
 
 def auto_update_every(total_batches: int, fixed_fraction: float = ADMM_FIXED, g_steps: int = ADMM_G_STEPS) -> int:

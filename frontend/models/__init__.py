@@ -183,20 +183,25 @@ _ENTRIES = (
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
 
 
-def get_model(name: str, pretrained: bool = True, progress: bool = True) -> tuple[nn.Module, torch.Tensor]:
+def get_model(name: str, pretrained: bool = True, progress: bool = True,
+              train_epochs: int | None = None) -> tuple[nn.Module, torch.Tensor]:
     """A zoo model in eval mode and an example input of its ``input_shape``.
 
     ``pretrained=True`` loads trained weights where the entry has them (training and
     caching the 28×28 models on first use: up to minutes, see ``_ENTRIES``); otherwise, and for the
-    entries without weights, the seeded random initialisation.  The example input is a
+    entries without weights, the seeded random initialisation. ``train_epochs`` trains (or loads)
+    a dataset entry for that many epochs of its recipe instead of the entry's.  The example input is a
     seeded uniform [0, 1) tensor (standard normal for ``ffn``), or for EfficientNet-Lite0
     the preprocessed scikit-image cat photo.
     """
     entry = ZOO.get(name)
     if entry is None:
         raise LastbitError(f"unknown model '{name}'; known: {', '.join(ZOO)}")
+    if train_epochs is not None and (entry.dataset is None or train_epochs < 1):
+        raise LastbitError(f"train_epochs={train_epochs!r}: '{name}' "
+                           + ("is not trained here" if entry.dataset is None else "needs at least one epoch"))
     if pretrained and entry.pretrained:
-        model = _load_trained(entry, progress)
+        model = _load_trained(entry, progress, train_epochs)
     else:
         if pretrained:
             log.debug("%s has no trained weights; using the seeded random initialisation", name)
@@ -219,14 +224,14 @@ def example_input(name: str) -> torch.Tensor:
     return torch.rand(entry.input_shape, generator=gen)
 
 
-def _load_trained(entry: ZooEntry, progress: bool) -> nn.Module:
+def _load_trained(entry: ZooEntry, progress: bool, epochs: int | None = None) -> nn.Module:
     if entry.dataset is None:
         from .efficientnet import efficientnet_lite0
 
         return efficientnet_lite0(pretrained=True)
     from lastbit.frontend.training import cached_trained
 
-    return cached_trained(entry.name, entry.build, entry.dataset, epochs=entry.train_epochs,
+    return cached_trained(entry.name, entry.build, entry.dataset, epochs=epochs or entry.train_epochs,
                           seed=ZOO_SEED, progress=progress)
 
 

@@ -115,6 +115,21 @@ def test_pretrained_small_model_loads_cached_weights(monkeypatch):
         assert torch.equal(model(x), trained(x))
 
 
+def test_train_epochs_loads_that_recipe_and_refuses_what_it_cannot_train(monkeypatch):
+    """train_epochs asks the cache for the entry's recipe at that many epochs (its own file), and
+    is one error naming the model where the entry is not trained here or the count is not positive."""
+    asked = []
+    monkeypatch.setattr(training, "cached_trained", lambda name, build, dataset, epochs, **kw: asked.append(
+        (name, dataset, epochs, kw["seed"])) or build())
+    get_model("lenet5", train_epochs=7)
+    get_model("lenet5")
+    assert asked == [("lenet5", "fashion-mnist", 7, 0), ("lenet5", "fashion-mnist", ZOO["lenet5"].train_epochs, 0)]
+    with pytest.raises(LastbitError, match="train_epochs=3: 'resnet18' is not trained here"):
+        get_model("resnet18", train_epochs=3)
+    with pytest.raises(LastbitError, match="train_epochs=0: 'lenet5' needs at least one epoch"):
+        get_model("lenet5", train_epochs=0)
+
+
 def test_pretrained_false_never_trains(monkeypatch):
     monkeypatch.setattr(training, "cached_trained", lambda *a, **k: pytest.fail("trained"))
     get_model("mlp", pretrained=False)
