@@ -10,9 +10,10 @@ Every run has the same budget (training samples, epochs, lr schedule) as quant_a
 table, so what wins here is what the table uses. `--sweep` runs the grid (GPU-sized:
 `--sweep --device cuda --workers 15 --threads 1`); `--quick` is a few-minute CPU run of the same
 code on a small grid; with neither (`make bench`) the winners are re-derived from the rows of the
-last GPU sweep, bench/admm_sweep_gpu.json. `--bn-sweep` (GPU) and `--rho-sweep` (CPU) run the
-stages that ask why ADMM trails STE on BatchNorm networks; their saved rows
-(bench/admm_bn_sweep_gpu.json, bench/admm_rho_sweep.json) are ranked in the same summary.
+last GPU sweep, bench/admm_sweep_gpu.json. `--bn-sweep` (GPU), `--rho-sweep` and `--metric-sweep`
+(CPU) run the stages that ask why ADMM trails STE on BatchNorm networks; their saved rows
+(bench/admm_bn_sweep_gpu.json, bench/admm_rho_sweep.json, bench/admm_metric_sweep.json) are
+ranked in the same summary.
 """
 
 from __future__ import annotations
@@ -96,6 +97,15 @@ RHO_VARIANTS = ([{"rho": r, "rho_growth": g} for r, g in itertools.product((0.1,
                    for r, g in ((0.0, 1.0), (0.001, 1.0), (0.01, 1.0), (0.03, 1.0), (0.001, 1.3), (0.01, 1.3),
                                 (0.1, 1.3), (1.0, 1.3))])
 RHO_CODES = ("binary", "ternary")
+
+# Stage "metric" (`--metric-sweep`, CPU-sized: about 40 minutes on 2 cores): the "rho" stage ran
+# with the paper's nearest-code G-step; the default on BatchNorm networks is now the output metric
+# (passes/admm.py ADMM_G_METRIC), which moves which codes the first projection picks, so the ρ
+# schedule is swept again under it: ρ0 × growth on both BN nets at all four code sets, STE beside.
+METRIC_ROWS = REPO / "bench" / "admm_metric_sweep.json"
+METRIC_BASE = {**RHO_BASE, "g_metric": "outputs"}
+METRIC_VARIANTS = ([{"rho": r, "rho_growth": g} for r, g in itertools.product((0.3, 1.0, 3.0, 10.0), (1.15, 1.3))]
+                   + [{"rho": 30.0, "rho_growth": 1.3}])  # past the grid's edge, where ρ0 = 10 won
 
 
 def bn_jobs(models: dict, codes: tuple) -> list[dict]:
@@ -222,7 +232,7 @@ def _fine_tune(job, fp32, x, y, common, budget, start) -> dict:
     else:
         batches = math.ceil(budget["train"] / BATCH) * budget["epochs"]
         every = auto_update_every(batches, job["fixed_fraction"], job["g_steps"])
-        extra = {k: job[k] for k in ("forward", "tail", "penalty_lr") if k in job}
+        extra = {k: job[k] for k in ("forward", "tail", "penalty_lr", "g_metric") if k in job}
         result = admm_finetune(fp32, (x, y), job["codes"], rho=job["rho"], rho_growth=job["rho_growth"],
                                update_every=every, fixed_fraction=job["fixed_fraction"], w_step=job["w_step"],
                                **extra, **common)
@@ -307,9 +317,26 @@ def rho_jobs(models: dict, codes: tuple) -> list[dict]:
     return jobs + _admm_jobs(models, codes, RHO_VARIANTS, RHO_BASE, "rho")
 
 
-def bn_sweep(args, rho: bool = False) -> dict:
-    """Run the "bn" stage (or with rho the "rho" stage, ResNet-8 only) on the table's budgets;
-    rows to --out (bench/admm_bn_sweep_gpu.json, bench/admm_rho_sweep.json)."""
+def metric_jobs(models: dict, codes: tuple) -> list[dict]:
+    """The "metric" stage's runs: per model, STE then every (ρ0, growth) under the output-metric G-step."""
+    jobs = []
+    for m, b in models.items():
+        jobs += [{"stage": "metric", "model": m, "codes": c, "method": "ste", "budget": b, **METRIC_BASE,
+                  "w_step": None} for c in codes]
+        jobs += _admm_jobs({m: b}, codes, METRIC_VARIANTS, METRIC_BASE, "metric")
+    return jobs
+
+
+def _job_key(job: dict) -> str:
+    """What identifies a run: its settings, not its deadline or results."""
+    skip = ("deadline", "accuracy", "seconds", "residual", "error")
+    return json.dumps({k: v for k, v in job.items() if k not in skip}, sort_keys=True)
+
+
+def bn_sweep(args, rho: bool = False, metric: bool = False) -> dict:
+    """Run the "bn" stage (with rho the "rho" stage, ResNet-8 only; with metric the "metric"
+    stage) on the table's budgets; rows to --out (bench/admm_bn_sweep_gpu.json,
+    bench/admm_rho_sweep.json, bench/admm_metric_sweep.json)."""
     import multiprocessing as mp
     import tempfile
 
@@ -319,15 +346,24 @@ def bn_sweep(args, rho: bool = False) -> dict:
     if rho:
         models = {"resnet8": models["resnet8"]}
         codes = RHO_CODES
+    if metric:  # the deeper net first: a time limit cuts the tail
+        models = dict(sorted(models.items(), key=lambda kv: kv[0] != "resnet20"))
     scratch = tempfile.mkdtemp(prefix="admm_sweep-")
     init = (args.device, args.data_dir, args.threads, scratch, args.fp32_cache)
     _init_worker(*init)
     for name in models:
         print(f"fp32 {name}: {100 * _accuracy(_fp32(name), args.device):.2f}%", flush=True)
     deadline = time.time() + args.time_limit_s
-    base = RHO_BASE if rho else BN_BASE
-    jobs = [{**j, "deadline": deadline} for j in (rho_jobs if rho else bn_jobs)(models, codes)]
-    rows = []
+    base = METRIC_BASE if metric else RHO_BASE if rho else BN_BASE
+    make_jobs = metric_jobs if metric else rho_jobs if rho else bn_jobs
+    jobs = [{**j, "deadline": deadline} for j in make_jobs(models, codes)]
+    rows, total, earlier_s = [], len(jobs), 0.0
+    if args.resume and args.out and args.out.is_file():  # keep the runs already saved, run the rest
+        saved = json.loads(args.out.read_text())
+        rows, earlier_s = saved["rows"], saved.get("meta", {}).get("wall_s", 0.0)
+        done = {_job_key(r) for r in rows}
+        jobs = [j for j in jobs if _job_key(j) not in done]
+        print(f"--resume: {len(rows)} runs read from {args.out}, {len(jobs)} to run", flush=True)
     with mp.get_context("spawn").Pool(max(1, args.workers), _init_worker, init) as pool:
         for r in pool.imap_unordered(run_one, jobs, chunksize=1):
             if r["accuracy"] is None:
@@ -339,7 +375,7 @@ def bn_sweep(args, rho: bool = False) -> dict:
             if args.out and len(rows) % 10 == 0:
                 args.out.write_text(json.dumps({"rows": rows}, indent=1))
     section = {"meta": {"device": args.device, "budgets": models, "batch": BATCH, "lr_schedule": LR_SCHEDULE,
-                        "wall_s": round(time.perf_counter() - start, 1), "runs": len(rows), "of": len(jobs)},
+                        "wall_s": round(earlier_s + time.perf_counter() - start, 1), "runs": len(rows), "of": total},
                "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(section, indent=1))
@@ -384,15 +420,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--bn-sweep", action="store_true", help="run the BatchNorm stage's grid only (GPU-sized)")
     parser.add_argument("--rho-sweep", action="store_true",
                         help="run the ρ-schedule stage (ResNet-8, ~12 min on 2 cores)")
+    parser.add_argument("--metric-sweep", action="store_true",
+                        help="run the ρ-schedule stage again under the output-metric G-step (ResNet-8/20, ~40 min)")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --out: keep the runs already in that file and run only the missing ones")
     parser.add_argument("--fp32-cache", action="store_true",
                         help="fp32 models from the weight cache ($LASTBIT_CACHE) on any device, as the table uses")
     parser.add_argument("--summarize", type=Path, metavar="JSON", default=GPU_ROWS,
                         help="without --sweep/--quick: re-derive the winners from these saved rows (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.fp32_cache and not (args.bn_sweep or args.rho_sweep):
-        parser.error("--fp32-cache applies to --bn-sweep and --rho-sweep only")
-    if args.bn_sweep or args.rho_sweep:
-        return bn_sweep(args, rho=args.rho_sweep)
+    if args.fp32_cache and not (args.bn_sweep or args.rho_sweep or args.metric_sweep):
+        parser.error("--fp32-cache applies to --bn-sweep, --rho-sweep and --metric-sweep only")
+    if args.bn_sweep or args.rho_sweep or args.metric_sweep:
+        return bn_sweep(args, rho=args.rho_sweep, metric=args.metric_sweep)
     if not (args.sweep or args.quick):
         # `make bench` on a CPU: the grid is GPU work, so re-derive the defaults from its recorded rows
         saved = json.loads(args.summarize.read_text())
@@ -401,12 +441,15 @@ def main(argv=None) -> dict:
             chosen["bn"] = summarize_bn(json.loads(BN_ROWS.read_text())["rows"])
         if RHO_ROWS.is_file():
             chosen["rho"] = summarize_bn(json.loads(RHO_ROWS.read_text())["rows"])
+        if METRIC_ROWS.is_file():
+            chosen["metric"] = summarize_bn(json.loads(METRIC_ROWS.read_text())["rows"])
         for stage, win in chosen.items():
-            if stage in ("bn", "rho"):
-                base = BN_BASE if stage == "bn" else RHO_BASE
+            if stage in ("bn", "rho", "metric"):
+                base = {"bn": BN_BASE, "rho": RHO_BASE, "metric": METRIC_BASE}[stage]
                 for t in win["settings"]:
                     diff = {k: t[k] for k in BN_KEYS if t[k] != base[k]}
-                    cells = " ".join(f"{100 * a:.2f}" for _, a in sorted(t["cells"].items())) if stage == "rho" else ""
+                    cells = (" ".join(f"{100 * a:.2f}" for _, a in sorted(t["cells"].items())) if stage != "bn"
+                             else "")
                     print(f"  {stage:<3} {t['method']:<4} {100 * t['mean_accuracy']:6.2f}  {cells} {diff}")
                 continue
             print(f"  {stage:<10} {win}")
