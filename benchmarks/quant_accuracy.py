@@ -104,7 +104,7 @@ def train_subset(train, count: int):
 def admm_schedule(batches: int, g_metric: str) -> dict:
     """The ADMM recipe of passes/admm.py's defaults for a run of `batches` batches: ADMM_G_STEPS
     G-steps (and dual updates) spread over the ADMM phase, ρ growing ×ADMM_RHO_GROWTH at each from
-    ADMM_RHO, then the last ADMM_FIXED of the batches with the quantized weights fixed at Π(W + λ)
+    ρ0 = default_rho(g_metric) (ADMM_RHO_BY_METRIC), then the last ADMM_FIXED of the batches with the quantized weights fixed at Π(W + λ)
     while BatchNorm, biases and the int8 first/last layers absorb that last jump; the W-step and
     BatchNorm handling as ADMM_W_STEP / ADMM_FREEZE_BN, the prox's pull ηρ on the base lr
     (ADMM_PENALTY_LR, from admm_sweep.py --bn-sweep). Those defaults come from
@@ -120,15 +120,15 @@ def admm_schedule(batches: int, g_metric: str) -> dict:
         ADMM_FREEZE_BN,
         ADMM_METRIC_SAMPLES,
         ADMM_PENALTY_LR,
-        ADMM_RHO,
         ADMM_RHO_GROWTH,
         ADMM_TAIL,
         ADMM_W_STEP,
         auto_update_every,
+        default_rho,
     )
 
     # The library's defaults, spelled out so they are part of every cache key.
-    return {"update_every": auto_update_every(batches), "rho": ADMM_RHO, "rho_growth": ADMM_RHO_GROWTH,
+    return {"update_every": auto_update_every(batches), "rho": default_rho(g_metric), "rho_growth": ADMM_RHO_GROWTH,
             "fixed_fraction": ADMM_FIXED, "w_step": ADMM_W_STEP, "freeze_bn": ADMM_FREEZE_BN,
             "penalty_lr": ADMM_PENALTY_LR, "forward": ADMM_FORWARD, "tail": ADMM_TAIL,
             "g_metric": g_metric, "metric_samples": ADMM_METRIC_SAMPLES}

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lastbit.passes.admm import ADMM_RHO
 from lastbit.passes.pow2_projection import CodeSet, QuantizationError, code_set
 
 log = logging.getLogger(__name__)
@@ -60,8 +59,9 @@ class Squeeze:
         the data (README, "The full training set"); ADMM stays the "auto" choice.
     epochs, lr, rho, batch_size, admm_options
         Fine-tuning settings (defaults: 3 epochs, cosine lr from 0.01; ADMM's ρ schedule from
-        benchmarks/admm_sweep.py: ρ0 = 1 growing ×1.3 over 20 G-steps, the last tenth with the
-        codes fixed; STE ignores rho); ``admm_options`` holds any other keyword of the
+        benchmarks/admm_sweep.py: ρ0 growing ×1.3 over 20 G-steps, the last tenth with the codes
+        fixed, with rho=None ρ0 = 10 under the output-metric G-step (BatchNorm networks) and 1
+        under the nearest codes; STE ignores rho); ``admm_options`` holds any other keyword of the
         fine-tuning function, ``admm_finetune`` or ``ste_finetune`` (rho_growth, distill_from,
         …); a keyword the chosen one does not take is refused by name.
     integer_kernels
@@ -118,7 +118,7 @@ class Squeeze:
     mode: str = "auto"
     epochs: int = 3
     lr: float = 0.01
-    rho: float = ADMM_RHO
+    rho: float | None = None
     batch_size: int = 64
     admm_options: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     integer_kernels: bool = True
@@ -157,7 +157,7 @@ class Squeeze:
             self._check_finetune_options()
         if not isinstance(self.epochs, int) or self.epochs < 1 or self.batch_size < 1:
             raise QuantizationError(f"epochs and batch_size must be positive ints, got {self.epochs!r}, {self.batch_size!r}")
-        if not (self.lr > 0 and self.rho >= 0):
+        if not (self.lr > 0 and (self.rho is None or self.rho >= 0)):
             raise QuantizationError(f"need lr > 0 and rho ≥ 0, got lr={self.lr!r}, rho={self.rho!r}")
         if not 0 < self.activation_percentile <= 100 or not math.isfinite(self.activation_percentile):
             raise QuantizationError(f"activation_percentile must be in (0, 100], got {self.activation_percentile!r}")
@@ -291,7 +291,9 @@ class Squeeze:
     def admm_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``finetune_function()`` (codes, per-channel and skip are added by
         the pass); STE gets ADMM's cosine lr schedule, so the two differ only in how they train."""
-        kwargs = dict(epochs=self.epochs, lr=self.lr, rho=self.rho, batch_size=self.batch_size, progress=False)
+        kwargs = dict(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, progress=False)
+        if self.rho is not None:  # None: the fine-tuning function's own default (ADMM's depends on its G-step metric)
+            kwargs["rho"] = self.rho
         if self.trainer == "ste":
             kwargs["lr_schedule"] = "cosine"
         kwargs.update(self.admm_options)

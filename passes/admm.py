@@ -520,7 +520,13 @@ def project_module(
 # - ρ0 × growth again under the constant penalty (`admm_sweep.py --rho-sweep`, ResNet-8 binary and
 #   ternary, bench/admm_rho_sweep.json): ρ0 = 1 ×1.3 still best with ∇f at W; with ∇f at Π(W)
 #   only a negligible pull (ρ0 ≤ 0.01, constant) ties STE, being STE.
-ADMM_RHO, ADMM_RHO_GROWTH, ADMM_G_STEPS, ADMM_FIXED = 1.0, 1.3, 20, 0.1
+ADMM_RHO_GROWTH, ADMM_G_STEPS, ADMM_FIXED = 1.3, 20, 0.1
+# ρ0 per G-step metric (admm_finetune(rho=None) resolves it by the metric "auto" picks). "weights":
+# the sweeps above, all run with the nearest-code G-step. "outputs": `admm_sweep.py --metric-sweep`
+# (CPU, bench/admm_metric_sweep.json) swept ρ0 {0.3, 1, 3, 10, 30} × growth {1.15, 1.3} again under
+# the output metric, ResNet-8/20 at all four code sets: ρ0 = 10 ×1.3 has the best mean of the 8
+# cells (85.24, STE 85.18; ρ0 = 1: 84.88) and is ≥ STE in all four ResNet-20 cells.
+ADMM_RHO_BY_METRIC = {"weights": 1.0, "outputs": 10.0}
 W_STEPS = ("extragradient", "sgd")
 ADMM_W_STEP = "sgd"
 # Where the W-step evaluates ∇f: at the float W ("float", the paper's), or at its projection Π(W)
@@ -569,6 +575,12 @@ def g_metric_for(module: nn.Module, g_metric: str = ADMM_G_METRIC) -> str:
     return "outputs" if _batch_norms(module) else "weights"
 
 
+def default_rho(g_metric: str) -> float:
+    """ρ0 when admm_finetune(rho=None): per resolved G-step metric (see ADMM_RHO_BY_METRIC)."""
+    _check_choice("g_metric", g_metric, tuple(ADMM_RHO_BY_METRIC))
+    return ADMM_RHO_BY_METRIC[g_metric]
+
+
 def auto_update_every(total_batches: int, fixed_fraction: float = ADMM_FIXED, g_steps: int = ADMM_G_STEPS) -> int:
     """Batches between G-steps so that ``g_steps`` of them fall in the ADMM (non-fixed) phase."""
     admm_batches = max(1, int(total_batches * (1 - fixed_fraction)))
@@ -581,7 +593,7 @@ def admm_finetune(
     codes: str | int | CodeSet = "pow2-4",
     *,
     epochs: int = 20,
-    rho: float = ADMM_RHO,
+    rho: float | None = None,
     rho_growth: float = ADMM_RHO_GROWTH,
     lr: float = 0.01,
     lr_schedule: str = "cosine",
@@ -631,7 +643,9 @@ def admm_finetune(
     spread evenly over the ADMM phase, see :func:`auto_update_every`; or "epoch"): G = Π(W + λ),
     λ += W − G, then ρ ← ρ·rho_growth with λ rescaled by ρ_old/ρ_new so ρ·λ is kept. The W-step
     needs roughly 1/(ηρ) batches between G-steps to settle; updating much more often lets the
-    dual run away. Warm start: G = Π(W), λ = 0.
+    dual run away. Warm start: G = Π(W), λ = 0. rho=None starts from ρ0 = default_rho(metric),
+    the value the sweeps picked for the G-step metric in use (ADMM_RHO_BY_METRIC: 1 with the
+    nearest codes, 10 with the output metric).
     fixed_fraction > 0 ends with that fraction of the batches (same data, same η schedule) with
     the quantized weights fixed at Π(W + λ) while every other parameter (BatchNorm, biases, the
     skipped layers) keeps training: ADMM's last G-step is a jump, and this lets the rest of the
@@ -660,6 +674,9 @@ def admm_finetune(
     elsewhere (see ADMM_G_METRIC).
     """
     cs = code_set(codes)
+    g_metric = g_metric_for(module, g_metric)
+    if rho is None:
+        rho = default_rho(g_metric)
     if epochs < 1 or lr <= 0 or rho < 0 or rho_growth <= 0:
         raise QuantizationError(f"need epochs ≥ 1, lr > 0, rho ≥ 0, rho_growth > 0; got {epochs}, {lr}, {rho}, {rho_growth}")
     if not (update_every in ("epoch", "auto") or (isinstance(update_every, int) and update_every >= 1)):
@@ -670,7 +687,6 @@ def admm_finetune(
                                  ("forward", forward, FORWARDS), ("tail", tail, TAILS),
                                  ("penalty_lr", penalty_lr, PENALTY_LRS)):
         _check_choice(option, value, known)
-    g_metric = g_metric_for(module, g_metric)
     if isinstance(metric_samples, bool) or not isinstance(metric_samples, int) or metric_samples < 1:
         raise QuantizationError(f"metric_samples must be a positive number of examples, got {metric_samples!r}")
     per_epoch = _num_batches(data, batch_size)

@@ -539,3 +539,24 @@ def test_auto_metric_is_outputs_on_batchnorm_networks(digits, float_model, bn_ne
     assert not calibrated
     admm_finetune(bn_net, (x.reshape(-1, 1, 8, 8), y), "ternary", epochs=1, progress=False)
     assert calibrated == [1]
+
+
+def test_default_rho_follows_the_resolved_metric(digits, float_model, bn_net):
+    """rho=None starts ADMM at the ρ0 its G-step metric was swept to (ADMM_RHO_BY_METRIC): the
+    first epoch's ρ is that value, for "auto" on a BatchNorm net and on a plain one, and an
+    explicit rho still wins; a negative rho or an unknown metric is refused by name."""
+    from lastbit.passes import admm
+
+    assert admm.default_rho("outputs") != admm.default_rho("weights")
+    with pytest.raises(QuantizationError, match="g_metric 'auto'"):
+        admm.default_rho("auto")  # only a resolved metric has a ρ0
+    (x, y), _ = digits
+    common = dict(epochs=1, progress=False, update_every="epoch", fixed_fraction=0.0)
+    plain = admm_finetune(float_model, (x, y), "ternary", **common)
+    assert plain.history[0].rho == admm.default_rho("weights")
+    bn = admm_finetune(bn_net, (x.reshape(-1, 1, 8, 8), y), "ternary", **common)
+    assert bn.history[0].rho == admm.default_rho("outputs")
+    pinned = admm_finetune(bn_net, (x.reshape(-1, 1, 8, 8), y), "ternary", rho=0.5, **common)
+    assert pinned.history[0].rho == 0.5
+    with pytest.raises(QuantizationError, match="rho ≥ 0"):
+        admm_finetune(bn_net, (x.reshape(-1, 1, 8, 8), y), "ternary", rho=-1.0, **common)
