@@ -54,9 +54,9 @@ class Squeeze:
         "auto" (ADMM when data with labels and the torch module are available, else the
         data-free projection), "data-free", "admm", or "ste": straight-through-estimator
         training (``lastbit.passes.admm.ste_finetune``) on the same data, lr schedule and code
-        sets. On the BatchNorm networks of ``benchmarks/quant_accuracy.py`` STE is the more
-        accurate of the two at every code set but ResNet-20's {−4..4}, and its lead grows with
-        the data (README, "The full training set"); ADMM stays the "auto" choice.
+        sets. On ``benchmarks/quant_accuracy.py``'s table ADMM is the more accurate of the two
+        at every code set on ResNet-20 and STE at three of four on the 1-epoch ResNet-8 and on
+        LeNet-5 (README, "Quantization accuracy"); ADMM stays the "auto" choice.
     epochs, lr, rho, batch_size, admm_options
         Fine-tuning settings (defaults: 3 epochs, cosine lr from 0.01; ADMM's ρ schedule from
         benchmarks/admm_sweep.py: ρ0 growing ×1.3 over 20 G-steps, the last tenth with the codes
