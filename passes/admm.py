@@ -523,8 +523,8 @@ def project_module(
 ADMM_RHO_GROWTH, ADMM_G_STEPS, ADMM_FIXED = 1.3, 20, 0.1
 # ρ0 per G-step metric (admm_finetune(rho=None) resolves it by the metric "auto" picks). "weights":
 # the sweeps above, all run with the nearest-code G-step. "outputs": `admm_sweep.py --metric-sweep`
-# (CPU, bench/admm_metric_sweep.json) swept ρ0 {0.3, 1, 3, 10, 30} × growth {1.15, 1.3} again under
-# the output metric, ResNet-8/20 at all four code sets: ρ0 = 10 ×1.3 has the best mean of the 8
+# (CPU, bench/admm_metric_sweep.json) swept ρ0 {0.3, 1, 3, 10} × growth {1.15, 1.3} and ρ0 = 30 ×1.3
+# again under the output metric, ResNet-8/20 at all four code sets: ρ0 = 10 ×1.3 has the best mean of the 8
 # cells (85.24, STE 85.18; ρ0 = 1: 84.88) and is ≥ STE in all four ResNet-20 cells.
 ADMM_RHO_BY_METRIC = {"weights": 1.0, "outputs": 10.0}
 W_STEPS = ("extragradient", "sgd")
