@@ -105,9 +105,9 @@ def admm_schedule(batches: int, g_metric: str) -> dict:
     """The ADMM recipe of passes/admm.py's defaults for a run of `batches` batches: ADMM_G_STEPS
     G-steps (and dual updates) spread over the ADMM phase, ρ growing ×ADMM_RHO_GROWTH at each from
     ρ0 = default_rho(g_metric) (ADMM_RHO_BY_METRIC), then the last ADMM_FIXED of the batches with
-    the quantized weights fixed at Π(W + λ) while BatchNorm, biases and the int8 first/last layers absorb that last jump; the W-step and
-    BatchNorm handling as ADMM_W_STEP / ADMM_FREEZE_BN, the prox's pull ηρ on the base lr
-    (ADMM_PENALTY_LR, from admm_sweep.py --bn-sweep). Those defaults come from
+    the quantized weights fixed at Π(W + λ) while BatchNorm, biases and the int8 first/last layers
+    absorb that last jump; the W-step and BatchNorm handling as ADMM_W_STEP / ADMM_FREEZE_BN, the
+    prox's pull ηρ on the base lr (ADMM_PENALTY_LR, from admm_sweep.py --bn-sweep). Those defaults come from
     benchmarks/admm_sweep.py (structure, then ρ schedule, then distillation, on ResNet-8/20 at
     this table's budgets); its docstring and bench/results.json["admm_sweep"] hold the evidence.
     `g_metric` is what the library's "auto" resolves to for the model (`g_metric_for`: each
