@@ -603,7 +603,11 @@ def _on_uniform_grid_rows(w: np.ndarray, a_max: np.ndarray, top: int) -> tuple[n
     ADMM → graph (``QuantInfo.exact``) relies on. A few probe elements rule out most rows and
     scales before any full row is checked."""
     tops = np.arange(top, max(top - _GRID_TOP_LEVELS, 0), -1)
-    alphas = (a_max[:, None] / tops[None, :]).astype(np.float32).astype(np.float64)  # (rows, tops)
+    base = (a_max[:, None] / tops[None, :]).astype(np.float32)  # (rows, tops)
+    # max|w| = float32(α·max|q|) is rounded, so max|w| / max|q| can land one float32 step off α:
+    # try the neighbours too, each top's own α first
+    near = (base, np.nextafter(base, np.float32(0)), np.nextafter(base, np.float32(np.inf)))
+    alphas = np.stack(near, axis=-1).reshape(base.shape[0], -1).astype(np.float64)  # (rows, tops·3)
     probe_cols = np.unique(np.concatenate([np.arange(min(8, w.shape[1])), [0]]))
     probe = np.concatenate([w[:, probe_cols], np.take_along_axis(w, np.argmax(np.abs(w), axis=1)[:, None], 1)], axis=1)
 

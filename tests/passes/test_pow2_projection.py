@@ -320,6 +320,25 @@ def test_int8_projection_is_near_the_best_scale_and_idempotent():
         np.testing.assert_array_equal(dequantize(q2, alpha2), g)
 
 
+def test_int8_grid_is_recognised_when_max_abs_over_the_top_code_is_a_float32_step_off():
+    """A row α·q whose max|q| is below 127 has max|w| = float32(α·max|q|), rounded, so
+    max|w| / max|q| can come out one float32 step from α; the projection must still return the
+    row unchanged (the ADMM → graph path's QuantInfo.exact; a fine-tuned ResNet's fc hit it)."""
+    rng = np.random.default_rng(11)
+    rows = []
+    while len(rows) < 4:  # rows where the naive α = max|w| / max|q| misses by a step
+        alpha = np.float32(rng.uniform(1e-3, 1e-1))
+        top = int(rng.integers(100, 127))
+        q = rng.integers(-top, top + 1, 64).astype(np.float32)
+        q[0] = top
+        g = alpha * q
+        if np.float32(np.abs(g).max() / top) != alpha:
+            rows.append(g)
+    g = np.stack(rows)
+    q2, alpha2 = project_pow2(g, "int8", axis=0)
+    np.testing.assert_array_equal(dequantize(q2, alpha2), g)
+
+
 def test_int8_zero_and_constant_slices():
     q, alpha = project_pow2(np.zeros((2, 3), np.float32), "int8", axis=0)
     assert not q.any() and np.all(alpha == 1.0)
