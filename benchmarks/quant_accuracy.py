@@ -94,10 +94,10 @@ def accuracy(module, arrays, batch_size: int = 500) -> float:
     return correct / len(arrays.labels)
 
 
-def train_subset(train, count: int):
+def train_subset(train, count: int, seed: int = SEED):
     from lastbit.frontend.datasets import ImageArrays
 
-    idx = np.sort(np.random.default_rng(SEED).permutation(len(train.labels))[:count])
+    idx = np.sort(np.random.default_rng(seed).permutation(len(train.labels))[:count])
     return ImageArrays(train.images[idx], train.labels[idx])
 
 
@@ -151,7 +151,11 @@ def method_settings(method: str, batches: int, g_metric: str) -> dict:
     return settings
 
 
-def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epochs: int | None = None) -> list[dict]:
+def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epochs: int | None = None,
+                 seed: int = SEED, methods: tuple[str, ...] | None = None) -> list[dict]:
+    """The table's rows for one model. ``seed`` draws the training subset and seeds fine-tuning;
+    ``methods`` (default: all, plus the ADMM columns on the other G-step metric) runs only those,
+    with no fp32 / alternate rows (the --seeds repeats)."""
     from lastbit.frontend.models import get_model
     from lastbit.passes.admm import (
         ADMM_PER_CHANNEL,
@@ -165,18 +169,19 @@ def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epoch
     from lastbit.passes.pow2_projection import code_set
 
     fp32, _ = get_model(name, pretrained=True, train_epochs=fp32_epochs)  # None: the zoo's epochs
-    base = {"model": name, "dataset": "fashion-mnist", "test": 10000, "seed": SEED}
+    base = {"model": name, "dataset": "fashion-mnist", "test": 10000, "seed": seed}
     if fp32_epochs is not None:
         base["fp32_epochs"] = fp32_epochs
-    rows = [{**cached({**base, "method": "fp32", "codes": "fp32"},
+    rows = [] if methods else [{**cached({**base, "method": "fp32", "codes": "fp32"},
                       lambda: {"accuracy": accuracy(fp32, data["test"]), "bytes": model_bytes(fp32)}),
              "model": name, "codes": "fp32", "method": "fp32", "bits": 32}]
     batches = math.ceil(budget["train"] / BATCH) * budget["epochs"]
     g_metric = g_metric_for(fp32)
     # the ADMM columns again on the G-step metric "auto" did not pick: the evidence for its choice
     other = next(m for m in G_METRICS if m not in ("auto", g_metric))
-    runs = [(codes, method, g_metric) for codes in CODE_SETS for method in METHODS]
-    runs += [(codes, method, other) for codes in CODE_SETS for method in METHODS if method.startswith("admm")]
+    runs = [(codes, method, g_metric) for codes in CODE_SETS for method in methods or METHODS]
+    if not methods:
+        runs += [(codes, method, other) for codes in CODE_SETS for method in METHODS if method.startswith("admm")]
     for codes, method, metric in runs:
         key = {**base, "codes": codes, "method": method, "per_channel": ADMM_PER_CHANNEL, "skip_codes": SKIP_CODES}
         if method != "projection":
@@ -188,17 +193,17 @@ def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epoch
                 result = project_module(fp32, codes, per_channel=ADMM_PER_CHANNEL, **common)
                 recalibrate_bn(result.module, data["bn"], num_batches=BN_BATCHES, batch_size=BATCH)
             else:
-                train = train_subset(data["train"], budget["train"])
+                train = train_subset(data["train"], budget["train"], seed)
                 fn = ste_finetune if method == "ste" else admm_finetune
                 teacher = {"distill_from": fp32} if method == "admm+kd" else {}
                 result = fn(fp32, (train.images, train.labels), codes, epochs=budget["epochs"],
                             **method_settings(method, batches, metric), **teacher, bn_batches=BN_BATCHES,
-                            progress=progress, seed=SEED, **common)
+                            progress=progress, seed=seed, **common)
             return {"accuracy": accuracy(result.module, data["test"]), "bytes": model_bytes(result.module, result)}
 
         row = cached(key, compute)
         extra = {"g_metric": metric, "alternate": metric != g_metric} if method.startswith("admm") else {}
-        rows.append({**row, "model": name, "codes": codes, "method": method, "bits": code_set(codes).bits,
+        rows.append({**row, "model": name, "codes": codes, "method": method, "bits": code_set(codes).bits, "seed": seed,
                      "budget": None if method == "projection" else dict(budget), **extra})
         print(f"  {name:<9} {codes:<8} {method:<10} {extra.get('g_metric', ''):<8} acc {row['accuracy']:.4f}  "
               f"({row.get('compute_s', 0):.0f} s)", flush=True)
@@ -253,6 +258,36 @@ def print_table(rows: list[dict]) -> None:
             print(f"{model:<9} {codes:<8} | {'  '.join(sorted(cells))}")
 
 
+SEED_METHODS = ("ste", "admm")
+
+
+def seed_repeats(budgets: dict, data: dict, args, start: float) -> dict:
+    """--seeds: STE against plain ADMM (the library's defaults) at every code set, once per seed
+    (SEED's rows are the main table's, from the cache); per cell the mean over seeds and how many
+    seeds have ADMM ≥ STE. Section quant_accuracy_seeds."""
+    from results import update_section
+
+    seeds = list(dict.fromkeys([SEED, *args.seeds]))
+    rows = [r for name, budget in budgets.items() for seed in seeds
+            for r in fashion_rows(name, budget, data, args.progress, seed=seed, methods=SEED_METHODS)]
+    cells = []
+    print(f"\n{'model':<9} {'codes':<8} | {'STE mean':>8} {'ADMM mean':>9} | ADMM ≥ STE  (seeds {seeds})")
+    for name in budgets:
+        for codes in CODE_SETS:
+            acc = {m: {r["seed"]: r["accuracy"] for r in rows if r["model"] == name and r["codes"] == codes
+                       and r["method"] == m} for m in SEED_METHODS}
+            wins = sum(acc["admm"][s] >= acc["ste"][s] for s in seeds)
+            cell = {"model": name, "codes": codes, "seeds": seeds, "admm_ge_ste": wins,
+                    **{f"{m}_mean": float(np.mean([acc[m][s] for s in seeds])) for m in SEED_METHODS}}
+            cells.append(cell)
+            print(f"{name:<9} {codes:<8} | {100 * cell['ste_mean']:>8.2f} {100 * cell['admm_mean']:>9.2f} | "
+                  f"{wins} of {len(seeds)}")
+    section = {"meta": {"budgets": budgets, "seeds": seeds, "wall_s": round(time.perf_counter() - start, 1)},
+               "cells": cells, "rows": rows}
+    update_section("quant_accuracy_seeds", section)
+    return section
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="lenet5 only, small budget")
@@ -262,6 +297,9 @@ def main(argv=None) -> dict:
                         help="ResNet-8/20 on the full 60k train split (section quant_accuracy_full)")
     parser.add_argument("--trained-fp32", action="store_true",
                         help="from fp32 models trained TRAINED_FP32_EPOCHS epochs (section quant_accuracy_trained)")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                        help="STE and ADMM again with these seeds (training subset and fine-tuning), beside seed "
+                             f"{SEED}, on ResNet-20 unless --models (section quant_accuracy_seeds)")
     args = parser.parse_args(argv)
     import torch
     from results import update_section
@@ -271,8 +309,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
-    if args.quick + args.full_train + args.trained_fp32 > 1:
-        parser.error("--quick, --full-train and --trained-fp32 are exclusive")
+    if args.quick + args.full_train + args.trained_fp32 + bool(args.seeds) > 1:
+        parser.error("--quick, --full-train, --trained-fp32 and --seeds are exclusive")
     budgets = QUICK_BUDGETS if args.quick else FULL_BUDGETS if args.full_train else BUDGETS
     fp32_epochs = {}
     if args.trained_fp32:
@@ -292,6 +330,8 @@ def main(argv=None) -> dict:
                 lazy["bn"] = (lazy["train"].images[:BATCH * BN_BATCHES * 4], lazy["train"].labels[:BATCH * BN_BATCHES * 4])
             return lazy[split]
 
+    if args.seeds:
+        return seed_repeats(budgets if args.models else {"resnet20": budgets["resnet20"]}, Data(), args, start)
     rows = []
     for name, budget in budgets.items():
         rows += fashion_rows(name, budget, Data(), args.progress, fp32_epochs.get(name))

@@ -45,9 +45,10 @@ BENCHMARKS = [
     autotune_arm,
     codesign,
 ]
-# Runs beyond the quick set: the full-train-split accuracy table and the one from a longer-trained
-# fp32 model (their own sections).
-FULL_ONLY = [(quant_accuracy, ["--full-train"]), (quant_accuracy, ["--trained-fp32"])]
+# Runs beyond the quick set: the full-train-split accuracy table, the one from a longer-trained
+# fp32 model and ResNet-20's STE vs ADMM on two more seeds (their own sections).
+FULL_ONLY = [(quant_accuracy, ["--full-train"]), (quant_accuracy, ["--trained-fp32"]),
+             (quant_accuracy, ["--seeds", "1", "2"])]
 
 
 def main() -> None:
