@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lastbit.fileio import atomic_write_text
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parent.parent
@@ -358,9 +360,12 @@ def bn_sweep(args, rho: bool = False, metric: bool = False) -> dict:
     make_jobs = metric_jobs if metric else rho_jobs if rho else bn_jobs
     jobs = [{**j, "deadline": deadline} for j in make_jobs(models, codes)]
     rows, total, earlier_s = [], len(jobs), 0.0
-    if args.resume and args.out and args.out.is_file():  # keep the runs already saved, run the rest
-        saved = json.loads(args.out.read_text())
-        rows, earlier_s = saved["rows"], saved.get("meta", {}).get("wall_s", 0.0)
+    if args.resume and args.out.is_file():  # keep the runs already saved, run the rest
+        try:
+            saved = json.loads(args.out.read_text())
+            rows, earlier_s = list(saved["rows"]), float(saved.get("meta", {}).get("wall_s", 0.0))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise SystemExit(f"--resume: {args.out} is not a sweep's rows file ({err!r}); move it away or drop --resume")
         done = {_job_key(r) for r in rows}
         jobs = [j for j in jobs if _job_key(j) not in done]
         print(f"--resume: {len(rows)} runs read from {args.out}, {len(jobs)} to run", flush=True)
@@ -373,12 +378,12 @@ def bn_sweep(args, rho: bool = False, metric: bool = False) -> dict:
             print(f"  {r['model']:<8} {r['codes']:<7} {r['method']:<4} {100 * r['accuracy']:6.2f} "
                   f"{r['seconds']:5.1f}s {extra}{' ' + r['error'] if r.get('error') else ''}", flush=True)
             if args.out and len(rows) % 10 == 0:
-                args.out.write_text(json.dumps({"rows": rows}, indent=1))
+                atomic_write_text(args.out, json.dumps({"rows": rows}, indent=1))
     section = {"meta": {"device": args.device, "budgets": models, "batch": BATCH, "lr_schedule": LR_SCHEDULE,
                         "wall_s": round(earlier_s + time.perf_counter() - start, 1), "runs": len(rows), "of": total},
                "rows": rows}
     if args.out:
-        args.out.write_text(json.dumps(section, indent=1))
+        atomic_write_text(args.out, json.dumps(section, indent=1))
     return section
 
 
@@ -429,6 +434,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--summarize", type=Path, metavar="JSON", default=GPU_ROWS,
                         help="without --sweep/--quick: re-derive the winners from these saved rows (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.resume and not (args.out and (args.bn_sweep or args.rho_sweep or args.metric_sweep)):
+        parser.error("--resume needs --out and one of --bn-sweep, --rho-sweep, --metric-sweep")
     if args.fp32_cache and not (args.bn_sweep or args.rho_sweep or args.metric_sweep):
         parser.error("--fp32-cache applies to --bn-sweep, --rho-sweep and --metric-sweep only")
     if args.bn_sweep or args.rho_sweep or args.metric_sweep:
@@ -502,7 +509,7 @@ def main(argv=None) -> dict:
             print(f"  {r['stage']:<9} {r['model']:<8} {r['codes']:<7} {r['method']:<4} {100 * r['accuracy']:6.2f} "
                   f"res {r['residual'] or 0:.3f} {r['seconds']:5.1f}s {extra}", flush=True)
             if args.out:
-                args.out.write_text(json.dumps({"rows": rows + out, "chosen": chosen}, indent=1))
+                atomic_write_text(args.out, json.dumps({"rows": rows + out, "chosen": chosen}, indent=1))
         rows.extend(out)
         print(f"== {name}: {len(out)} of {len(jobs)} runs in {time.perf_counter() - t0:.0f} s", flush=True)
         return out
@@ -548,7 +555,7 @@ def main(argv=None) -> dict:
                         "wall_s": round(time.perf_counter() - start, 1), "quick": args.quick},
                "chosen": chosen, "rows": rows}
     if args.out:
-        args.out.write_text(json.dumps(section, indent=1))
+        atomic_write_text(args.out, json.dumps(section, indent=1))
     if not args.no_results:
         from results import update_section
 

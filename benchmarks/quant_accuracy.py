@@ -311,6 +311,8 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     if args.quick + args.full_train + args.trained_fp32 + bool(args.seeds) > 1:
         parser.error("--quick, --full-train, --trained-fp32 and --seeds are exclusive")
+    if args.seeds and min(args.seeds) < 0:
+        parser.error(f"--seeds must be ≥ 0, got {min(args.seeds)}")
     budgets = QUICK_BUDGETS if args.quick else FULL_BUDGETS if args.full_train else BUDGETS
     fp32_epochs = {}
     if args.trained_fp32:

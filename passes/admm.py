@@ -554,9 +554,9 @@ ADMM_FREEZE_BN = False
 # dfq.gptq_codes). ADMM's pull keeps W near the codes its first projection picks, so which codes
 # that projection picks is most of the final accuracy. "auto" (the default, `g_metric_for`):
 # "outputs" on a network with BatchNorm, "weights" without. quant_accuracy.py's table, same
-# budgets, against the nearest-code rows run beside it: "outputs" lifts ADMM on ResNet-20 by
-# 0.3–4.8 points (binary 79.5 → 84.2) and on ResNet-8 by 0.0–1.7, and costs LeNet-5 (no
-# BatchNorm) 0.2–1.5 in every cell.
+# budgets, each metric at its own ρ0 (ADMM_RHO_BY_METRIC), against the nearest-code rows run
+# beside it: "outputs" lifts ADMM on ResNet-20 by 1.1–5.4 points (binary 79.5 → 84.9) and on
+# ResNet-8 by 0.2–0.9, and costs LeNet-5 (no BatchNorm) 0.1–0.9 in every cell.
 G_METRICS = ("auto", "weights", "outputs")
 ADMM_G_METRIC = "auto"
 ADMM_METRIC_SAMPLES = 512
