@@ -365,7 +365,8 @@ def bn_sweep(args, rho: bool = False, metric: bool = False) -> dict:
             saved = json.loads(args.out.read_text())
             rows, earlier_s = list(saved["rows"]), float(saved.get("meta", {}).get("wall_s", 0.0))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise SystemExit(f"--resume: {args.out} is not a sweep's rows file ({err!r}); move it away or drop --resume")
+            raise SystemExit(f"--resume: {args.out} is not a sweep's rows file ({err!r}); "
+                             "move it away or drop --resume")
         done = {_job_key(r) for r in rows}
         jobs = [j for j in jobs if _job_key(j) not in done]
         print(f"--resume: {len(rows)} runs read from {args.out}, {len(jobs)} to run", flush=True)
