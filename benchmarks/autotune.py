@@ -177,6 +177,8 @@ def int_part(model_name: str, trials: int, max_tasks: int, repeat: int, confirm:
         shutil.rmtree(db_dir, ignore_errors=True)
     medians = {k: float(np.median(v)) for k, v in rounds.items()}
     tasks = [dict(t.to_json(), speedup=t.speedup) for t in result.tasks]
+    roofline = _roofline(arts["variant_default"], tasks, medians["variant_default"],
+                         split["variant_default"]["kernel_share"])
     speedups = [t["speedup"] for t in tasks if t["speedup"]]
     return {
         "model": model_name,
@@ -201,7 +203,46 @@ def int_part(model_name: str, trials: int, max_tasks: int, repeat: int, confirm:
         "model_rounds_ms": rounds,
         "model_tuned_vs_variant_default": medians["variant_default"] / medians["variant_tuned"],
         "model_tuned_vs_shipped": medians["shipped"] / medians["variant_tuned"],
+        "roofline": roofline,
     }
+
+
+def _roofline(art, tasks: list[dict], model_ms: float, kernel_share: float) -> dict:
+    """How close the kernels are to the host's vpdpbusd peak (a register-only loop: an upper
+    bound no schedule passes), per task (default and best) and for the whole model, and so the
+    most any schedule of these kernels could give the model, and what the 1.3x tuned-over-default
+    goal would ask."""
+    from lastbit.autotune.roofline import (
+        RooflineError,
+        function_macs,
+        host_vnni_peak_gmacs,
+        model_kernel_macs,
+        tuning_bound,
+    )
+
+    threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
+    try:
+        peak = host_vnni_peak_gmacs(threads)
+    except RooflineError as err:
+        return {"skipped": str(err)}
+    macs = function_macs(art.mod)
+    for task in tasks:
+        if task["name"] in macs:
+            task["macs"] = macs[task["name"]]
+            for which in ("default", "best"):
+                if task[f"{which}_ms"]:
+                    task[f"{which}_fraction_of_peak"] = macs[task["name"]] / task[f"{which}_ms"] / 1e6 / peak
+    total = model_kernel_macs(art.mod)
+    # Generous to tuning: the whole model counted as kernel time (the VM's per-call timing puts
+    # its own hook overhead in the rest); beside it, the bound with the measured split.
+    whole = tuning_bound(model_ms, model_ms, total, peak)
+    split = tuning_bound(model_ms, kernel_share * model_ms, total, peak)
+    return {"peak_gmacs": peak, "threads": threads, "model_kernel_macs": total, "model_ms": model_ms,
+            "model_fraction_of_peak": whole["kernel_fraction_of_peak"],
+            "max_model_speedup": whole["max_model_speedup"],
+            "max_model_speedup_measured_split": split["max_model_speedup"], "kernel_share": kernel_share,
+            # a 1.3x faster model at peak-bound kernels: the fraction of peak the model would run at
+            "goal_1.3x_fraction_of_peak": 1.3 * whole["kernel_fraction_of_peak"]}
 
 
 def farm_part(candidates: int, worker_counts: tuple[int, ...]) -> dict:
@@ -270,6 +311,12 @@ def _print_int(model: str, integer: dict) -> None:
           f"max {integer['task_speedup_max'] or nan:.2f}); whole model shipped {ms['shipped']:.2f} ms, "
           f"variant default {ms['variant_default']:.2f} ms, variant tuned {ms['variant_tuned']:.2f} ms; "
           f"bit-identical {integer['tuned_output_bit_identical']}", flush=True)
+    roof = integer.get("roofline", {})
+    if "peak_gmacs" in roof:
+        print(f"  roofline: vpdpbusd peak {roof['peak_gmacs']:.0f} GMAC/s on {roof['threads']} threads; the whole "
+              f"model runs at {roof['model_fraction_of_peak']:.0%} of it, so retuning its kernels could give at most "
+              f"{roof['max_model_speedup']:.2f}x ({roof['max_model_speedup_measured_split']:.2f}x if the time outside "
+              f"them stays); 1.3x needs the model at {roof['goal_1.3x_fraction_of_peak']:.0%} of peak", flush=True)
     for k, part in integer["model_time_split_ms"].items():
         print(f"  {k}: integer kernels {part['integer_kernels']:.2f} ms ({part['kernel_share']:.0%}), "
               f"other {part['other']:.2f} ms (top: {', '.join(f'{n} {v:.2f}' for n, v in part['top_other'].items())})",

@@ -84,6 +84,15 @@ def output_shape(layer: IntLayer) -> tuple[int, ...]:
     return conv_output_shape(layer)
 
 
+def layer_macs(layer: IntLayer) -> int:
+    """Useful multiply-accumulates of one call of ``layer`` (no padding lanes or blocks): what a
+    roofline divides by the machine's peak MAC rate."""
+    if layer.op == "dense":
+        return int(np.prod(layer.data_shape)) * layer.weight_shape[0]
+    n, o, oh, ow = conv_output_shape(layer)
+    return n * o * oh * ow * int(np.prod(layer.weight_shape[1:]))
+
+
 def check_int8_codes(layer: IntLayer, codes: np.ndarray, kernel: str) -> np.ndarray:
     """``codes`` of the layer's weight shape, every value in int8, as int8."""
     codes = check_codes_shape(layer, codes, kernel)
