@@ -149,9 +149,17 @@ def search_timing(calibration: tuple[np.ndarray, np.ndarray], out: Path, search:
 RECOVERY_KEEPS, RECOVERY_TRAIN = (1.0, 0.75, 0.5), 20000
 
 
+def _finetune_label(images: int) -> str:
+    from lastbit.codesign import RECOVER_FRACTION
+
+    recover = int(images * RECOVER_FRACTION)
+    return f"1 epoch: float recovery on {recover} train images, then ADMM on the other {images - recover}"
+
+
 def prune_recovery(module, example, graph, train, test_data, quick: bool) -> dict:
     """Uniform 3-bit (first/last int8) with every block's inner conv kept at RECOVERY_KEEPS,
-    ADMM-fine-tuned one epoch on RECOVERY_TRAIN train images, scored on the test slice and
+    fine-tuned one epoch on RECOVERY_TRAIN train images (``finetune_config``: float recovery on
+    RECOVER_FRACTION of them, then ADMM onto the codes on the rest), scored on the test slice and
     timed on the host (one TVM thread, interleaved rounds)."""
     from lastbit.codesign import finetune_config, model_sites, uniform_configs
     from lastbit.codesign_cost import tvm_threads
@@ -181,7 +189,7 @@ def prune_recovery(module, example, graph, train, test_data, quick: bool) -> dic
         row["drop_pt"] = 100 * (base["top1"] - row["top1"])
         print(f"[prune recovery] inner convs kept {row['inner_keep']:.2f}: top-1 {row['top1']:.2%} "
               f"({row['drop_pt']:+.2f} pt drop), {row['latency_ms']:.4f} ms ({row['speedup']:.2f}x)")
-    return {"model": MODEL, "finetune": f"ADMM 1 epoch on {n} train images", "rows": rows}
+    return {"model": MODEL, "finetune": _finetune_label(n), "rows": rows}
 
 
 def _search_options(cache: Path, quick: bool, codes: tuple[str, ...]) -> dict:
@@ -451,7 +459,7 @@ def _record(args, n_tune: int, n_test: int, fp32_accuracy: float | None, section
         fp32_accuracy = stored.get("fp32_top1") if same else None
     return {
         "quick": args.quick, "model": MODEL, "max_drop": args.max_drop,
-        "fine_tune": f"ADMM 1 epoch on {n_tune} train samples" if n_tune else "data-free projection",
+        "fine_tune": _finetune_label(n_tune) if n_tune else "data-free projection",
         "test_samples": n_test, "accuracy": "host (x86) build of each fine-tuned configuration",
         "threads": THREADS, "fp32_top1": fp32_accuracy,
         "cost_note": {HOST: "wall-clock latency on one TVM thread, shared machine",

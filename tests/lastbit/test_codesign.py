@@ -597,3 +597,44 @@ def test_verification_costs_only_the_points_that_fit():
                           max_drop=1.0, progress=False, measure=measure)
     assert costed == ["uniform int8"] and found.chosen.label == "uniform int8"
     assert [v.measured_cost for v in found.tried if v.label != "uniform int8"] == [None] * (len(found.tried) - 1)
+
+
+def test_finetune_config_recovers_in_float_on_a_share_of_the_images_first(small_cnn, monkeypatch):
+    """The first ``recover`` share of the labelled images trains the restructured (pruned)
+    module in float, the rest fine-tunes it onto the codes: disjoint, together all of them.
+    X alone (data-free) trains nothing; a share outside [0, 1) is refused by name."""
+    import lastbit
+    from lastbit.codesign import finetune_config
+    from lastbit.layer_config import LayerChoice, LayerConfig
+    from lastbit.passes import prune_finetune
+    from lastbit.pipeline import import_model
+
+    model, x = small_cnn
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((40, 3, 8, 8)).astype("float32"), rng.integers(0, 10, 40))
+    config = LayerConfig({"conv1": LayerChoice("int8", keep=0.5), "conv2": LayerChoice("ternary")})
+    graph = import_model(model, (x,))
+    seen = {}
+    real_finetune, real_compile = prune_finetune.finetune, lastbit.compile
+
+    def spy_finetune(module, part, epochs, **kw):
+        seen["float"] = (module.conv1.out_channels, part[0].copy())
+        return real_finetune(module, part, epochs, **kw)
+
+    def spy_compile(module, target, example, **kw):
+        seen["codes"] = kw["squeeze"].data
+        return real_compile(module, target, example, **kw)
+
+    monkeypatch.setattr(prune_finetune, "finetune", spy_finetune)
+    monkeypatch.setattr(lastbit, "compile", spy_compile)
+    finetune_config(model, x, graph, config, data, lanes=16, recover=0.25, batch_size=8)
+    channels, float_images = seen["float"]
+    assert channels == 4  # the pruned module recovers, not the original
+    np.testing.assert_array_equal(float_images, data[0][:10])
+    np.testing.assert_array_equal(seen["codes"][0], data[0][10:])
+    np.testing.assert_array_equal(seen["codes"][1], data[1][10:])
+    seen.clear()
+    finetune_config(model, x, graph, config, data[0][:8], lanes=16)  # calibration only
+    assert "float" not in seen and seen["codes"].shape[0] == 8
+    with pytest.raises(LastbitError, match="recover must be"):
+        finetune_config(model, x, graph, config, data, recover=1.0)
