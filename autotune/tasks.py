@@ -38,6 +38,7 @@ class TuningTask:
     kind: str
     tunable: bool
     flops: float = 0.0
+    macs: int | None = None  # useful MACs of one call, for an integer kernel (a roofline's numerator)
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,11 @@ def extract_tasks(lowered_mod, target) -> list[TuningTask]:
             except Exception:  # pragma: no cover - FLOP estimation fails on some index math
                 flops = 0.0
             task = TuningTask(name=gv.name_hint, mod=mod, weight=calls, kind=kind, tunable=False, flops=flops)
+            ref = int_kernel_of(func)
+            if ref is not None:
+                from lastbit.codegen.kernels.common import layer_macs
+
+                task.macs = layer_macs(ref.layer)
             tasks.setdefault(key, []).append(task)
     result = [t for group in tasks.values() for t in group]
     load_cpu_tensor_intrinsics()

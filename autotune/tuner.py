@@ -49,6 +49,7 @@ class TaskResult:
     measured: int = 0  # new measurements this run
     reused: int = 0  # candidates answered from the database
     failed: int = 0
+    macs: int | None = None  # useful MACs of one call (integer kernels): with a peak, a roofline
 
     @property
     def speedup(self) -> float | None:
@@ -59,7 +60,12 @@ class TaskResult:
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "weight": self.weight, "tunable": self.tunable,
                 "default_ms": self.default_ms, "best_ms": self.best_ms, "measured": self.measured,
-                "reused": self.reused, "failed": self.failed}
+                "reused": self.reused, "failed": self.failed, "macs": self.macs}
+
+    def fraction_of_peak(self, which: str, peak_gmacs: float) -> float | None:
+        """The default's or the best candidate's MAC rate over ``peak_gmacs`` (None without MACs or a time)."""
+        ms = self.default_ms if which == "default" else self.best_ms
+        return self.macs / ms / 1e6 / peak_gmacs if self.macs and ms else None
 
 
 @dataclass
@@ -84,17 +90,24 @@ class TuneResult:
             return None
         return sum(v * t.weight for v, t in zip(values, self.tasks))
 
-    def format_table(self) -> str:
-        """Per task default vs tuned latency, then the weighted total and the farm counters."""
+    def format_table(self, peak_gmacs: float | None = None) -> str:
+        """Per task default vs tuned latency, then the weighted total and the farm counters; with
+        ``peak_gmacs`` (the measuring machine's MAC peak, ``autotune.roofline``) a column of
+        each integer task's default → tuned fraction of it: how much any schedule could still give."""
         unit = self.unit
+        roof = peak_gmacs is not None and unit == "ms"
         head = (f"{'task':<34} {'kind':<16} {'calls':>5} {'trials':>6} {'failed':>6} {'default ' + unit:>11} "
-                f"{'tuned ' + unit:>10} {'speedup':>8}")
+                f"{'tuned ' + unit:>10} {'speedup':>8}" + (f" {'of peak':>11}" if roof else ""))
         lines = [head, "-" * len(head)]
         for t in self.tasks:
+            of_peak = ""
+            if roof:
+                default, best = t.fraction_of_peak("default", peak_gmacs), t.fraction_of_peak("best", peak_gmacs)
+                of_peak = f" {(f'{default:.0%} → {best:.0%}' if default and best else '-'):>11}"
             lines.append(
                 f"{t.name[:34]:<34} {t.kind.replace('lastbit.', '')[:16]:<16} {t.weight:>5} {t.measured + t.reused:>6} "
                 f"{t.failed:>6} {_ms(t.default_ms):>11} {_ms(t.best_ms):>10} "
-                f"{(f'{t.speedup:.2f}x' if t.speedup else '-'):>8}"
+                f"{(f'{t.speedup:.2f}x' if t.speedup else '-'):>8}{of_peak}"
             )
         default, best = self.model_ms("default"), self.model_ms("best")
         if default and best:
@@ -182,7 +195,7 @@ class Tuner:
         from lastbit.autotune.templates import default_schedule
 
         known = self.db.measured(task.mod)
-        result = TaskResult(task.name, task.kind, task.weight, task.tunable, None, None)
+        result = TaskResult(task.name, task.kind, task.weight, task.tunable, None, None, macs=task.macs)
         bar = tqdm(total=budget, desc=task.name[:28], unit="trial", position=1, leave=False, disable=not self.progress)
         best = [None]
 

@@ -212,26 +212,17 @@ def _roofline(art, tasks: list[dict], model_ms: float, kernel_share: float) -> d
     bound no schedule passes), per task (default and best) and for the whole model, and so the
     most any schedule of these kernels could give the model, and what the 1.3x tuned-over-default
     goal would ask."""
-    from lastbit.autotune.roofline import (
-        RooflineError,
-        function_macs,
-        host_vnni_peak_gmacs,
-        model_kernel_macs,
-        tuning_bound,
-    )
+    from lastbit.autotune.roofline import RooflineError, host_vnni_peak_gmacs, model_kernel_macs, tuning_bound
 
     threads = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
     try:
         peak = host_vnni_peak_gmacs(threads)
     except RooflineError as err:
         return {"skipped": str(err)}
-    macs = function_macs(art.mod)
-    for task in tasks:
-        if task["name"] in macs:
-            task["macs"] = macs[task["name"]]
-            for which in ("default", "best"):
-                if task[f"{which}_ms"]:
-                    task[f"{which}_fraction_of_peak"] = macs[task["name"]] / task[f"{which}_ms"] / 1e6 / peak
+    for task in tasks:  # the tuner's result carries each integer task's MACs
+        for which in ("default", "best"):
+            if task.get("macs") and task[f"{which}_ms"]:
+                task[f"{which}_fraction_of_peak"] = task["macs"] / task[f"{which}_ms"] / 1e6 / peak
     total = model_kernel_macs(art.mod)
     # Generous to tuning: the whole model counted as kernel time (the VM's per-call timing puts
     # its own hook overhead in the rest); beside it, the bound with the measured split.

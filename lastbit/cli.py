@@ -329,8 +329,28 @@ def tune_cmd(model: str, target: str, trials: int, db_dir: Path, tracker: str | 
     except KeyboardInterrupt:
         click.echo(f"interrupted; every finished measurement is in {db_dir}: continue with --resume", err=True)
         sys.exit(130)
-    click.echo(result.format_table())
+    peak = _host_peak_gmacs(result) if tracker is None else None  # a farm's devices are not this CPU
+    click.echo(result.format_table(peak_gmacs=peak))
+    if peak is not None:
+        click.echo(f"of peak: each integer kernel's MAC rate over this CPU's vpdpbusd peak ({peak:.0f} GMAC/s, a "
+                   f"register-only loop on every thread): what no schedule passes (docs/AUTOTUNE.md)")
     click.echo(f"records in {result.db_dir}; apply with: lastbit compile {model} --target {target} --db {db_dir} -o OUT")
+
+
+def _host_peak_gmacs(result) -> float | None:
+    """This CPU's int8 dot-product peak when the tuned tasks ran here and include integer
+    kernels; None where it cannot be measured (no AVX-512 VNNI, no C compiler)."""
+    import os
+
+    from lastbit.autotune.roofline import RooflineError, host_vnni_peak_gmacs
+    from lastbit.targets import get_target
+
+    if not get_target(result.target).is_host or not any(t.macs for t in result.tasks):
+        return None
+    try:
+        return host_vnni_peak_gmacs(int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1)))
+    except RooflineError:
+        return None
 
 
 @main.group("farm")

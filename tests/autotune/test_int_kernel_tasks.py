@@ -80,6 +80,14 @@ def test_kernel_tasks_are_the_unscheduled_kernels(lowered_and_tasks):
         assert tvm_ffi.structural_equal(func.body, rebuilt.body, map_free_vars=True)
     conv_tasks = [t for t in int_tasks if t.kind == f"int:{CONV_KERNEL}"]
     assert len(conv_tasks) == 2 and all(t.tunable for t in conv_tasks)  # conv1 and conv2 differ in C_in
+    # each integer task carries its layer's useful MACs (the roofline's numerator); the rest none
+    from lastbit.codegen.kernels.common import layer_macs
+
+    for task in tasks:
+        func = task.mod["main"]
+        expected = layer_macs(int_layer_from_json(str(func.attrs[INT_LAYER_ATTR]))[0]) if task in int_tasks else None
+        assert task.macs == expected, task.name
+    assert sorted(t.macs for t in conv_tasks) == [8 * 64 * 3 * 9, 8 * 64 * 8 * 9]
 
 
 def test_default_candidate_is_what_the_lowering_scheduled(lowered_and_tasks, target):

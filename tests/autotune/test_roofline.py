@@ -3,6 +3,8 @@ peak loop's arithmetic (so its timing credits only work it did) and the whole-mo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -79,3 +81,32 @@ def test_tuning_bound_replaces_the_kernel_share_by_its_peak_time():
     assert bound["max_model_speedup"] == pytest.approx(10.0 / 6.0)
     with pytest.raises(RooflineError, match="kernels take 12"):
         tuning_bound(model_ms=10.0, kernels_ms=12.0, macs=1, peak_gmacs=1.0)
+
+
+def test_tune_table_shows_each_integer_task_against_the_peak():
+    from lastbit.autotune.tuner import TaskResult, TuneResult
+
+    tasks = [TaskResult("conv", "int:int8-vnni-conv", 2, True, default_ms=2.0, best_ms=1.0, macs=1_000_000_000),
+             TaskResult("pool", "generic", 1, False, default_ms=0.5, best_ms=0.5)]
+    result = TuneResult("x86_64-linux-gnu", Path("db"), tasks)
+    table = result.format_table(peak_gmacs=1000.0)
+    assert "of peak" in table.splitlines()[0]
+    assert "50% → 100%" in next(line for line in table.splitlines() if line.startswith("conv"))
+    assert next(line for line in table.splitlines() if line.startswith("pool")).rstrip().endswith("-")
+    assert "of peak" not in result.format_table()  # no peak, no column
+    assert tasks[0].to_json()["macs"] == 1_000_000_000
+
+
+def test_cli_measures_the_peak_only_for_integer_tasks_tuned_on_this_host():
+    from lastbit.autotune.tuner import TaskResult, TuneResult
+    from lastbit.cli import _host_peak_gmacs
+
+    int_task = TaskResult("conv", "int:int8-vnni-conv", 1, True, 1.0, 1.0, macs=10)
+    fp32_task = TaskResult("conv_fp32", "lastbit.conv2d_nchwc", 1, True, 1.0, 1.0)
+    assert _host_peak_gmacs(TuneResult("aarch64-linux-gnu", Path("db"), [int_task])) is None
+    assert _host_peak_gmacs(TuneResult("x86_64-linux-gnu", Path("db"), [fp32_task])) is None
+    try:
+        vnni_chains(10, 1, 1)
+    except RooflineError:
+        pytest.skip("no vpdpbusd peak on this host")
+    assert _host_peak_gmacs(TuneResult("x86_64-linux-gnu", Path("db"), [int_task])) > 0
