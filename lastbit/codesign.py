@@ -56,8 +56,8 @@ COST_TIE = 0.02
 # projection, so a freshly pruned or split network kept the codes of its damaged weights: on
 # ResNet-8 with half the inner channels pruned, 1 epoch of ADMM on 20k images ended at 78.2 %
 # against 81.6 % with 10k images of float recovery then 10k of ADMM (uniform 3-bit: 83.2 and
-# 83.9 %; codesign bench, prune_recovery). Every configuration gets the same split, so the
-# comparison stays at equal budget.
+# 83.9 %; the codesign bench's prune_recovery before, at f6e4372, and after). Every configuration
+# gets the same split, so the comparison stays at equal budget; a half is the one share measured.
 RECOVER_FRACTION = 0.5
 OBJECTIVES = {"latency": "latency_ms", "cycles": "cycles", "energy": "energy_pj", "bytes": "weight_bytes"}
 
