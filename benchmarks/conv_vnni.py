@@ -1,4 +1,4 @@
-"""int8 VNNI direct conv2d (int8-vnni-conv) vs reference-int vs lastbit fp32 vs torch fp32 on the ResNet-18 conv layers, 1 and 2 threads, plus ResNet-18 end to end. Writes bench/results.json.
+"""int8 VNNI direct conv2d (int8-vnni-conv) vs reference-int vs lastbit fp32 vs torch fp32 on the ResNet-18 conv layers, 1 and 2 threads (and the int8 kernel against the vpdpbusd peak), plus ResNet-18 end to end. Writes bench/results.json.
 
 Per layer, in one process run and back to back: the integer kernels alone (int8 NCHW in, int32
 NCHW accumulators out, input packing included: what the lowering calls), lastbit's fp32 build
@@ -44,6 +44,15 @@ def set_threads(n: int) -> None:
 
     tvm.get_global_func("runtime.config_threadpool")(1, n)
     torch.set_num_threads(n)
+
+
+def _macs(spec) -> int:
+    """Useful MACs of one call of the layer ``spec`` (``LAYERS``' tuple)."""
+    from lastbit.codegen.kernels import IntLayer
+    from lastbit.codegen.kernels.common import layer_macs
+
+    c, h, o, k, s, p = spec
+    return layer_macs(IntLayer("conv2d", "pow2-4", 3, (1, c, h, h), (o, c, k, k), strides=(s, s), padding=(p,) * 4))
 
 
 def bench_layer(spec, repeat: int, rng) -> dict[int, dict]:
@@ -136,6 +145,11 @@ def main(argv=None) -> dict:
         return {}
     repeat = args.repeat or (10 if args.quick else 30)
     rng = np.random.default_rng(0)
+    from lastbit.autotune.roofline import host_vnni_peak_gmacs
+
+    # what no vpdpbusd kernel passes, per thread count (autotune/roofline.py)
+    peak = {threads: host_vnni_peak_gmacs(threads) for threads in THREADS}
+    print("  vpdpbusd peak: " + "  ".join(f"{t}T {g:.0f} GMAC/s" for t, g in peak.items()))
     names = QUICK_LAYERS if args.quick else tuple(LAYERS)
     layers = []
     for name in names:
@@ -145,10 +159,11 @@ def main(argv=None) -> dict:
             row["vnni_vs_lastbit_fp32"] = row["int8-vnni-conv_ms"] / row["lastbit_fp32_ms"]
             row["vnni_vs_torch_fp32"] = row["int8-vnni-conv_ms"] / row["torch_fp32_ms"]
             row["vnni_vs_reference_int"] = row["int8-vnni-conv_ms"] / row["reference-int_ms"]
+            row["vnni_fraction_of_peak"] = _macs(spec) / row["int8-vnni-conv_ms"] / 1e6 / peak[threads]
             layers.append(row)
             print(f"  {name:<15} {threads}T  vnni {row['int8-vnni-conv_ms']:7.3f} ms  ref-int {row['reference-int_ms']:7.3f}"
                   f"  lastbit fp32 {row['lastbit_fp32_ms']:7.3f}  torch fp32 {row['torch_fp32_ms']:7.3f}"
-                  f"  vnni/fp32 {row['vnni_vs_lastbit_fp32']:.2f}")
+                  f"  vnni/fp32 {row['vnni_vs_lastbit_fp32']:.2f}  vnni {row['vnni_fraction_of_peak']:.0%} of peak")
     totals = {}
     if not args.quick:  # the whole network's convolutions, each layer weighted by its runs
         for threads in THREADS:
@@ -161,7 +176,8 @@ def main(argv=None) -> dict:
     print(f"  {model} 2T: 3-bit {e2e['lastbit_3bit_ms']:.2f} ms (reference-int convs {e2e['lastbit_3bit_reference_int_conv_ms']:.2f})"
           f"  lastbit fp32 {e2e['lastbit_fp32_ms']:.2f}  torch fp32 {e2e['torch_fp32_ms']:.2f}"
           f"  3-bit/fp32 {e2e['ratio_3bit_vs_lastbit_fp32']:.2f}")
-    section = {"quick": args.quick, "batch": 1, "layers": layers, "resnet18_conv_ms": totals, "end_to_end": e2e}
+    section = {"quick": args.quick, "batch": 1, "vnni_peak_gmacs": peak, "layers": layers, "resnet18_conv_ms": totals,
+               "end_to_end": e2e}
     update_section("conv_vnni", section)
     return section
 
