@@ -144,20 +144,27 @@ def test_restructured_torch_module_matches_the_compiled_structural_squeeze(small
         assert_close(art.run(x), restructured(x).numpy(), rtol=1e-4)
 
 
+def _pruned_int8_ternary(model, x, images: int):
+    """The small CNN's graph, a configuration that prunes conv1 to half at int8 and makes conv2
+    ternary, and ``images`` random labelled images for fine-tuning it."""
+    from lastbit.layer_config import LayerChoice, LayerConfig
+    from lastbit.pipeline import import_model
+
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((images, 3, 8, 8)).astype("float32"), rng.integers(0, 10, images))
+    config = LayerConfig({"conv1": LayerChoice("int8", keep=0.5), "conv2": LayerChoice("ternary")})
+    return import_model(model, (x,)), config, data
+
+
 def test_finetune_config_trains_with_the_chosen_method(small_cnn):
     """method="ste" fine-tunes the restructured module straight through, "admm" by ADMM: both
     land on the per-layer codes exactly, with different weights; an unknown method is refused."""
     import torch
 
     from lastbit.codesign import finetune_config
-    from lastbit.layer_config import LayerChoice, LayerConfig
-    from lastbit.pipeline import import_model
 
     model, x = small_cnn
-    rng = np.random.default_rng(0)
-    data = (rng.standard_normal((32, 3, 8, 8)).astype("float32"), rng.integers(0, 10, 32))
-    config = LayerConfig({"conv1": LayerChoice("int8", keep=0.5), "conv2": LayerChoice("ternary")})
-    graph = import_model(model, (x,))
+    graph, config, data = _pruned_int8_ternary(model, x, images=32)
     tuned = {}
     for method in ("admm", "ste"):
         art = finetune_config(model, x, graph, config, data, epochs=1, lanes=16, method=method, batch_size=16)
@@ -605,15 +612,10 @@ def test_finetune_config_recovers_in_float_on_a_share_of_the_images_first(small_
     X alone (data-free) trains nothing; a share outside [0, 1) is refused by name."""
     import lastbit
     from lastbit.codesign import finetune_config
-    from lastbit.layer_config import LayerChoice, LayerConfig
     from lastbit.passes import prune_finetune
-    from lastbit.pipeline import import_model
 
     model, x = small_cnn
-    rng = np.random.default_rng(0)
-    data = (rng.standard_normal((40, 3, 8, 8)).astype("float32"), rng.integers(0, 10, 40))
-    config = LayerConfig({"conv1": LayerChoice("int8", keep=0.5), "conv2": LayerChoice("ternary")})
-    graph = import_model(model, (x,))
+    graph, config, data = _pruned_int8_ternary(model, x, images=40)
     seen = {}
     real_finetune, real_compile = prune_finetune.finetune, lastbit.compile
 
