@@ -134,15 +134,15 @@ def admm_schedule(batches: int, g_metric: str) -> dict:
             "g_metric": g_metric, "metric_samples": ADMM_METRIC_SAMPLES}
 
 
-def method_settings(method: str, batches: int, g_metric: str) -> dict:
+def method_settings(method: str, batches: int, g_metric: str, lr: float = LR) -> dict:
     """Every keyword a fine-tuning method gets besides data, codes and budget (part of the cache
     key): lr, its schedule and the batch are shared; α granularity too (same model bytes); STE
     keeps BatchNorm on batch statistics (its best in admm_sweep), ADMM takes the library's
     defaults (g_metric: the G-step metric "auto" means for the model), ADMM + KD adds the fp32
-    model as teacher with the library's T and β."""
+    model as teacher with the library's T and β. ``lr``: the base learning rate (LR; --lrs varies it)."""
     from lastbit.passes.admm import ADMM_KD_TEMPERATURE, ADMM_KD_WEIGHT, ADMM_PER_CHANNEL
 
-    common = {"lr": LR, "lr_schedule": LR_SCHEDULE, "batch_size": BATCH, "per_channel": ADMM_PER_CHANNEL}
+    common = {"lr": lr, "lr_schedule": LR_SCHEDULE, "batch_size": BATCH, "per_channel": ADMM_PER_CHANNEL}
     if method == "ste":
         return {**common, "freeze_bn": STE_FREEZE_BN}
     settings = {**common, **admm_schedule(batches, g_metric)}
@@ -152,10 +152,11 @@ def method_settings(method: str, batches: int, g_metric: str) -> dict:
 
 
 def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epochs: int | None = None,
-                 seed: int = SEED, methods: tuple[str, ...] | None = None) -> list[dict]:
+                 seed: int = SEED, methods: tuple[str, ...] | None = None, lr: float = LR) -> list[dict]:
     """The table's rows for one model. ``seed`` draws the training subset and seeds fine-tuning;
     ``methods`` (default: all, plus the ADMM columns on the other G-step metric) runs only those,
-    with no fp32 / alternate rows (the --seeds repeats)."""
+    with no fp32 / alternate rows (the --seeds and --lrs repeats); ``lr`` is every method's base
+    learning rate."""
     from lastbit.frontend.models import get_model
     from lastbit.passes.admm import (
         ADMM_PER_CHANNEL,
@@ -185,7 +186,7 @@ def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epoch
     for codes, method, metric in runs:
         key = {**base, "codes": codes, "method": method, "per_channel": ADMM_PER_CHANNEL, "skip_codes": SKIP_CODES}
         if method != "projection":
-            key.update(budget, **method_settings(method, batches, metric))
+            key.update(budget, **method_settings(method, batches, metric, lr))
 
         def compute(codes=codes, method=method, metric=metric):
             common = {"skip": SKIP, "skip_codes": SKIP_CODES}
@@ -197,14 +198,15 @@ def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epoch
                 fn = ste_finetune if method == "ste" else admm_finetune
                 teacher = {"distill_from": fp32} if method == "admm+kd" else {}
                 result = fn(fp32, (train.images, train.labels), codes, epochs=budget["epochs"],
-                            **method_settings(method, batches, metric), **teacher, bn_batches=BN_BATCHES,
+                            **method_settings(method, batches, metric, lr), **teacher, bn_batches=BN_BATCHES,
                             progress=progress, seed=seed, **common)
             return {"accuracy": accuracy(result.module, data["test"]), "bytes": model_bytes(result.module, result)}
 
         row = cached(key, compute)
         extra = {"g_metric": metric, "alternate": metric != g_metric} if method.startswith("admm") else {}
         rows.append({**row, "model": name, "codes": codes, "method": method, "bits": code_set(codes).bits, "seed": seed,
-                     "budget": None if method == "projection" else dict(budget), **extra})
+                     "budget": None if method == "projection" else dict(budget), **extra,
+                     **({} if method == "projection" else {"lr": lr})})
         print(f"  {name:<9} {codes:<8} {method:<10} {extra.get('g_metric', ''):<8} acc {row['accuracy']:.4f}  "
               f"({row.get('compute_s', 0):.0f} s)", flush=True)
     return rows
@@ -288,6 +290,46 @@ def seed_repeats(budgets: dict, data: dict, args, start: float) -> dict:
     return section
 
 
+LR_METHODS = ("ste", "admm", "admm+kd")
+BEST = "each at its best lr"
+# --lrs: the BatchNorm networks the table's margins are judged on, ResNet-8 also from its longer-trained fp32
+LR_MODELS = (("resnet20", None), ("resnet8", None), ("resnet8", TRAINED_FP32_EPOCHS["resnet8"]))
+
+
+def lr_repeats(lrs: list[float], data: dict, args, start: float) -> dict:
+    """--lrs: STE, ADMM and ADMM + KD again with other base learning rates (every method the same
+    one; LR's rows are the main and --trained-fp32 tables', from the cache), on ResNet-20 and both
+    ResNet-8s unless --models. Per cell: each method's accuracy by lr, its best lr, and whether ADMM
+    ≥ STE at each lr and with each at its own best. Section quant_accuracy_lr."""
+    from results import update_section
+
+    lrs = list(dict.fromkeys([LR, *lrs]))
+    models = [(m, e) for m, e in LR_MODELS if not args.models or m in args.models]
+    rows = [{**r, "fp32_epochs": epochs} for name, epochs in models for lr in lrs
+            for r in fashion_rows(name, BUDGETS[name], data, args.progress, epochs, methods=LR_METHODS, lr=lr)]
+    cells = []
+    print(f"\n{'model':<16} {'codes':<8} | " + " | ".join(f"lr {lr:g}: STE / ADMM / KD" for lr in lrs))
+    for name, epochs in models:
+        label = name if epochs is None else f"{name} ({epochs} ep)"
+        for codes in CODE_SETS:
+            acc = {m: {r["lr"]: r["accuracy"] for r in rows if (r["model"], r["fp32_epochs"], r["codes"], r["method"])
+                       == (name, epochs, codes, m)} for m in LR_METHODS}
+            best = {m: max(lrs, key=lambda lr, m=m: acc[m][lr]) for m in LR_METHODS}
+            cells.append({"model": name, "fp32_epochs": epochs, "codes": codes, "accuracy": acc, "best_lr": best,
+                          "admm_ge_ste": {str(lr): acc["admm"][lr] >= acc["ste"][lr] for lr in lrs},
+                          "admm_ge_ste_at_best": acc["admm"][best["admm"]] >= acc["ste"][best["ste"]]})
+            print(f"{label:<16} {codes:<8} | " + " | ".join(
+                " / ".join(f"{100 * acc[m][lr]:.2f}" for m in LR_METHODS) for lr in lrs))
+    wins = {str(lr): sum(c["admm_ge_ste"][str(lr)] for c in cells) for lr in lrs}
+    wins[BEST] = sum(c["admm_ge_ste_at_best"] for c in cells)
+    print(f"ADMM ≥ STE, of {len(cells)} cells: " + ", ".join(f"{k if k in BEST else 'lr ' + k}: {v}" for k, v in wins.items()))
+    section = {"meta": {"budgets": {m: BUDGETS[m] for m, _ in models}, "lrs": lrs, "admm_ge_ste_cells": wins,
+                        "compute_s": round(sum(r.get("compute_s", 0) for r in rows), 1),
+                        "wall_s": round(time.perf_counter() - start, 1)}, "cells": cells, "rows": rows}
+    update_section("quant_accuracy_lr", section)
+    return section
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="lenet5 only, small budget")
@@ -300,6 +342,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                         help="STE and ADMM again with these seeds (training subset and fine-tuning), beside seed "
                              f"{SEED}, on ResNet-20 unless --models (section quant_accuracy_seeds)")
+    parser.add_argument("--lrs", nargs="+", type=float, metavar="LR",
+                        help=f"STE, ADMM and ADMM + KD again at these base learning rates, beside {LR}, on ResNet-20 and "
+                             "ResNet-8 from the zoo's and the longer-trained fp32 (section quant_accuracy_lr)")
     args = parser.parse_args(argv)
     import torch
     from results import update_section
@@ -309,8 +354,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
-    if args.quick + args.full_train + args.trained_fp32 + bool(args.seeds) > 1:
-        parser.error("--quick, --full-train, --trained-fp32 and --seeds are exclusive")
+    if args.quick + args.full_train + args.trained_fp32 + bool(args.seeds) + bool(args.lrs) > 1:
+        parser.error("--quick, --full-train, --trained-fp32, --seeds and --lrs are exclusive")
+    if args.lrs and min(args.lrs) <= 0:
+        parser.error(f"--lrs must be > 0, got {min(args.lrs)}")
     if args.seeds and min(args.seeds) < 0:
         parser.error(f"--seeds must be ≥ 0, got {min(args.seeds)}")
     budgets = QUICK_BUDGETS if args.quick else FULL_BUDGETS if args.full_train else BUDGETS
@@ -319,9 +366,10 @@ def main(argv=None) -> dict:
         budgets = {name: BUDGETS[name] for name in TRAINED_FP32_EPOCHS}
         fp32_epochs = TRAINED_FP32_EPOCHS
     if args.models:
-        unknown = sorted(set(args.models) - set(budgets))
+        known = dict(LR_MODELS) if args.lrs else budgets
+        unknown = sorted(set(args.models) - set(known))
         if unknown:
-            parser.error(f"no budget for {unknown}; known: {', '.join(budgets)}")
+            parser.error(f"no budget for {unknown}; known: {', '.join(known)}")
         budgets = {name: budgets[name] for name in args.models}
     lazy = {}
 
@@ -332,6 +380,8 @@ def main(argv=None) -> dict:
                 lazy["bn"] = (lazy["train"].images[:BATCH * BN_BATCHES * 4], lazy["train"].labels[:BATCH * BN_BATCHES * 4])
             return lazy[split]
 
+    if args.lrs:
+        return lr_repeats(args.lrs, Data(), args, start)
     if args.seeds:
         return seed_repeats(budgets if args.models else {"resnet20": budgets["resnet20"]}, Data(), args, start)
     rows = []
