@@ -322,7 +322,7 @@ def lr_repeats(lrs: list[float], data: dict, args, start: float) -> dict:
                 " / ".join(f"{100 * acc[m][lr]:.2f}" for m in LR_METHODS) for lr in lrs))
     wins = {str(lr): sum(c["admm_ge_ste"][str(lr)] for c in cells) for lr in lrs}
     wins[BEST] = sum(c["admm_ge_ste_at_best"] for c in cells)
-    print(f"ADMM ≥ STE, of {len(cells)} cells: " + ", ".join(f"{k if k in BEST else 'lr ' + k}: {v}" for k, v in wins.items()))
+    print(f"ADMM ≥ STE, of {len(cells)} cells: " + ", ".join(f"{k if k == BEST else 'lr ' + k}: {v}" for k, v in wins.items()))
     section = {"meta": {"budgets": {m: BUDGETS[m] for m, _ in models}, "lrs": lrs, "admm_ge_ste_cells": wins,
                         "compute_s": round(sum(r.get("compute_s", 0) for r in rows), 1),
                         "wall_s": round(time.perf_counter() - start, 1)}, "cells": cells, "rows": rows}
