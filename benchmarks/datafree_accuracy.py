@@ -350,6 +350,74 @@ def compiled_rows(samples: int) -> list[dict]:
     return rows
 
 
+# --calibration-counts: the whole pipeline ("all, …" rows, {−4..4}) on more calibration images, real crops
+# (augmented_samples(n, seed=1) starts with the 32 of the "real crops" rows) and clamped DeepInversion images
+# (one distillation of max(n) images at the table's settings; its first 32 are the table's 32).
+COUNT_REAL = (32, 64, 128, 256)
+COUNT_SYNTHETIC = (32, 64, 128)
+
+
+def calibration_count_rows(real: tuple[int, ...], synthetic: tuple[int, ...], device: str = "cpu") -> list[dict]:
+    """Top-1 agreement of the full pipeline at {−4..4} against the number of calibration images."""
+    from lastbit.frontend.models.efficientnet import augmented_samples, efficientnet_lite0
+    from lastbit.passes import dfq
+    from lastbit.passes.zeroq import DistillConfig, distill_data
+
+    how = ROWS["all, real crops"]
+    settings = FULL
+    state: dict = {}
+
+    def prepared():
+        if not state:
+            state["model"] = efficientnet_lite0(pretrained=True)
+            state["x"] = augmented_samples(settings["samples"], seed=SEED)
+            state["ref"] = logits_of(state["model"], state["x"])
+            state["equalized"] = dfq.trace_layers(state["model"])
+            dfq.fold_batch_norms(state["equalized"])
+            dfq.cross_layer_equalize(state["equalized"])
+            q = copy.deepcopy(state["equalized"])
+            state["projected"] = (q, dfq.project_traced(q, "pow2-4", per_channel=how["per_channel"], keep_first_last="int8",
+                                                        depthwise_int8_error=DEPTHWISE_INT8_ERROR))
+        return state
+
+    def run(images):
+        s = prepared()
+        q, report = copy.deepcopy(s["projected"])
+        dfq.bias_correct(s["equalized"], q, images, rescale=how["rescale"], projection=report, requantize=how["gptq"])
+        return {**fidelity(logits_of(q, s["x"]), s["ref"]), "bytes": deployed_bytes(q, report)}
+
+    base = {"model": "efficientnet-lite0", "samples": settings["samples"], "seed": SEED, "codes": "pow2-4",
+            "dw_threshold": DEPTHWISE_INT8_ERROR, **how, "version": 1}
+    out = []
+    for source, counts in (("real crops", real), ("DeepInversion clamped", synthetic)):
+        if not counts:
+            continue
+        if source == "real crops":
+            key = {"crops": max(counts)}
+
+            def images():
+                return augmented_samples(max(counts), seed=SEED + 1)
+        else:
+            distill = dict(settings["deepinv-clamped"], count=max(counts))
+            key = {"deepinv-clamped": distill}
+
+            def images(distill=distill):
+                prepared()
+                return cached_tensor({"model": "efficientnet-lite0", **distill}, lambda: distill_data(
+                    state["model"], (3, 224, 224), DistillConfig(**distill, device=device)), device)[0]
+        pool = None
+        for n in counts:
+            def compute(n=n):
+                nonlocal pool
+                pool = images() if pool is None else pool
+                return run(pool[:n])
+            row = cached({**base, "calib": source, **key, "count": n}, compute)
+            out.append({**row, "calib": source, "count": n})
+            print(f"  effnet pow2-4 all, {n:>3} {source:<22} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "
+                  f"({row.get('compute_s', 0):.0f} s)", flush=True)
+    return out
+
+
 def print_table(rows: list[dict], samples: int) -> None:
     print(f"\nefficientnet-lite0 data-free, top-1 agreement with fp32 (KL) on {samples} augmented crops of the sample "
           "photos (no ImageNet validation set offline: fidelity, not accuracy)")
@@ -376,6 +444,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu", help="where ZeroQ optimises its images (cuda when there is one)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--codes", nargs="+", metavar="SET", help="only these code sets' rows (and write no results)")
+    parser.add_argument("--calibration-counts", action="store_true",
+                        help=f"only the whole pipeline on {COUNT_REAL} real crops and {COUNT_SYNTHETIC} DeepInversion "
+                             "images (section datafree_accuracy_count)")
     parser.add_argument("--skip-zeroq", action="store_true",
                         help="only the rows that need no synthetic images (write no results)")
     args = parser.parse_args(argv)
@@ -391,6 +462,15 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     if args.zoo_only or args.compiled_only:
         return _one_part(args)
+    if args.calibration_counts:
+        rows = calibration_count_rows(COUNT_REAL, COUNT_SYNTHETIC, args.device)
+        section = {"meta": {"codes": "pow2-4", "pipeline": "all (the 'all, real crops' row's steps)",
+                            "eval": f"{FULL['samples']} augmented_samples(seed={SEED})",
+                            "real": f"augmented_samples(n, seed={SEED + 1})",
+                            "synthetic": {**FULL["deepinv-clamped"], "count": max(COUNT_SYNTHETIC)},
+                            "wall_s": round(time.perf_counter() - start, 1)}, "rows": rows}
+        update_section("datafree_accuracy_count", section)
+        return section
     settings = QUICK if args.quick else FULL
     rows = {"pow2-4": QUICK_ROWS} if args.quick else {"pow2-4": tuple(ROWS), "ternary": TERNARY_ROWS}
     if args.codes:  # fill the row cache for some code sets (e.g. two processes); a full run then writes

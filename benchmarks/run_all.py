@@ -47,9 +47,10 @@ BENCHMARKS = [
 ]
 # Runs beyond the quick set: the full-train-split accuracy table, the one from a longer-trained
 # fp32 model, ResNet-20's STE vs ADMM on two more seeds and the BatchNorm nets at two lower
-# learning rates (their own sections).
+# learning rates, and EfficientNet-Lite0's data-free pipeline on more calibration images (their own sections).
 FULL_ONLY = [(quant_accuracy, ["--full-train"]), (quant_accuracy, ["--trained-fp32"]),
-             (quant_accuracy, ["--seeds", "1", "2"]), (quant_accuracy, ["--lrs", "0.005", "0.0025"])]
+             (quant_accuracy, ["--seeds", "1", "2"]), (quant_accuracy, ["--lrs", "0.005", "0.0025"]),
+             (datafree_accuracy, ["--calibration-counts"])]
 
 
 def main() -> None:
