@@ -165,3 +165,18 @@ def test_augmented_samples_are_seeded():
     assert a.shape == (6, 3, 224, 224) and a.dtype == torch.float32
     assert torch.equal(a, augmented_samples(6, seed=3))
     assert not torch.equal(a, augmented_samples(6, seed=4))
+
+
+
+def test_held_out_samples_load_and_are_not_the_fidelity_photos():
+    """The held-out photos come from three packages, are RGB, and none is one the fidelity crops use."""
+    from lastbit.frontend.models import efficientnet as E
+
+    assert not set(E.HELD_OUT_SAMPLES) & set(E.COLOR_SAMPLES + E.GRAY_SAMPLES)
+    for name in E.HELD_OUT_SAMPLES:
+        image = E._load_sample(name)
+        assert image.ndim == 3 and image.shape[2] == 3 and min(image.shape[:2]) >= 224, name
+    x = E.augmented_samples(3, seed=0, names=E.HELD_OUT_SAMPLES)
+    assert x.shape == (3, 3, 224, 224) and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="'pillow:x'"):
+        E._load_sample("pillow:x")
