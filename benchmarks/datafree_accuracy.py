@@ -152,11 +152,19 @@ def logits_of(model, x, batch_size: int = 32):
         return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
+# Many crops are ones fp32 itself is unsure of, where any small error flips the top-1; each row also gives the
+# agreement on the crops where fp32's top-1 probability is at least this.
+CONFIDENT_P = 0.5
+
+
 def fidelity(out, ref) -> dict:
     import torch.nn.functional as F
 
     kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean")
-    return {"top1_agreement": float((out.argmax(1) == ref.argmax(1)).float().mean()), "kl": float(kl)}
+    agree = out.argmax(1) == ref.argmax(1)
+    confident = F.softmax(ref, 1).amax(1) >= CONFIDENT_P
+    return {"top1_agreement": float(agree.float().mean()), "kl": float(kl), "confident": int(confident.sum()),
+            "confident_agreement": float(agree[confident].float().mean()) if confident.any() else None}
 
 
 def deployed_bytes(gm, report) -> int:
@@ -193,37 +201,44 @@ def run_row(state: dict, codes: str, how: dict) -> dict:
             "depthwise": sum(1 for n, m in q.named_modules() if dfq.is_depthwise(m))}
 
 
+class EffnetState(dict):
+    """What the EfficientNet rows share, built on first use, so rows read from the cache cost nothing;
+    synthetic images (``settings[key]`` for a key of SYNTHETIC) only when a row needs them."""
+
+    def __init__(self, settings: dict, progress: bool = False, device: str = "cpu"):
+        super().__init__()
+        self.settings, self.progress, self.device = settings, progress, device
+        self.synthetic_meta: dict[str, dict] = {}
+
+    def __missing__(self, key):
+        from lastbit.frontend.models.efficientnet import augmented_samples, efficientnet_lite0
+        from lastbit.passes import dfq
+        from lastbit.passes.zeroq import DistillConfig, distill_data
+
+        settings = self.settings
+        if key in SYNTHETIC:
+            config = DistillConfig(**settings[key], device=self.device)
+            self[key], self.synthetic_meta[key] = cached_tensor(
+                {"model": "efficientnet-lite0", **settings[key]},
+                lambda: distill_data(self["model"], (3, 224, 224), config, progress=self.progress), self.device)
+        elif key == "model":
+            self["model"] = efficientnet_lite0(pretrained=True)
+        elif key in ("x", "ref", "crops", "folded", "equalized"):
+            self["x"] = augmented_samples(settings["samples"], seed=SEED)
+            self["ref"] = logits_of(self["model"], self["x"])
+            self["crops"] = augmented_samples(settings["crops"], seed=SEED + 1)
+            self["folded"] = dfq.trace_layers(self["model"])
+            dfq.fold_batch_norms(self["folded"])
+            self["equalized"] = copy.deepcopy(self["folded"])
+            dfq.cross_layer_equalize(self["equalized"])
+        else:
+            raise KeyError(key)
+        return self[key]
+
+
 def effnet_rows(settings: dict, rows: dict[str, tuple[str, ...]], progress: bool, device: str = "cpu") -> tuple[list[dict], dict]:
-    from lastbit.frontend.models.efficientnet import augmented_samples, efficientnet_lite0
-    from lastbit.passes import dfq
-    from lastbit.passes.zeroq import DistillConfig, distill_data
-
-    synthetic_meta: dict[str, dict] = {}
-
-    class State(dict):
-        """Built on first use, so rows read from the cache cost nothing; synthetic images only when a row needs them."""
-
-        def __missing__(self, key):
-            if key in SYNTHETIC:
-                config = DistillConfig(**settings[key], device=device)
-                self[key], synthetic_meta[key] = cached_tensor(
-                    {"model": "efficientnet-lite0", **settings[key]},
-                    lambda: distill_data(self["model"], (3, 224, 224), config, progress=progress), device)
-            elif key == "model":
-                self["model"] = efficientnet_lite0(pretrained=True)
-            elif key in ("x", "ref", "crops", "folded", "equalized"):
-                self["x"] = augmented_samples(settings["samples"], seed=SEED)
-                self["ref"] = logits_of(self["model"], self["x"])
-                self["crops"] = augmented_samples(settings["crops"], seed=SEED + 1)
-                self["folded"] = dfq.trace_layers(self["model"])
-                dfq.fold_batch_norms(self["folded"])
-                self["equalized"] = copy.deepcopy(self["folded"])
-                dfq.cross_layer_equalize(self["equalized"])
-            else:
-                raise KeyError(key)
-            return self[key]
-
-    state = State()
+    state = EffnetState(settings, progress, device)
+    synthetic_meta = state.synthetic_meta
 
     base = {"model": "efficientnet-lite0", "samples": settings["samples"], "seed": SEED,
             "dw_threshold": DEPTHWISE_INT8_ERROR, "version": 1}
@@ -356,70 +371,33 @@ def compiled_rows(samples: int) -> list[dict]:
 # images (one distillation of max(n) images at the table's settings; its first 32 are the table's 32).
 COUNT_REAL = (32, 64, 128, 256)
 COUNT_SYNTHETIC = (32, 64, 128)
-# Most crops are ones fp32 itself is unsure of (median top-1 probability about 0.2), where any error flips the
-# top-1; the rows also give the agreement on the crops where fp32's top-1 probability is at least this.
-CONFIDENT_P = 0.5
 
 
 def calibration_count_rows(real: tuple[int, ...], synthetic: tuple[int, ...], device: str = "cpu") -> list[dict]:
     """Top-1 agreement of the full pipeline at {−4..4} against the number of calibration images."""
-    from lastbit.frontend.models.efficientnet import HELD_OUT_SAMPLES, augmented_samples, efficientnet_lite0
-    from lastbit.passes import dfq
-    from lastbit.passes.zeroq import DistillConfig, distill_data
+    from lastbit.frontend.models.efficientnet import HELD_OUT_SAMPLES, augmented_samples
 
     how = ROWS["all, real crops"]
-    settings = FULL
-    state: dict = {}
-
-    def prepared():
-        if not state:
-            state["model"] = efficientnet_lite0(pretrained=True)
-            state["x"] = augmented_samples(settings["samples"], seed=SEED)
-            state["ref"] = logits_of(state["model"], state["x"])
-            state["equalized"] = dfq.trace_layers(state["model"])
-            dfq.fold_batch_norms(state["equalized"])
-            dfq.cross_layer_equalize(state["equalized"])
-            q = copy.deepcopy(state["equalized"])
-            state["projected"] = (q, dfq.project_traced(q, "pow2-4", per_channel=how["per_channel"], keep_first_last="int8",
-                                                        depthwise_int8_error=DEPTHWISE_INT8_ERROR))
-        return state
-
-    def run(images):
-        s = prepared()
-        q, report = copy.deepcopy(s["projected"])
-        dfq.bias_correct(s["equalized"], q, images, rescale=how["rescale"], projection=report, requantize=how["gptq"])
-        out, ref = logits_of(q, s["x"]), s["ref"]
-        confident = ref.softmax(1).amax(1) >= CONFIDENT_P
-        agree = (out.argmax(1) == ref.argmax(1))[confident]
-        return {**fidelity(out, ref), "bytes": deployed_bytes(q, report), "confident": int(confident.sum()),
-                "confident_agreement": float(agree.float().mean()) if len(agree) else float("nan")}
-
-    base = {"model": "efficientnet-lite0", "samples": settings["samples"], "seed": SEED, "codes": "pow2-4",
+    deepinv = dict(FULL["deepinv-clamped"], count=max(synthetic))
+    state = EffnetState({**FULL, "crops": max(real), "deepinv-clamped": deepinv}, device=device)
+    # source: (counts, what its images are for the cache key, the images; the first n of them calibrate)
+    sources = {
+        "real crops": (real, {"crops": max(real)}, lambda: state["crops"]),
+        "other photos": (real, {"crops": max(real), "photos": list(HELD_OUT_SAMPLES)},
+                         lambda: augmented_samples(max(real), seed=SEED + 1, names=HELD_OUT_SAMPLES)),
+        "DeepInversion clamped": (synthetic, {"deepinv-clamped": deepinv}, lambda: state["deepinv-clamped"]),
+    }
+    base = {"model": "efficientnet-lite0", "samples": FULL["samples"], "seed": SEED, "codes": "pow2-4",
             "dw_threshold": DEPTHWISE_INT8_ERROR, **how, "confident_p": CONFIDENT_P, "version": 2}
     out = []
-    for source, counts in (("real crops", real), ("other photos", real), ("DeepInversion clamped", synthetic)):
-        if not counts:
-            continue
-        if source != "DeepInversion clamped":
-            names = HELD_OUT_SAMPLES if source == "other photos" else None
-            key = {"crops": max(counts), **({"photos": list(names)} if names else {})}
-
-            def images(names=names, n=max(counts)):
-                return augmented_samples(n, seed=SEED + 1, **({"names": names} if names else {}))
-        else:
-            distill = dict(settings["deepinv-clamped"], count=max(counts))
-            key = {"deepinv-clamped": distill}
-
-            def images(distill=distill):
-                prepared()
-                return cached_tensor({"model": "efficientnet-lite0", **distill}, lambda: distill_data(
-                    state["model"], (3, 224, 224), DistillConfig(**distill, device=device)), device)[0]
-        pool = None
+    for source, (counts, key, images) in sources.items():
         for n in counts:
-            def compute(n=n):
-                nonlocal pool
-                pool = images() if pool is None else pool
-                return run(pool[:n])
+            def compute(source=source, images=images, n=n):
+                if source not in state:
+                    state[source] = images()
+                state["calibration"] = state[source][:n]
+                return run_row(state, "pow2-4", dict(how, calib="calibration"))
+
             row = cached({**base, "calib": source, **key, "count": n}, compute)
             out.append({**row, "calib": source, "count": n})
             print(f"  effnet pow2-4 all, {n:>3} {source:<21} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "

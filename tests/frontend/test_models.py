@@ -167,7 +167,6 @@ def test_augmented_samples_are_seeded():
     assert not torch.equal(a, augmented_samples(6, seed=4))
 
 
-
 def test_held_out_samples_load_and_are_not_the_fidelity_photos():
     """The held-out photos come from three packages, are RGB, and none is one the fidelity crops use."""
     from lastbit.frontend.models import efficientnet as E
