@@ -373,8 +373,9 @@ COUNT_REAL = (32, 64, 128, 256)
 COUNT_SYNTHETIC = (32, 64, 128)
 
 
-def calibration_count_rows(real: tuple[int, ...], synthetic: tuple[int, ...], device: str = "cpu") -> list[dict]:
-    """Top-1 agreement of the full pipeline at {−4..4} against the number of calibration images."""
+def calibration_count_rows(real: tuple[int, ...], synthetic: tuple[int, ...], device: str = "cpu") -> tuple[list[dict], dict]:
+    """Top-1 agreement of the full pipeline at {−4..4} against the number of calibration images, and the
+    distillation's own record (its compute_s)."""
     from lastbit.frontend.models.efficientnet import HELD_OUT_SAMPLES, augmented_samples
 
     how = ROWS["all, real crops"]
@@ -403,7 +404,8 @@ def calibration_count_rows(real: tuple[int, ...], synthetic: tuple[int, ...], de
             print(f"  effnet pow2-4 all, {n:>3} {source:<21} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "
                   f"confident {100 * row['confident_agreement']:5.1f}% of {row['confident']}  ({row.get('compute_s', 0):.0f} s)",
                   flush=True)
-    return out
+    record = tensor_path({"model": "efficientnet-lite0", **deepinv}).with_suffix(".json")
+    return out, state.synthetic_meta.get("deepinv-clamped") or (json.loads(record.read_text()) if record.is_file() else {})
 
 
 def print_table(rows: list[dict], samples: int) -> None:
@@ -453,13 +455,14 @@ def main(argv=None) -> dict:
     if args.calibration_counts:
         from lastbit.frontend.models.efficientnet import HELD_OUT_SAMPLES
 
-        rows = calibration_count_rows(COUNT_REAL, COUNT_SYNTHETIC, args.device)
+        rows, distilled = calibration_count_rows(COUNT_REAL, COUNT_SYNTHETIC, args.device)
         section = {"meta": {"codes": "pow2-4", "pipeline": "all (the 'all, real crops' row's steps)",
                             "confident": f"confident_agreement: on the crops where fp32's top-1 probability ≥ {CONFIDENT_P}",
                             "eval": f"{FULL['samples']} augmented_samples(seed={SEED})",
                             "real": f"augmented_samples(n, seed={SEED + 1})",
                             "other photos": f"augmented_samples(n, seed={SEED + 1}, names={list(HELD_OUT_SAMPLES)})",
-                            "synthetic": {**FULL["deepinv-clamped"], "count": max(COUNT_SYNTHETIC)},
+                            "synthetic": {**FULL["deepinv-clamped"], "count": max(COUNT_SYNTHETIC),
+                                          "compute_s": distilled.get("compute_s"), "device": distilled.get("device")},
                             "wall_s": round(time.perf_counter() - start, 1)}, "rows": rows}
         update_section("datafree_accuracy_count", section)
         return section
