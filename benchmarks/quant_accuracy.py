@@ -134,15 +134,17 @@ def admm_schedule(batches: int, g_metric: str) -> dict:
             "g_metric": g_metric, "metric_samples": ADMM_METRIC_SAMPLES}
 
 
-def method_settings(method: str, batches: int, g_metric: str, lr: float = LR) -> dict:
+def method_settings(method: str, batches: int, g_metric: str, lr: float = LR, per_channel: bool | None = None) -> dict:
     """Every keyword a fine-tuning method gets besides data, codes and budget (part of the cache
-    key): lr, its schedule and the batch are shared; α granularity too (same model bytes); STE
+    key): lr, its schedule and the batch are shared; α granularity too (``per_channel``, None: the
+    library's ADMM_PER_CHANNEL; the same for every method, so the same model bytes); STE
     keeps BatchNorm on batch statistics (its best in admm_sweep), ADMM takes the library's
     defaults (g_metric: the G-step metric "auto" means for the model), ADMM + KD adds the fp32
     model as teacher with the library's T and β. ``lr``: the base learning rate (LR; --lrs varies it)."""
     from lastbit.passes.admm import ADMM_KD_TEMPERATURE, ADMM_KD_WEIGHT, ADMM_PER_CHANNEL
 
-    common = {"lr": lr, "lr_schedule": LR_SCHEDULE, "batch_size": BATCH, "per_channel": ADMM_PER_CHANNEL}
+    common = {"lr": lr, "lr_schedule": LR_SCHEDULE, "batch_size": BATCH,
+              "per_channel": ADMM_PER_CHANNEL if per_channel is None else per_channel}
     if method == "ste":
         return {**common, "freeze_bn": STE_FREEZE_BN}
     settings = {**common, **admm_schedule(batches, g_metric)}
@@ -152,11 +154,12 @@ def method_settings(method: str, batches: int, g_metric: str, lr: float = LR) ->
 
 
 def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epochs: int | None = None,
-                 seed: int = SEED, methods: tuple[str, ...] | None = None, lr: float = LR) -> list[dict]:
+                 seed: int = SEED, methods: tuple[str, ...] | None = None, lr: float = LR,
+                 per_channel: bool | None = None) -> list[dict]:
     """The table's rows for one model. ``seed`` draws the training subset and seeds fine-tuning;
     ``methods`` (default: all, plus the ADMM columns on the other G-step metric) runs only those,
-    with no fp32 / alternate rows (the --seeds and --lrs repeats); ``lr`` is every method's base
-    learning rate."""
+    with no fp32 / alternate rows (the --seeds, --lrs and --per-channel repeats); ``lr`` is every
+    method's base learning rate; ``per_channel`` every method's α granularity (None: ADMM_PER_CHANNEL)."""
     from lastbit.frontend.models import get_model
     from lastbit.passes.admm import (
         ADMM_PER_CHANNEL,
@@ -169,6 +172,7 @@ def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epoch
     )
     from lastbit.passes.pow2_projection import code_set
 
+    per_channel = ADMM_PER_CHANNEL if per_channel is None else per_channel
     fp32, _ = get_model(name, pretrained=True, train_epochs=fp32_epochs)  # None: the zoo's epochs
     base = {"model": name, "dataset": "fashion-mnist", "test": 10000, "seed": seed}
     if fp32_epochs is not None:
@@ -184,29 +188,29 @@ def fashion_rows(name: str, budget: dict, data: dict, progress: bool, fp32_epoch
     if not methods:
         runs += [(codes, method, other) for codes in CODE_SETS for method in METHODS if method.startswith("admm")]
     for codes, method, metric in runs:
-        key = {**base, "codes": codes, "method": method, "per_channel": ADMM_PER_CHANNEL, "skip_codes": SKIP_CODES}
+        key = {**base, "codes": codes, "method": method, "per_channel": per_channel, "skip_codes": SKIP_CODES}
         if method != "projection":
-            key.update(budget, **method_settings(method, batches, metric, lr))
+            key.update(budget, **method_settings(method, batches, metric, lr, per_channel))
 
         def compute(codes=codes, method=method, metric=metric):
             common = {"skip": SKIP, "skip_codes": SKIP_CODES}
             if method == "projection":
-                result = project_module(fp32, codes, per_channel=ADMM_PER_CHANNEL, **common)
+                result = project_module(fp32, codes, per_channel=per_channel, **common)
                 recalibrate_bn(result.module, data["bn"], num_batches=BN_BATCHES, batch_size=BATCH)
             else:
                 train = train_subset(data["train"], budget["train"], seed)
                 fn = ste_finetune if method == "ste" else admm_finetune
                 teacher = {"distill_from": fp32} if method == "admm+kd" else {}
                 result = fn(fp32, (train.images, train.labels), codes, epochs=budget["epochs"],
-                            **method_settings(method, batches, metric, lr), **teacher, bn_batches=BN_BATCHES,
-                            progress=progress, seed=seed, **common)
+                            **method_settings(method, batches, metric, lr, per_channel), **teacher,
+                            bn_batches=BN_BATCHES, progress=progress, seed=seed, **common)
             return {"accuracy": accuracy(result.module, data["test"]), "bytes": model_bytes(result.module, result)}
 
         row = cached(key, compute)
         extra = {"g_metric": metric, "alternate": metric != g_metric} if method.startswith("admm") else {}
         rows.append({**row, "model": name, "codes": codes, "method": method, "bits": code_set(codes).bits, "seed": seed,
                      "budget": None if method == "projection" else dict(budget), **extra,
-                     **({} if method == "projection" else {"lr": lr})})
+                     "per_channel": per_channel, **({} if method == "projection" else {"lr": lr})})
         print(f"  {name:<9} {codes:<8} {method:<10} {extra.get('g_metric', ''):<8} acc {row['accuracy']:.4f}  "
               f"({row.get('compute_s', 0):.0f} s)", flush=True)
     return rows
@@ -330,6 +334,47 @@ def lr_repeats(lrs: list[float], data: dict, args, start: float) -> dict:
     return section
 
 
+def per_channel_repeats(data: dict, args, start: float) -> dict:
+    """--per-channel: STE, ADMM and ADMM + KD again with one α per output channel instead of one per
+    layer (every method the same; the per-layer rows are the main, --trained-fp32 tables', from the
+    cache), on ResNet-20 and both ResNet-8s unless --models: issue 14's "per-channel α by default?"
+    under the current ADMM defaults. Per cell both granularities' accuracies and whether ADMM ≥ STE
+    and ADMM + KD ≥ ADMM at each. Section quant_accuracy_per_channel."""
+    from results import update_section
+
+    from lastbit.passes.admm import ADMM_PER_CHANNEL
+
+    grains = list(dict.fromkeys([ADMM_PER_CHANNEL, not ADMM_PER_CHANNEL]))
+    models = [(m, e) for m, e in LR_MODELS if not args.models or m in args.models]
+    rows = [{**r, "fp32_epochs": epochs} for name, epochs in models for pc in grains
+            for r in fashion_rows(name, BUDGETS[name], data, args.progress, epochs, methods=LR_METHODS, per_channel=pc)]
+    label = {False: "per layer", True: "per channel"}
+    cells = []
+    print(f"\n{'model':<16} {'codes':<8} | " + " | ".join(f"{label[pc]}: STE / ADMM / KD" for pc in grains))
+    for name, epochs in models:
+        for codes in CODE_SETS:
+            acc = {label[pc]: {m: next(r["accuracy"] for r in rows if (r["model"], r["fp32_epochs"], r["codes"],
+                                                                         r["method"], r["per_channel"])
+                                       == (name, epochs, codes, m, pc)) for m in LR_METHODS} for pc in grains}
+            cells.append({"model": name, "fp32_epochs": epochs, "codes": codes, "accuracy": acc,
+                          "admm_ge_ste": {g: a["admm"] >= a["ste"] for g, a in acc.items()},
+                          "kd_ge_admm": {g: a["admm+kd"] >= a["admm"] for g, a in acc.items()}})
+            print(f"{name + ('' if epochs is None else f' ({epochs} ep)'):<16} {codes:<8} | " + " | ".join(
+                " / ".join(f"{100 * acc[label[pc]][m]:.2f}" for m in LR_METHODS) for pc in grains))
+    totals = {g: {"admm_ge_ste": sum(c["admm_ge_ste"][g] for c in cells),
+                  "kd_ge_admm": sum(c["kd_ge_admm"][g] for c in cells),
+                  "mean": {m: float(np.mean([c["accuracy"][g][m] for c in cells])) for m in LR_METHODS}}
+              for g in (label[pc] for pc in grains)}
+    for g, t in totals.items():
+        print(f"{g}: ADMM ≥ STE in {t['admm_ge_ste']} of {len(cells)} cells, "
+              f"ADMM + KD ≥ ADMM in {t['kd_ge_admm']}; mean " + " / ".join(f"{100 * v:.2f}" for v in t["mean"].values()))
+    section = {"meta": {"budgets": {m: BUDGETS[m] for m, _ in models}, "default": label[ADMM_PER_CHANNEL],
+                        "totals": totals, "compute_s": round(sum(r.get("compute_s", 0) for r in rows), 1),
+                        "wall_s": round(time.perf_counter() - start, 1)}, "cells": cells, "rows": rows}
+    update_section("quant_accuracy_per_channel", section)
+    return section
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="lenet5 only, small budget")
@@ -345,6 +390,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--lrs", nargs="+", type=float, metavar="LR",
                         help=f"STE, ADMM and ADMM + KD again at these base learning rates, beside {LR}, on ResNet-20 and "
                              "ResNet-8 from the zoo's and the longer-trained fp32 (section quant_accuracy_lr)")
+    parser.add_argument("--per-channel", action="store_true",
+                        help="STE, ADMM and ADMM + KD again with one α per output channel, on the models of --lrs "
+                             "(section quant_accuracy_per_channel)")
     args = parser.parse_args(argv)
     import torch
     from results import update_section
@@ -354,8 +402,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.WARNING)
     start = time.perf_counter()
-    if args.quick + args.full_train + args.trained_fp32 + bool(args.seeds) + bool(args.lrs) > 1:
-        parser.error("--quick, --full-train, --trained-fp32, --seeds and --lrs are exclusive")
+    if args.quick + args.full_train + args.trained_fp32 + bool(args.seeds) + bool(args.lrs) + args.per_channel > 1:
+        parser.error("--quick, --full-train, --trained-fp32, --seeds, --lrs and --per-channel are exclusive")
     if args.lrs and min(args.lrs) <= 0:
         parser.error(f"--lrs must be > 0, got {min(args.lrs)}")
     if args.seeds and min(args.seeds) < 0:
@@ -366,7 +414,7 @@ def main(argv=None) -> dict:
         budgets = {name: BUDGETS[name] for name in TRAINED_FP32_EPOCHS}
         fp32_epochs = TRAINED_FP32_EPOCHS
     if args.models:
-        known = dict(LR_MODELS) if args.lrs else budgets
+        known = dict(LR_MODELS) if args.lrs or args.per_channel else budgets
         unknown = sorted(set(args.models) - set(known))
         if unknown:
             parser.error(f"no budget for {unknown}; known: {', '.join(known)}")
@@ -382,6 +430,8 @@ def main(argv=None) -> dict:
 
     if args.lrs:
         return lr_repeats(args.lrs, Data(), args, start)
+    if args.per_channel:
+        return per_channel_repeats(Data(), args, start)
     if args.seeds:
         return seed_repeats(budgets if args.models else {"resnet20": budgets["resnet20"]}, Data(), args, start)
     rows = []

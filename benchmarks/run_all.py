@@ -46,11 +46,12 @@ BENCHMARKS = [
     codesign,
 ]
 # Runs beyond the quick set: the full-train-split accuracy table, the one from a longer-trained
-# fp32 model, ResNet-20's STE vs ADMM on two more seeds and the BatchNorm nets at two lower
-# learning rates, and EfficientNet-Lite0's data-free pipeline on more calibration images (their own sections).
+# fp32 model, ResNet-20's STE vs ADMM on two more seeds, the BatchNorm nets at two lower
+# learning rates and with one α per output channel, and EfficientNet-Lite0's data-free pipeline on
+# more calibration images (their own sections).
 FULL_ONLY = [(quant_accuracy, ["--full-train"]), (quant_accuracy, ["--trained-fp32"]),
              (quant_accuracy, ["--seeds", "1", "2"]), (quant_accuracy, ["--lrs", "0.005", "0.0025"]),
-             (datafree_accuracy, ["--calibration-counts"])]
+             (quant_accuracy, ["--per-channel"]), (datafree_accuracy, ["--calibration-counts"])]
 
 
 def main() -> None:
