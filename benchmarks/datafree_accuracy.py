@@ -368,7 +368,8 @@ def compiled_rows(samples: int) -> list[dict]:
 # --calibration-counts: the whole pipeline ("all, …" rows, {−4..4}) on more calibration images: real crops of
 # the photos the agreement is measured on (augmented_samples(n, seed=1) starts with the 32 of the "real crops"
 # rows), crops of other photos (HELD_OUT_SAMPLES: real data, but not the test's) and clamped DeepInversion
-# images (one distillation of max(n) images at the table's settings; its first 32 are the table's 32).
+# images (one distillation of max(n) images at the table's settings; its first 32 are the table's 32); also those
+# first 32 synthetic images together with the largest set of other photos' crops.
 COUNT_REAL = (32, 64, 128, 256)
 COUNT_SYNTHETIC = (32, 64, 128)
 
@@ -381,12 +382,23 @@ def calibration_count_rows(real: tuple[int, ...], synthetic: tuple[int, ...], de
     how = ROWS["all, real crops"]
     deepinv = dict(FULL["deepinv-clamped"], count=max(synthetic))
     state = EffnetState({**FULL, "crops": max(real), "deepinv-clamped": deepinv}, device=device)
+    def other_photos():
+        return augmented_samples(max(real), seed=SEED + 1, names=HELD_OUT_SAMPLES)
+
+    def mixed():
+        import torch
+
+        return torch.cat([state["deepinv-clamped"][:min(synthetic)], other_photos()])
+
     # source: (counts, what its images are for the cache key, the images; the first n of them calibrate)
     sources = {
         "real crops": (real, {"crops": max(real)}, lambda: state["crops"]),
-        "other photos": (real, {"crops": max(real), "photos": list(HELD_OUT_SAMPLES)},
-                         lambda: augmented_samples(max(real), seed=SEED + 1, names=HELD_OUT_SAMPLES)),
+        "other photos": (real, {"crops": max(real), "photos": list(HELD_OUT_SAMPLES)}, other_photos),
         "DeepInversion clamped": (synthetic, {"deepinv-clamped": deepinv}, lambda: state["deepinv-clamped"]),
+        # the first DeepInversion images and all the other photos' crops together
+        "DeepInversion + other photos": ((min(synthetic) + max(real),),
+                                         {"deepinv-clamped": deepinv, "deepinv_first": min(synthetic),
+                                          "crops": max(real), "photos": list(HELD_OUT_SAMPLES)}, mixed),
     }
     base = {"model": "efficientnet-lite0", "samples": FULL["samples"], "seed": SEED, "codes": "pow2-4",
             "dw_threshold": DEPTHWISE_INT8_ERROR, **how, "confident_p": CONFIDENT_P, "version": 2}
@@ -401,7 +413,7 @@ def calibration_count_rows(real: tuple[int, ...], synthetic: tuple[int, ...], de
 
             row = cached({**base, "calib": source, **key, "count": n}, compute)
             out.append({**row, "calib": source, "count": n})
-            print(f"  effnet pow2-4 all, {n:>3} {source:<21} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "
+            print(f"  effnet pow2-4 all, {n:>3} {source:<28} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "
                   f"confident {100 * row['confident_agreement']:5.1f}% of {row['confident']}  ({row.get('compute_s', 0):.0f} s)",
                   flush=True)
     record = tensor_path({"model": "efficientnet-lite0", **deepinv}).with_suffix(".json")
@@ -436,7 +448,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--codes", nargs="+", metavar="SET", help="only these code sets' rows (and write no results)")
     parser.add_argument("--calibration-counts", action="store_true",
                         help=f"only the whole pipeline on {COUNT_REAL} real crops (of the test's photos and of "
-                             f"others) and {COUNT_SYNTHETIC} DeepInversion images (section datafree_accuracy_count)")
+                             f"others), {COUNT_SYNTHETIC} DeepInversion images and the first {min(COUNT_SYNTHETIC)} of "
+                             f"those with {max(COUNT_REAL)} crops of other photos (section datafree_accuracy_count)")
     parser.add_argument("--skip-zeroq", action="store_true",
                         help="only the rows that need no synthetic images (write no results)")
     args = parser.parse_args(argv)
