@@ -235,10 +235,20 @@ class EffnetState(dict):
             raise KeyError(key)
         return self[key]
 
+    def synthetic_record(self, key: str) -> dict:
+        """The distillation record ({"compute_s", "device", …}) of synthetic set ``key``: the one read or
+        written when the images were loaded, else the cache's JSON beside them (every row came from the cache),
+        else {} (never distilled)."""
+        if key not in self.synthetic_meta:
+            path = tensor_path({"model": "efficientnet-lite0", **self.settings[key]}).with_suffix(".json")
+            if not path.is_file():
+                return {}
+            self.synthetic_meta[key] = json.loads(path.read_text())
+        return self.synthetic_meta[key]
+
 
 def effnet_rows(settings: dict, rows: dict[str, tuple[str, ...]], progress: bool, device: str = "cpu") -> tuple[list[dict], dict]:
     state = EffnetState(settings, progress, device)
-    synthetic_meta = state.synthetic_meta
 
     base = {"model": "efficientnet-lite0", "samples": settings["samples"], "seed": SEED,
             "dw_threshold": DEPTHWISE_INT8_ERROR, "version": 1}
@@ -255,11 +265,7 @@ def effnet_rows(settings: dict, rows: dict[str, tuple[str, ...]], progress: bool
             out.append({**row, "codes": codes, "row": name})
             print(f"  effnet {codes:<8} {name:<34} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "
                   f"dw int8 {row['depthwise_int8']}/{row['depthwise']}  ({row.get('compute_s', 0):.0f} s)", flush=True)
-    for key in SYNTHETIC:  # rows from the cache: read the distillation's own record
-        path = tensor_path({"model": "efficientnet-lite0", **settings[key]}).with_suffix(".json")
-        if key not in synthetic_meta and path.is_file():
-            synthetic_meta[key] = json.loads(path.read_text())
-    return out, synthetic_meta
+    return out, {key: record for key in SYNTHETIC if (record := state.synthetic_record(key))}
 
 
 def zoo_rows(progress: bool, device: str = "cpu") -> list[dict]:
@@ -382,8 +388,11 @@ def calibration_count_rows(real: tuple[int, ...], synthetic: tuple[int, ...], de
     how = ROWS["all, real crops"]
     deepinv = dict(FULL["deepinv-clamped"], count=max(synthetic))
     state = EffnetState({**FULL, "crops": max(real), "deepinv-clamped": deepinv}, device=device)
+
     def other_photos():
-        return augmented_samples(max(real), seed=SEED + 1, names=HELD_OUT_SAMPLES)
+        if "other photos" not in state:  # made once: their own rows and the mixed row read them
+            state["other photos"] = augmented_samples(max(real), seed=SEED + 1, names=HELD_OUT_SAMPLES)
+        return state["other photos"]
 
     def mixed():
         import torch
@@ -416,8 +425,7 @@ def calibration_count_rows(real: tuple[int, ...], synthetic: tuple[int, ...], de
             print(f"  effnet pow2-4 all, {n:>3} {source:<28} agree {100 * row['top1_agreement']:5.1f}%  KL {row['kl']:.3f}  "
                   f"confident {100 * row['confident_agreement']:5.1f}% of {row['confident']}  ({row.get('compute_s', 0):.0f} s)",
                   flush=True)
-    record = tensor_path({"model": "efficientnet-lite0", **deepinv}).with_suffix(".json")
-    return out, state.synthetic_meta.get("deepinv-clamped") or (json.loads(record.read_text()) if record.is_file() else {})
+    return out, state.synthetic_record("deepinv-clamped")
 
 
 def print_table(rows: list[dict], samples: int) -> None:

@@ -349,13 +349,12 @@ def per_channel_repeats(data: dict, args, start: float) -> dict:
     rows = [{**r, "fp32_epochs": epochs} for name, epochs in models for pc in grains
             for r in fashion_rows(name, BUDGETS[name], data, args.progress, epochs, methods=LR_METHODS, per_channel=pc)]
     label = {False: "per layer", True: "per channel"}
+    accuracy_of = {(r["model"], r["fp32_epochs"], r["codes"], r["method"], r["per_channel"]): r["accuracy"] for r in rows}
     cells = []
     print(f"\n{'model':<16} {'codes':<8} | " + " | ".join(f"{label[pc]}: STE / ADMM / KD" for pc in grains))
     for name, epochs in models:
         for codes in CODE_SETS:
-            acc = {label[pc]: {m: next(r["accuracy"] for r in rows if (r["model"], r["fp32_epochs"], r["codes"],
-                                                                         r["method"], r["per_channel"])
-                                       == (name, epochs, codes, m, pc)) for m in LR_METHODS} for pc in grains}
+            acc = {label[pc]: {m: accuracy_of[name, epochs, codes, m, pc] for m in LR_METHODS} for pc in grains}
             cells.append({"model": name, "fp32_epochs": epochs, "codes": codes, "accuracy": acc,
                           "admm_ge_ste": {g: a["admm"] >= a["ste"] for g, a in acc.items()},
                           "kd_ge_admm": {g: a["admm+kd"] >= a["admm"] for g, a in acc.items()}})
